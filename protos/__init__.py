@@ -1,0 +1,1 @@
+"""vnodes.protos: the wire contract between workers and the master."""

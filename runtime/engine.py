@@ -1,0 +1,216 @@
+"""The step engine: one worker's virtual nodes over one cached copy of the weights.
+
+One global step on one worker, as data flows (``compute`` then ``apply``)::
+
+    for v in my virtual nodes (ascending vnode_id):
+        batch   = loader[(step, v)]                  # DDP rank v's indices, prefetched
+        buffers <- the step's starting running stats # per-VN normalisation state
+        rng     <- vnode_seed(seed, step, v)         # per-VN random stream
+        loss_i  = loss(model(x), y)                  # per sample
+        (loss_i.mean() / N).backward()               # fast: accumulate into one gradient buffer
+                                                     # deterministic: push into the canonical tree
+    payload = grads + weighted running stats + loss  # reduced across workers by the caller
+    apply(payload): optimizer.step(), scheduler.step()
+
+The engine owns no process group: reducing a payload across workers is the caller's job, so the same
+engine runs alone (``train(workers=1)``) or inside a worker agent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .data import BatchKey, BatchLoader, move_batch
+from .errors import InvalidJobSpec, NonFiniteLoss
+from .reduction import Block, Payload, TreeReducer
+from .sampler import VNodeSampler
+from .seeding import MODEL_STREAM, vnode_seed
+from .spec import JobSpec
+from .vnode_state import RunningStats
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclasses.dataclass
+class StepPartial:
+    """What one worker computed for one step, before the cross-worker reduction.
+
+    Fast mode carries one summed ``payload``; deterministic mode carries the complete subtrees
+    (``blocks``) of the canonical reduction tree that this worker's virtual nodes form.
+    """
+
+    step: int
+    payload: Optional[Payload]
+    blocks: list[Block]
+    vnode_losses: dict[int, float]  # vnode_id -> mean loss of that node's batch
+    used: list[bool]  # per parameter: did any of this worker's nodes produce a gradient
+
+
+class StepEngine:
+    """A model, its optimizer and the virtual-node loop. Built by ``StepEngine.build``."""
+
+    def __init__(self, spec: JobSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 lr_scheduler: Any, sampler: VNodeSampler, loader: BatchLoader, device: torch.device):
+        self.spec = spec
+        self.model = model
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.sampler = sampler
+        self.loader = loader
+        self.device = device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.stats = RunningStats(model, spec.running_stats, spec.virtual_nodes)
+        self.float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                                torch.get_default_dtype())
+        self._loss_checked = False
+
+    @classmethod
+    def build(cls, spec: JobSpec, device: Optional[torch.device] = None) -> "StepEngine":
+        """Build dataset, model (seeded), optimizer and scheduler; validate what only they can tell.
+
+        Raises:
+            InvalidJobSpec: a callable returned the wrong kind of object, or the dataset is too small.
+        """
+        spec.validate()
+        device = device or resolve_device(spec.device)
+        dataset = spec.dataset()
+        try:
+            dataset_len = len(dataset)
+        except TypeError:
+            raise InvalidJobSpec(
+                "dataset", f"must build a map-style dataset with __len__, got {type(dataset).__name__}"
+            ) from None
+        sampler = VNodeSampler(dataset_len, spec.virtual_nodes, spec.vnode_batch_size, spec.seed)
+
+        torch.manual_seed(spec.seed)  # the initial weights are part of the job
+        model = spec.model()
+        if not isinstance(model, nn.Module):
+            raise InvalidJobSpec("model", f"must build an nn.Module, got {type(model).__name__}")
+        model.to(device).train()
+        optimizer = spec.optimizer(model.parameters())
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise InvalidJobSpec(
+                "optimizer", f"must build a torch.optim.Optimizer from parameters, got {type(optimizer).__name__}"
+            )
+        lr_scheduler = spec.lr_scheduler(optimizer) if spec.lr_scheduler is not None else None
+        loader = BatchLoader(dataset, sampler, spec.seed, spec.collate_fn, spec.loader_workers,
+                             pin_memory=device.type == "cuda")
+        return cls(spec, model, optimizer, lr_scheduler, sampler, loader, device)
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def compute(self, step: int, batches: Iterable[tuple[BatchKey, Any]]) -> StepPartial:
+        """Forward and backward of this worker's virtual nodes at ``step``, in the given order.
+
+        ``batches`` yields ``((step, vnode_id), batch)`` in ascending ``vnode_id``.
+        """
+        spec, n = self.spec, self.spec.virtual_nodes
+        deterministic = spec.deterministic
+        reducer = TreeReducer()
+        buffer_sum: Optional[list[torch.Tensor]] = None
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
+        vnode_losses: dict[int, torch.Tensor] = {}
+        used = [False] * len(self.params)
+        self.stats.begin_step()
+
+        for (batch_step, vnode_id), batch in batches:
+            if batch_step != step:
+                raise ValueError(f"batch for step {batch_step} arrived during step {step}")
+            self.stats.restore()
+            inputs, targets = move_batch(batch, self.device, self.float_dtype)
+            torch.manual_seed(vnode_seed(spec.seed, step, vnode_id, MODEL_STREAM))
+            per_sample = spec.loss(self.model(inputs), targets)
+            if not self._loss_checked:
+                self._check_per_sample(per_sample, targets)
+            vnode_loss = per_sample.mean()
+            (vnode_loss / n).backward()
+
+            vnode_losses[vnode_id] = vnode_loss.detach()
+            contribution = self.stats.contribution(vnode_id)
+            loss_share = (vnode_loss.detach().to(torch.float64) / n).reshape(1)
+            if deterministic:
+                # This node's gradient alone, taken off the parameters, becomes a leaf of the tree.
+                grads = self._take_grads(used)
+                reducer.push(Block(vnode_id, 1, grads + contribution + [loss_share]))
+            else:
+                if buffer_sum is None:
+                    buffer_sum = contribution
+                else:
+                    torch._foreach_add_(buffer_sum, contribution)
+                loss_sum += loss_share
+
+        if not vnode_losses:
+            raise ValueError(f"step {step}: this worker ran no virtual node")
+        losses = torch.stack(list(vnode_losses.values())).tolist()  # the step's one host sync
+        vnode_losses_f = dict(zip(vnode_losses.keys(), losses))
+        for vnode_id, value in vnode_losses_f.items():
+            if not torch.isfinite(torch.tensor(value)):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.stats.restore()
+                raise NonFiniteLoss(step, vnode_id, value)
+
+        if deterministic:
+            return StepPartial(step, None, reducer.blocks(), vnode_losses_f, used)
+        for i, p in enumerate(self.params):
+            used[i] = p.grad is not None
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        return StepPartial(step, grads + (buffer_sum or []) + [loss_sum], [], vnode_losses_f, used)
+
+    def apply(self, total: Payload, used: list[bool]) -> float:
+        """Install the reduced gradients and running stats, step the optimizer; return the loss."""
+        n_params, n_bufs = len(self.params), len(self.stats.float_buffers)
+        for p, grad, was_used in zip(self.params, total[:n_params], used):
+            p.grad = grad if was_used else None  # unused everywhere: the optimizer skips it, as in DDP
+        self.stats.finish_step(total[n_params:n_params + n_bufs])
+        self.optimizer.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(total[-1].item())
+
+    def _take_grads(self, used: list[bool]) -> list[torch.Tensor]:
+        grads = []
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                grads.append(torch.zeros_like(p))
+            else:
+                used[i] = True
+                grads.append(p.grad)
+                p.grad = None
+        return grads
+
+    def _check_per_sample(self, per_sample: Any, targets: Any) -> None:
+        expected = len(targets) if hasattr(targets, "__len__") else self.spec.vnode_batch_size
+        if not isinstance(per_sample, torch.Tensor) or per_sample.shape != (expected,):
+            shape = list(per_sample.shape) if isinstance(per_sample, torch.Tensor) else type(per_sample).__name__
+            raise InvalidJobSpec(
+                "loss",
+                f"must return one loss per sample (shape [{expected}]), got {shape}. The gradient is "
+                "the mean over virtual nodes of each node's mean per-sample loss, and plugins need "
+                "the per-sample values: use reduction='none', e.g. "
+                "functools.partial(torch.nn.functional.cross_entropy, reduction='none').",
+            )
+        self._loss_checked = True
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])

@@ -1,0 +1,108 @@
+"""Errors raised beside a device.
+
+Three families, so callers can decide without parsing messages:
+
+- recoverable (``WorkerLost``): a peer vanished mid-step; the step is redone in the new membership.
+- interrupts (``MembershipChanged``): the membership moved on at a step boundary; re-form, no rollback.
+- fatal (``InvalidJobSpec``, ``CheckpointMismatch``, ``NonFiniteLoss``, ``StaleEpoch``): stop and tell
+  the user what to change.
+
+Every exception pickles (its constructor arguments are kept in ``args``) so it can cross a process
+boundary unchanged.
+"""
+
+from __future__ import annotations
+
+
+class VnodesError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+# -- fatal ------------------------------------------------------------------------------------
+
+
+class InvalidJobSpec(VnodesError, ValueError):
+    """A ``JobSpec`` field (or an argument of ``train``) is unusable.
+
+    ``field`` names the setting to change; the message says why and how.
+    """
+
+    def __init__(self, field: str, message: str):
+        super().__init__(field, message)
+        self.field = field
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class CheckpointMismatch(VnodesError):
+    """A checkpoint was written by a job whose trajectory differs from the one asked for now."""
+
+    def __init__(self, fields: list[str], directory: str):
+        super().__init__(fields, directory)
+        self.fields = list(fields)
+        self.directory = directory
+
+    def __str__(self) -> str:
+        names = ", ".join(self.fields)
+        return (
+            f"the checkpoint in {self.directory} was written by a job that differs in {names}; "
+            f"resuming would change the trajectory. Restore the original value of {names}, "
+            "or pass a fresh checkpoint_dir to start a new run."
+        )
+
+
+class NonFiniteLoss(VnodesError, FloatingPointError):
+    """A virtual node produced a NaN or infinite loss; the step was not applied."""
+
+    def __init__(self, step: int, vnode_id: int, value: float):
+        super().__init__(step, vnode_id, value)
+        self.step = step
+        self.vnode_id = vnode_id
+        self.value = value
+
+    def __str__(self) -> str:
+        return (
+            f"loss is {self.value} at step {self.step} on virtual node {self.vnode_id}; the step was "
+            "not applied and the last checkpoint is intact. Lower the learning rate, check the data "
+            "of that virtual node (vnodes.runtime.VNodeSampler gives its indices), or clip gradients."
+        )
+
+
+class StaleEpoch(VnodesError):
+    """A message carried a membership epoch older than the current one."""
+
+    def __init__(self, got: int, current: int):
+        super().__init__(got, current)
+        self.got = got
+        self.current = current
+
+    def __str__(self) -> str:
+        return f"membership epoch {self.got} is stale (current is {self.current}); re-register"
+
+
+# -- recoverable and interrupts ----------------------------------------------------------------
+
+
+class WorkerLost(VnodesError):
+    """A peer was lost during a step: the step is redone by the survivors."""
+
+    def __init__(self, step: int, detail: str = ""):
+        super().__init__(step, detail)
+        self.step = step
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"a worker was lost during step {self.step}: {self.detail}"
+
+
+class MembershipChanged(VnodesError):
+    """The membership changed at a step boundary: re-form the process group, nothing to redo."""
+
+    def __init__(self, epoch: int):
+        super().__init__(epoch)
+        self.epoch = epoch
+
+    def __str__(self) -> str:
+        return f"membership changed to epoch {self.epoch}"

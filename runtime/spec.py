@@ -1,0 +1,202 @@
+"""``JobSpec``: what the user asked for, validated before any expensive work.
+
+The spec alone fixes the training trajectory. Its ``fingerprint()`` names, field by field, everything
+that changes the trajectory, so a checkpoint can refuse to resume under a different job and say which
+field differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import inspect
+import pickle
+import types
+from typing import Any, Callable, Optional
+
+from .errors import InvalidJobSpec
+
+RUNNING_STATS_POLICIES = ("mean", "vnode0")
+EXECUTION_MODES = ("sequential",)  # "fused": see issue 5
+
+
+@dataclasses.dataclass
+class JobSpec:
+    """A data-parallel training job over ``virtual_nodes`` logical workers.
+
+    Every callable is zero-argument (or takes what is said below) and picklable when processes need
+    it (several workers, or ``loader_workers > 0``: those processes are spawned, not forked).
+
+    Attributes:
+        model: ``() -> nn.Module``. Called after ``torch.manual_seed(seed)``, so the initial weights
+            are part of the job.
+        dataset: ``() -> Dataset``: a map-style dataset of ``(input, target)`` pairs.
+        optimizer: ``(params) -> Optimizer``, e.g. ``functools.partial(torch.optim.SGD, lr=0.1)``.
+        loss: ``(outputs, targets) -> Tensor[b]``: one loss per sample (``reduction="none"``).
+        virtual_nodes: N, the number of logical data-parallel workers. Fixed for the job's life.
+        vnode_batch_size: b, the batch of each virtual node. The global batch is ``N * b``.
+        seed: seeds the model initialisation, the data order and every virtual node's random stream.
+        deterministic: bitwise-reproducible results for any worker count and any mapping (on one
+            device type); costs ``O(log N)`` gradient buffers and fixes the thread count.
+        lr_scheduler: ``(optimizer) -> LRScheduler``, stepped once per global step.
+        collate_fn: turns a list of samples into a batch (default: torch's ``default_collate``).
+        loader_workers: data-loader processes per worker (0: load in the training process).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None`` picks CUDA when available.
+        num_threads: intra-op threads. ``None``: 1 in deterministic mode (results depend on the
+            thread count), torch's default otherwise.
+        running_stats: how BatchNorm running statistics advance each step. ``"mean"``: every virtual
+            node starts the step from the same buffers and the step ends with the mean of what they
+            left (DDP with ``broadcast_buffers=False`` plus a buffer average). ``"vnode0"``: virtual
+            node 0's buffers win (what DDP's default ``broadcast_buffers=True`` keeps).
+        execution: ``"sequential"`` runs a worker's virtual nodes one after another; ``"fused"``
+            runs them as one batch with per-node normalisation (same math, fewer kernel launches).
+    """
+
+    model: Callable[[], Any]
+    dataset: Callable[[], Any]
+    optimizer: Callable[[Any], Any]
+    loss: Callable[[Any, Any], Any]
+    virtual_nodes: int
+    vnode_batch_size: int
+    seed: int = 0
+    deterministic: bool = False
+    lr_scheduler: Optional[Callable[[Any], Any]] = None
+    collate_fn: Optional[Callable[[list], Any]] = None
+    loader_workers: int = 0
+    device: Optional[str] = None
+    num_threads: Optional[int] = None
+    running_stats: str = "mean"
+    execution: str = "sequential"
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.virtual_nodes * self.vnode_batch_size
+
+    def effective_num_threads(self) -> Optional[int]:
+        if self.num_threads is not None:
+            return self.num_threads
+        return 1 if self.deterministic else None
+
+    # -- validation ----------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Check every field that can be checked without building anything.
+
+        Raises:
+            InvalidJobSpec: naming the field and the fix.
+        """
+        for name in ("model", "dataset", "optimizer", "loss"):
+            if not callable(getattr(self, name)):
+                raise InvalidJobSpec(
+                    name, f"must be a callable, got {getattr(self, name)!r} "
+                    f"(pass a function that builds it, e.g. {name}=build_{name})"
+                )
+        for name in ("lr_scheduler", "collate_fn"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise InvalidJobSpec(name, f"must be a callable or None, got {value!r}")
+        for name in ("virtual_nodes", "vnode_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidJobSpec(name, f"must be an integer >= 1, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise InvalidJobSpec("seed", f"must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.loader_workers, int) or self.loader_workers < 0:
+            raise InvalidJobSpec(
+                "loader_workers", f"must be an integer >= 0, got {self.loader_workers!r}"
+            )
+        if self.num_threads is not None and (
+            not isinstance(self.num_threads, int) or self.num_threads < 1
+        ):
+            raise InvalidJobSpec("num_threads", f"must be None or an integer >= 1, got {self.num_threads!r}")
+        if self.running_stats not in RUNNING_STATS_POLICIES:
+            raise InvalidJobSpec(
+                "running_stats", f"must be one of {RUNNING_STATS_POLICIES}, got {self.running_stats!r}"
+            )
+        if self.execution not in EXECUTION_MODES:
+            raise InvalidJobSpec("execution", f"must be one of {EXECUTION_MODES}, got {self.execution!r}")
+        if self.device is not None:
+            import torch
+
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError) as exc:
+                raise InvalidJobSpec("device", f"{self.device!r} is not a device: {exc}") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise InvalidJobSpec(
+                    "device", f"{self.device!r} asked for, but CUDA is not available here; use 'cpu' or None"
+                )
+
+    def check_picklable(self, why: str) -> None:
+        """Fail early, naming the field, if a callable cannot travel to another process.
+
+        Raises:
+            InvalidJobSpec: for the first field that does not pickle.
+        """
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            try:
+                pickle.dumps(value)
+            except Exception as exc:  # pickling raises many types: PicklingError, AttributeError...
+                raise InvalidJobSpec(
+                    field.name,
+                    f"{value!r} cannot be pickled ({exc}), but {why} needs it in another process. "
+                    "Define it at module level (not a lambda or a nested function), or use "
+                    "functools.partial of a module-level function.",
+                ) from None
+
+    # -- identity of the trajectory -------------------------------------------------------------
+
+    #: fields whose value changes the training trajectory (compared on resume)
+    TRAJECTORY_FIELDS = (
+        "model", "dataset", "optimizer", "loss", "virtual_nodes", "vnode_batch_size", "seed",
+        "deterministic", "lr_scheduler", "collate_fn", "running_stats",
+    )
+
+    def fingerprint(self) -> dict[str, str]:
+        """A short digest per trajectory field; equal digests mean equal trajectories."""
+        out = {name: _digest(describe(getattr(self, name))) for name in self.TRAJECTORY_FIELDS}
+        # The thread count changes the bits only where bits are promised.
+        out["num_threads"] = _digest(repr(self.effective_num_threads() if self.deterministic else None))
+        return out
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def describe(obj: Any) -> str:
+    """A stable description of a value or callable: name, arguments and bytecode, no addresses."""
+    if isinstance(obj, functools.partial):
+        args = ", ".join(describe(a) for a in obj.args)
+        kwargs = ", ".join(f"{k}={describe(v)}" for k, v in sorted(obj.keywords.items()))
+        return f"partial({describe(obj.func)}; {args}; {kwargs})"
+    if isinstance(obj, (types.FunctionType, types.MethodType)):
+        func = obj.__func__ if isinstance(obj, types.MethodType) else obj
+        defaults = describe(func.__defaults__) if func.__defaults__ else ""
+        return f"function {func.__qualname__} {_code_digest(func.__code__)} {defaults}"
+    if inspect.isclass(obj) or isinstance(obj, types.BuiltinFunctionType):
+        return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
+    if isinstance(obj, (list, tuple)):
+        return type(obj).__name__ + "(" + ", ".join(describe(v) for v in obj) + ")"
+    if isinstance(obj, dict):
+        return "dict(" + ", ".join(f"{k!r}: {describe(v)}" for k, v in sorted(obj.items(), key=repr)) + ")"
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        return repr(obj)
+    # A callable object (e.g. nn.CrossEntropyLoss(reduction="none")): its class and its repr.
+    return f"{type(obj).__qualname__}:{_strip_addresses(repr(obj))}"
+
+
+def _code_digest(code: types.CodeType) -> str:
+    parts = [code.co_code.hex()]
+    for const in code.co_consts:
+        parts.append(_code_digest(const) if isinstance(const, types.CodeType) else repr(const))
+    parts.append(",".join(code.co_names))
+    return _digest("|".join(parts))
+
+
+def _strip_addresses(text: str) -> str:
+    import re
+
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)

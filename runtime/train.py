@@ -1,0 +1,176 @@
+"""``train``: run a ``JobSpec`` for a number of global steps, resuming from a checkpoint directory."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from .checkpoint import (Checkpoint, check_checkpoint_dir, latest_checkpoint, list_checkpoints,
+                         save_checkpoint, sweep_temporaries)
+from .engine import StepEngine
+from .errors import InvalidJobSpec
+from .events import Callback, Event, RunState, fire
+from .reduction import canonical_sum
+from .spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model_state_dict: dict[str, torch.Tensor]  # final parameters and buffers, plain names
+    losses: list[float]  # per-step mean training loss over the whole run (resumed steps included)
+    steps: int
+    checkpoint_dir: Optional[str] = None
+    wall_time_s: float = 0.0  # this call only
+    samples_per_s: float = 0.0  # this call only
+
+
+@contextlib.contextmanager
+def execution_context(spec: JobSpec) -> Iterator[None]:
+    """Thread count and determinism switches for the job; the caller's settings come back after."""
+    threads = torch.get_num_threads()
+    det = torch.are_deterministic_algorithms_enabled()
+    bench = torch.backends.cudnn.benchmark
+    if spec.effective_num_threads() is not None:
+        torch.set_num_threads(spec.effective_num_threads())
+    if spec.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det)
+        torch.backends.cudnn.benchmark = bench
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidJobSpec(name, f"must be an integer >= {minimum}, got {value!r}")
+
+
+def train(
+    spec: JobSpec,
+    steps: int,
+    checkpoint_dir: Optional[str | os.PathLike] = None,
+    *,
+    checkpoint_every: Optional[int] = None,
+    workers: int = 1,
+    callbacks: Sequence[Callback] = (),
+    progress: Optional[bool] = None,
+    keep_checkpoints: int = 2,
+) -> TrainResult:
+    """Train ``spec`` until ``steps`` global steps have been applied.
+
+    With ``checkpoint_dir``, resume from its latest checkpoint (refused if the job differs in a
+    trajectory field), write one every ``checkpoint_every`` steps and one at the end.
+
+    Args:
+        steps: total global steps of the run (not additional steps when resuming).
+        workers: physical workers; 1 runs every virtual node in this process.
+        progress: show a live progress display; ``None`` shows it when stderr is a terminal.
+
+    Raises:
+        InvalidJobSpec: bad input, before any training.
+        CheckpointMismatch: ``checkpoint_dir`` holds a checkpoint of a different job.
+        NonFiniteLoss: a virtual node's loss was NaN or infinite; that step was not applied.
+    """
+    spec.validate()
+    _check_int("steps", steps, 0)
+    _check_int("checkpoint_every", checkpoint_every, 1, allow_none=True)
+    _check_int("workers", workers, 1)
+    _check_int("keep_checkpoints", keep_checkpoints, 1)
+    if workers > spec.virtual_nodes:
+        raise InvalidJobSpec(
+            "workers", f"{workers} workers for {spec.virtual_nodes} virtual nodes would leave some idle; "
+            f"use at most virtual_nodes={spec.virtual_nodes} workers"
+        )
+    if workers != 1:
+        raise InvalidJobSpec("workers", f"{workers}: only workers=1 is available in this version")
+    directory = check_checkpoint_dir(checkpoint_dir)
+    if spec.loader_workers > 0:
+        spec.check_picklable("loader_workers > 0 (spawned data-loader processes)")
+
+    callbacks = list(callbacks)
+    if progress or (progress is None and sys.stderr.isatty()):
+        from .progress import ProgressDisplay
+
+        callbacks.append(ProgressDisplay())
+
+    with execution_context(spec):
+        engine = StepEngine.build(spec)
+        fingerprint = spec.fingerprint()
+        start, losses = 0, []
+        if directory is not None:
+            sweep_temporaries(directory)
+            ckpt = latest_checkpoint(directory)
+            if ckpt is not None:
+                ckpt.check_fingerprint(fingerprint, str(directory))
+                engine.load_state_dict(dataclasses.asdict(ckpt))
+                start, losses = ckpt.step, list(ckpt.losses)
+                log.info("resumed from step %d in %s", start, directory)
+        if start > steps:
+            log.warning("checkpoint is at step %d, past steps=%d; returning it unchanged", start, steps)
+
+        state = RunState(step=start, steps=steps, start_step=start, samples_per_step=spec.global_batch_size)
+        vnodes = range(spec.virtual_nodes)
+        batches = engine.loader.iterate((s, v) for s in range(start, steps) for v in vnodes)
+        fire(callbacks, Event.FIT_START, state)
+        t_start = time.perf_counter()
+        last_saved = start
+        try:
+            for step in range(start, steps):
+                t_step = time.perf_counter()
+                partial = engine.compute(step, itertools.islice(batches, spec.virtual_nodes))
+                total = canonical_sum(partial.blocks) if spec.deterministic else partial.payload
+                loss = engine.apply(total, partial.used)
+                losses.append(loss)
+
+                state.step, state.loss = step + 1, loss
+                state.step_time_s = time.perf_counter() - t_step
+                fire(callbacks, Event.STEP_END, state)
+                if directory is not None and checkpoint_every and state.step % checkpoint_every == 0:
+                    _save(directory, engine, state, losses, fingerprint, keep_checkpoints, callbacks)
+                    last_saved = state.step
+            if directory is not None and (last_saved != state.step or not list_checkpoints(directory)):
+                _save(directory, engine, state, losses, fingerprint, keep_checkpoints, callbacks)
+        finally:
+            fire(callbacks, Event.FIT_END, state)
+        wall = time.perf_counter() - t_start
+
+    done = max(0, steps - start)
+    return TrainResult(
+        model_state_dict={k: v.detach().cpu().clone() for k, v in engine.model.state_dict().items()},
+        losses=losses,
+        steps=max(start, steps),
+        checkpoint_dir=str(directory) if directory is not None else None,
+        wall_time_s=wall,
+        samples_per_s=done * spec.global_batch_size / wall if wall > 0 else 0.0,
+    )
+
+
+def _save(directory: Path, engine: StepEngine, state: RunState, losses: list[float],
+          fingerprint: dict[str, str], keep: int, callbacks: list[Callback]) -> None:
+    ckpt = Checkpoint(
+        step=state.step,
+        epoch=engine.sampler.epoch_of(state.step),
+        fingerprint=fingerprint,
+        losses=list(losses),
+        sampler={"steps_per_epoch": engine.sampler.steps_per_epoch, "position": state.step},
+        **engine.state_dict(),
+    )
+    state.checkpoint_path = str(save_checkpoint(directory, ckpt, keep=keep))
+    fire(callbacks, Event.CHECKPOINT, state)

@@ -1,0 +1,1 @@
+"""vnodes.scheduler: what decides (master, launchers, plugins) and the command line."""
