@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from .errors import CheckpointMismatch, InvalidJobSpec
+from .faults import maybe_fail
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ def save_checkpoint(directory: str | os.PathLike, ckpt: Checkpoint, keep: int = 
         torch.save(ckpt.to_dict(), f)
         f.flush()
         os.fsync(f.fileno())
+    maybe_fail("checkpoint_write", ckpt.step - 1)  # the phase of the step just applied
     os.replace(tmp, final)  # atomic on POSIX: readers see the old name set or the new one
     _fsync_dir(directory)
     for _, old in list_checkpoints(directory)[:-keep]:

@@ -26,6 +26,7 @@ from torch import nn
 
 from .data import BatchKey, BatchLoader, move_batch
 from .errors import InvalidJobSpec, NonFiniteLoss
+from .faults import maybe_fail
 from .reduction import Block, Payload, TreeReducer
 from .sampler import VNodeSampler
 from .seeding import MODEL_STREAM, vnode_seed
@@ -119,18 +120,23 @@ class StepEngine:
         loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
         vnode_losses: dict[int, torch.Tensor] = {}
         used = [False] * len(self.params)
+        for p in self.params:  # a step is computed from scratch, also when it is redone
+            p.grad = None
         self.stats.begin_step()
 
         for (batch_step, vnode_id), batch in batches:
             if batch_step != step:
                 raise ValueError(f"batch for step {batch_step} arrived during step {step}")
+            maybe_fail("load", step)
             self.stats.restore()
             inputs, targets = move_batch(batch, self.device, self.float_dtype)
             torch.manual_seed(vnode_seed(spec.seed, step, vnode_id, MODEL_STREAM))
+            maybe_fail("forward", step)
             per_sample = spec.loss(self.model(inputs), targets)
             if not self._loss_checked:
                 self._check_per_sample(per_sample, targets)
             vnode_loss = per_sample.mean()
+            maybe_fail("backward", step)
             (vnode_loss / n).backward()
 
             vnode_losses[vnode_id] = vnode_loss.detach()
@@ -149,12 +155,12 @@ class StepEngine:
 
         if not vnode_losses:
             raise ValueError(f"step {step}: this worker ran no virtual node")
+        self.stats.end_compute()
         losses = torch.stack(list(vnode_losses.values())).tolist()  # the step's one host sync
         vnode_losses_f = dict(zip(vnode_losses.keys(), losses))
         for vnode_id, value in vnode_losses_f.items():
             if not torch.isfinite(torch.tensor(value)):
                 self.optimizer.zero_grad(set_to_none=True)
-                self.stats.restore()
                 raise NonFiniteLoss(step, vnode_id, value)
 
         if deterministic:

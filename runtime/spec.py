@@ -92,6 +92,13 @@ class JobSpec:
                     name, f"must be a callable, got {getattr(self, name)!r} "
                     f"(pass a function that builds it, e.g. {name}=build_{name})"
                 )
+        import torch
+
+        if isinstance(self.model, torch.nn.Module):
+            raise InvalidJobSpec(
+                "model", f"must be a zero-argument callable that builds the model, got the module "
+                f"{type(self.model).__name__} itself (pass its class or a function: model=build_model)"
+            )
         for name in ("lr_scheduler", "collate_fn"):
             value = getattr(self, name)
             if value is not None and not callable(value):
@@ -117,8 +124,6 @@ class JobSpec:
         if self.execution not in EXECUTION_MODES:
             raise InvalidJobSpec("execution", f"must be one of {EXECUTION_MODES}, got {self.execution!r}")
         if self.device is not None:
-            import torch
-
             try:
                 device = torch.device(self.device)
             except (RuntimeError, TypeError) as exc:

@@ -18,6 +18,7 @@ from .checkpoint import (Checkpoint, check_checkpoint_dir, latest_checkpoint, li
                          save_checkpoint, sweep_temporaries)
 from .engine import StepEngine
 from .errors import InvalidJobSpec
+from .faults import maybe_fail
 from .events import Callback, Event, RunState, fire
 from .reduction import canonical_sum
 from .spec import JobSpec
@@ -135,7 +136,9 @@ def train(
             for step in range(start, steps):
                 t_step = time.perf_counter()
                 partial = engine.compute(step, itertools.islice(batches, spec.virtual_nodes))
+                maybe_fail("reduce", step)
                 total = canonical_sum(partial.blocks) if spec.deterministic else partial.payload
+                maybe_fail("commit", step)
                 loss = engine.apply(total, partial.used)
                 losses.append(loss)
 

@@ -37,6 +37,7 @@ class RunningStats:
                         seen.add(id(buf))
                         (self.float_buffers if buf.is_floating_point() else self.int_buffers).append(buf)
         self._snapshot: list[torch.Tensor] = []
+        self._ints_after: list[torch.Tensor] = []
 
     @property
     def empty(self) -> bool:
@@ -60,8 +61,19 @@ class RunningStats:
         """``weight_v * buffers_v``: this node's share of the step's final float buffers."""
         return list(torch._foreach_mul(self.float_buffers, self.weight(vnode_id))) if self.float_buffers else []
 
+    def end_compute(self) -> None:
+        """Leave the model as the step found it; keep the integer buffers' advance for ``finish_step``.
+
+        Until the step is applied nothing changes, so a step can be recomputed (or redone after a
+        lost peer) from the same state.
+        """
+        self._ints_after = [b.detach().clone() for b in self.int_buffers]
+        self.restore()
+
     def finish_step(self, reduced: list[torch.Tensor]) -> None:
-        """Install the reduced float buffers; integer buffers already advanced once (last node)."""
+        """Install the reduced float buffers and the integer buffers' one advance per step."""
         if self.float_buffers:
             torch._foreach_copy_(self.float_buffers, reduced)
+        if self.int_buffers:
+            torch._foreach_copy_(self.int_buffers, self._ints_after)
         self._snapshot = []

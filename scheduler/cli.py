@@ -1,0 +1,146 @@
+"""The ``vnodes`` command line.
+
+    vnodes run path/to/job.py[:name] --steps K [--checkpoint-dir D] [--deterministic]
+
+A job file defines a ``JobSpec`` (or a zero-argument function returning one). Without ``:name`` the
+file's ``spec`` is used, else its only ``JobSpec``, else a function called ``job``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from vnodes.runtime import JobSpec, VnodesError, train
+
+EXIT_USAGE = 2
+
+
+class JobFileError(VnodesError):
+    """The job file cannot be loaded or defines no usable ``JobSpec``."""
+
+
+def load_job(target: str) -> JobSpec:
+    """Load ``path/to/job.py[:name]``.
+
+    The file is imported as a module named after it, with its folder on ``sys.path``, so the
+    functions it defines pickle by reference into spawned processes.
+
+    Raises:
+        JobFileError: the file is missing, fails to import, or defines no ``JobSpec``.
+    """
+    path_text, _, name = target.partition(":")
+    path = Path(path_text).expanduser().absolute()
+    if not path.is_file():
+        raise JobFileError(f"job file {path_text!r} does not exist; pass path/to/job.py[:name]")
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    module_name = path.stem
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise JobFileError(f"{path} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise JobFileError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+
+    if name:
+        if not hasattr(module, name):
+            raise JobFileError(f"{path} has no attribute {name!r}")
+        obj = getattr(module, name)
+    else:
+        specs = {k: v for k, v in vars(module).items() if isinstance(v, JobSpec)}
+        if "spec" in specs:
+            obj = specs["spec"]
+        elif len(specs) == 1:
+            obj = next(iter(specs.values()))
+        elif callable(getattr(module, "job", None)):
+            obj = module.job
+        else:
+            found = ", ".join(sorted(specs)) or "none"
+            raise JobFileError(
+                f"{path} defines JobSpecs {found}; name one with {path_text}:NAME "
+                "(or define `spec = JobSpec(...)` or a function `job()` returning one)"
+            )
+    if not isinstance(obj, JobSpec) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, JobSpec):
+        raise JobFileError(f"{target} is a {type(obj).__name__}, not a JobSpec (or a function returning one)")
+    return obj
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vnodes",
+        description="Elastic virtual-node data-parallel training for PyTorch. A job has a fixed number "
+        "of virtual nodes; its trajectory does not depend on how many workers run it.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages (INFO)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="train a job",
+        description="Train the JobSpec defined in a Python file until --steps global steps are applied. "
+        "With --checkpoint-dir, resume from its latest checkpoint and write one at the end.",
+    )
+    run.add_argument("job", metavar="JOB.py[:NAME]",
+                     help="a Python file defining a JobSpec (`spec`, the only one, NAME, or a function `job()`)")
+    run.add_argument("--steps", type=int, required=True, help="total global steps (resumed steps count)")
+    run.add_argument("--checkpoint-dir", metavar="D", help="resume from and write atomic checkpoints to D")
+    run.add_argument("--checkpoint-every", type=int, metavar="N", help="also write a checkpoint every N steps")
+    run.add_argument("--deterministic", action="store_true",
+                     help="bitwise-reproducible mode (fixes the thread count, canonical reduction order)")
+    run.add_argument("--workers", type=int, default=1, metavar="M", help="physical workers (default 1)")
+    run.add_argument("--no-progress", action="store_true", help="no live progress display")
+    run.add_argument("--json", action="store_true", help="print the result summary as JSON on stdout")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    spec = load_job(args.job)
+    if args.deterministic:
+        spec = dataclasses.replace(spec, deterministic=True)
+    result = train(spec, steps=args.steps, checkpoint_dir=args.checkpoint_dir,
+                   checkpoint_every=args.checkpoint_every, workers=args.workers,
+                   progress=False if args.no_progress else True)
+    summary = {
+        "steps": result.steps,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "samples_per_s": round(result.samples_per_s, 1),
+        "wall_time_s": round(result.wall_time_s, 3),
+        "checkpoint_dir": result.checkpoint_dir,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        loss = "-" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+        print(f"done: {result.steps} steps, final loss {loss}, {result.samples_per_s:,.0f} samples/s"
+              + (f", checkpoint in {result.checkpoint_dir}" if result.checkpoint_dir else ""))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return {"run": _run}[args.command](args)
+    except VnodesError as exc:
+        print(f"vnodes: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("vnodes: interrupted; the last checkpoint (if any) is intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""An independent reference: real ``DistributedDataParallel`` over N gloo processes on this CPU.
+
+Written the way a user writes DDP (DistributedSampler, DataLoader(drop_last=True), set_epoch), with
+two additions that the vnodes contract documents: rank r seeds its forward pass with
+``vnode_seed(seed, step, r)``, and under the ``"mean"`` running-stats policy the BatchNorm buffers are
+averaged over ranks after each step (``broadcast_buffers=False``). Under ``"vnode0"``, DDP's default
+``broadcast_buffers=True`` is used unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from vnodes.runtime import JobSpec, vnode_seed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        dataset = spec.dataset()
+        torch.manual_seed(spec.seed)
+        model = spec.model()
+        mean_policy = spec.running_stats == "mean"
+        ddp = DistributedDataParallel(model, broadcast_buffers=not mean_policy)
+        optimizer = spec.optimizer(ddp.parameters())
+        scheduler = spec.lr_scheduler(optimizer) if spec.lr_scheduler else None
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=spec.seed, drop_last=True)
+        loader = DataLoader(dataset, batch_size=spec.vnode_batch_size, sampler=sampler, drop_last=True)
+        dtype = next(model.parameters()).dtype
+        running = [b for m in model.modules() if isinstance(m, _NormBase)
+                   for b in m.buffers(recurse=False) if b.is_floating_point()]
+        step, epoch, losses = 0, 0, []
+        while step < steps:
+            sampler.set_epoch(epoch)
+            for x, y in loader:
+                if step == steps:
+                    break
+                torch.manual_seed(vnode_seed(spec.seed, step, rank))
+                loss = spec.loss(ddp(x.to(dtype)), y).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                if scheduler:
+                    scheduler.step()
+                if mean_policy:
+                    for b in running:
+                        dist.all_reduce(b)
+                        b /= world
+                mean_loss = loss.detach().clone()
+                dist.all_reduce(mean_loss)
+                losses.append(mean_loss.item() / world)
+                step += 1
+            epoch += 1
+        if rank == 0:
+            torch.save({"model": model.state_dict(), "losses": losses}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ddp(spec: JobSpec, steps: int) -> dict:
+    """Train ``spec`` with ``virtual_nodes`` real DDP processes; return rank 0's state and losses."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "ddp.pt")
+        mp.start_processes(_rank_main, args=(spec.virtual_nodes, free_port(), spec, steps, out),
+                           nprocs=spec.virtual_nodes, join=True, start_method="spawn")
+        return torch.load(out, weights_only=True)

@@ -1,0 +1,96 @@
+"""The canonical reduction: any partition of the virtual nodes gives the same bits."""
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from vnodes.runtime.engine import StepEngine
+from vnodes.runtime.reduction import Block, TreeReducer, canonical_sum
+
+from jobs import cnn_spec
+
+
+def leaves(n, size=1000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # wide dynamic range so that the summation order changes the float32 result
+    return [[torch.randn(size, generator=g) * 10.0 ** torch.randint(-4, 5, (1,), generator=g).item()]
+            for _ in range(n)]
+
+
+def reduce_partition(values, groups):
+    blocks = []
+    for group in groups:
+        local = TreeReducer()
+        for v in sorted(group):
+            local.push(Block(v, 1, [t.clone() for t in values[v]]))
+        blocks.extend(local.blocks())
+    random.Random(len(groups)).shuffle(blocks)  # arrival order must not matter
+    return canonical_sum(blocks)[0]
+
+
+def random_partition(n, m, rng):
+    owner = [rng.randrange(m) for _ in range(n)]
+    return [[v for v in range(n) if owner[v] == w] for w in range(m) if w in owner]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13, 64])
+def test_every_partition_gives_identical_bits(n):
+    values = leaves(n)
+    reference = reduce_partition(values, [list(range(n))])
+    rng = random.Random(n)
+    for m in range(1, min(n, 6) + 1):
+        for _ in range(5):
+            got = reduce_partition(values, random_partition(n, m, rng))
+            assert torch.equal(got, reference)
+    assert torch.allclose(reference.double(), sum(v[0].double() for v in values), rtol=1e-4, atol=1e-3)
+
+
+def test_the_order_matters_so_the_test_has_teeth():
+    values = leaves(13)
+    left_fold = values[0][0].clone()
+    for v in values[1:]:
+        left_fold += v[0]
+    assert not torch.equal(left_fold, reduce_partition(values, [list(range(13))]))
+
+
+def test_live_memory_is_logarithmic():
+    reducer, peak = TreeReducer(), 0
+    for v in range(64):
+        reducer.push(Block(v, 1, [torch.zeros(1)]))
+        peak = max(peak, len(reducer.stack))
+    assert len(reducer.stack) == 1 and reducer.stack[0].size == 64
+    assert peak <= 7
+
+
+def test_blocks_out_of_order_are_refused():
+    reducer = TreeReducer()
+    reducer.push(Block(2, 1, [torch.zeros(1)]))
+    with pytest.raises(ValueError):
+        reducer.push(Block(1, 1, [torch.zeros(1)]))
+
+
+def test_engine_partials_over_any_mapping_are_bitwise_equal():
+    """One step computed by 1, 2 or 3 workers (same weights) reduces to the same bits."""
+    spec = cnn_spec(virtual_nodes=6, deterministic=True, model=_float32_cnn)
+    torch.set_num_threads(1)
+    engine = StepEngine.build(spec)
+
+    def run(groups):
+        blocks = []
+        for group in groups:
+            partial = engine.compute(0, engine.loader.iterate((0, v) for v in group))
+            blocks.extend(partial.blocks)
+        return canonical_sum(blocks)
+
+    one = run([range(6)])
+    for groups in ([[0, 1, 2], [3, 4, 5]], [[0, 5], [1, 2, 3], [4]], [[v] for v in range(6)]):
+        other = run(groups)
+        assert all(torch.equal(a, b) for a, b in zip(one, other)), groups
+
+
+def _float32_cnn():
+    from jobs import small_cnn
+
+    return small_cnn(torch.float32)
