@@ -1,7 +1,7 @@
 """Deterministic fault injection for tests: SIGKILL this process at a chosen phase of a chosen step.
 
-Set ``VNODES_FAULT="phase:step"`` (several separated by commas; ``phase:step:worker_rank`` to target
-one worker) in a process's environment. Phases, in step order: ``load``, ``forward``, ``backward``,
+Set ``VNODES_FAULT="phase:step"`` (several separated by commas; ``phase:step:index`` to target the
+worker whose ``VNODES_LAUNCH_INDEX`` is ``index``) in a process's environment. Phases, in step order: ``load``, ``forward``, ``backward``,
 ``reduce``, ``commit``, ``checkpoint_write`` (after the temporary file is written, before the rename).
 Unset (the normal case) costs one dictionary lookup per phase.
 """
@@ -25,9 +25,10 @@ def _parse(text: str) -> set[tuple[str, int, int | None]]:
 
 
 _FAULTS = _parse(os.environ.get("VNODES_FAULT", ""))
+_INDEX = int(os.environ.get("VNODES_LAUNCH_INDEX", "-1"))
 
 
-def maybe_fail(phase: str, step: int, worker_rank: int | None = None) -> None:
-    """SIGKILL this process if a fault is armed for ``(phase, step[, worker_rank])``."""
-    if _FAULTS and ((phase, step, None) in _FAULTS or (phase, step, worker_rank) in _FAULTS):
+def maybe_fail(phase: str, step: int) -> None:
+    """SIGKILL this process if a fault is armed for ``(phase, step)`` here."""
+    if _FAULTS and ((phase, step, None) in _FAULTS or (phase, step, _INDEX) in _FAULTS):
         os.kill(os.getpid(), signal.SIGKILL)

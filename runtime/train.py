@@ -73,6 +73,7 @@ def train(
     callbacks: Sequence[Callback] = (),
     progress: Optional[bool] = None,
     keep_checkpoints: int = 2,
+    launch_options: Optional[dict[str, Any]] = None,
 ) -> TrainResult:
     """Train ``spec`` until ``steps`` global steps have been applied.
 
@@ -81,7 +82,9 @@ def train(
 
     Args:
         steps: total global steps of the run (not additional steps when resuming).
-        workers: physical workers; 1 runs every virtual node in this process.
+        workers: physical workers; 1 runs every virtual node in this process, more start a master
+            here and that many local worker processes (same trajectory).
+        launch_options: for ``workers > 1``: ``placement`` ("throughput" | "even"), ``worker_env``.
         progress: show a live progress display; ``None`` shows it when stderr is a terminal.
 
     Raises:
@@ -99,8 +102,6 @@ def train(
             "workers", f"{workers} workers for {spec.virtual_nodes} virtual nodes would leave some idle; "
             f"use at most virtual_nodes={spec.virtual_nodes} workers"
         )
-    if workers != 1:
-        raise InvalidJobSpec("workers", f"{workers}: only workers=1 is available in this version")
     directory = check_checkpoint_dir(checkpoint_dir)
     if spec.loader_workers > 0:
         spec.check_picklable("loader_workers > 0 (spawned data-loader processes)")
@@ -110,6 +111,10 @@ def train(
         from .progress import ProgressDisplay
 
         callbacks.append(ProgressDisplay())
+    if workers > 1:
+        from vnodes.scheduler.launcher import train_local  # the master lives on the scheduler side
+
+        return train_local(spec, steps, workers, directory, checkpoint_every, callbacks, **(launch_options or {}))
 
     with execution_context(spec):
         engine = StepEngine.build(spec)

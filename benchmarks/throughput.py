@@ -1,0 +1,333 @@
+"""Step throughput: the virtual-node engine against a hand-written gradient-accumulation loop.
+
+    python benchmarks/throughput.py            # about 2 minutes on 2 CPU cores
+    python benchmarks/throughput.py --quick    # about 30 s
+    python benchmarks/throughput.py --profile  # also: where the engine spends its time (cProfile)
+
+Both sides train the same ResNet-style CNN with BatchNorm (3x32x32 inputs, synthetic data in an
+in-memory ``TensorDataset``) with the same SGD, N micro-batches of b per optimizer step, on one CPU
+worker with the same fixed thread count:
+
+- engine: ``StepEngine`` in fast mode, sequential execution, driven step by step
+  (``compute`` then ``apply``), so building the model and the dataset is not timed;
+- hand loop: ``for each micro-batch: forward, loss.mean() / N, backward``; then ``optimizer.step()``
+  and ``zero_grad()``.
+
+What is matched, so that the ratio measures only the engine's own overhead: the initial weights
+(same seed), the samples (the hand loop reads the indices ``VNodeSampler`` gives virtual node v at
+step s, which is what the engine reads), how a batch is loaded (``default_collate([ds[i] for i in
+idx])``, in this process: ``loader_workers=0``), the per-sample loss, and ``zero_grad(set_to_none=
+True)``. What is *not* matched is exactly the engine's extra work: per-virtual-node seeding of the data
+and model random streams, the snapshot / restore / weighted sum of BatchNorm running statistics, the
+loss bookkeeping and the one host sync per step. Before timing, one step of each from the same
+weights is compared (same math: the parameters must agree).
+
+Timing runs in one process, interleaved in many short pairs (engine, hand, hand, engine, engine,
+hand, ...: the order alternates so that a slow trend hits both sides alike), after warm-up. The
+machine may be shared, so the table reports medians and the median of the per-pair ratios (each pair
+measured back to back), and the engine's extra time per virtual node that the medians imply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import dataclasses
+import functools
+import gc
+import io
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.utils.data import TensorDataset
+from torch.utils.data._utils.collate import default_collate
+
+from vnodes.runtime import JobSpec, StepEngine, VNodeSampler
+
+TARGET_RATIO = 0.97  # engine samples/s >= 0.97 x the hand loop's
+
+
+# -- the workload --------------------------------------------------------------------------------
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def build_model(width: int = 16) -> nn.Module:
+    """A small ResNet (3 blocks, 10 BatchNorm layers, ~78k parameters at width 16). No dropout: the
+    hand loop draws no random numbers, so the two sides compute the same thing."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        BasicBlock(width, width, 1), BasicBlock(width, 2 * width, 2), BasicBlock(2 * width, 4 * width, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 10),
+    )
+
+
+def build_dataset(n: int = 4096, seed: int = 1234) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = torch.randn(n, 3, 32, 32, generator=g) + y.view(-1, 1, 1, 1).float() * 0.1
+    return TensorDataset(x, y)
+
+
+def per_sample_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def build_tiny_model(width: int = 16) -> nn.Module:
+    """Next to no compute, one BatchNorm layer: what is left of a step is the loops' own cost."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, width), nn.BatchNorm1d(width), nn.ReLU(),
+                         nn.Linear(width, 10))
+
+
+MODELS = {"resnet": build_model, "tiny": build_tiny_model}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str
+    virtual_nodes: int
+    vnode_batch_size: int
+    model: str = "resnet"
+
+
+CONFIGS = (
+    Config("8 x 16", 8, 16),
+    Config("32 x 4", 32, 4),  # small micro-batches: the engine's per-node cost weighs more
+)
+# The engine's own cost per virtual node, measured where the model costs next to nothing.
+FLOOR = Config("64 x 4, tiny model", 64, 4, model="tiny")
+
+
+def make_spec(cfg: Config, threads: int, width: int) -> JobSpec:
+    return JobSpec(
+        model=functools.partial(MODELS[cfg.model], width),
+        dataset=build_dataset,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4),
+        loss=per_sample_loss,
+        virtual_nodes=cfg.virtual_nodes,
+        vnode_batch_size=cfg.vnode_batch_size,
+        seed=0,
+        deterministic=False,
+        device="cpu",
+        num_threads=threads,
+    )
+
+
+# -- the two contestants -----------------------------------------------------------------------
+
+class EngineRunner:
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self.engine = StepEngine.build(spec)
+        self.step = 0
+
+    @property
+    def model(self) -> nn.Module:
+        return self.engine.model
+
+    def run_step(self) -> None:
+        n, engine = self.spec.virtual_nodes, self.engine
+        partial = engine.compute(self.step, engine.loader.iterate((self.step, v) for v in range(n)))
+        engine.apply(partial.payload, partial.used)  # one worker: its partial is the total
+        self.step += 1
+
+
+class HandLoop:
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self.dataset = spec.dataset()
+        # The engine's indices, so both sides read the same samples (a DistributedSampler per rank,
+        # built once per epoch: the same cost the engine pays).
+        self.sampler = VNodeSampler(len(self.dataset), spec.virtual_nodes, spec.vnode_batch_size, spec.seed)
+        torch.manual_seed(spec.seed)  # the engine's initial weights
+        self.model = spec.model().train()
+        self.optimizer = spec.optimizer(self.model.parameters())
+        self.step = 0
+
+    def run_step(self) -> None:
+        n = self.spec.virtual_nodes
+        for v in range(n):
+            idx = self.sampler.indices(self.step, v)
+            x, y = default_collate([self.dataset[i] for i in idx])
+            loss = per_sample_loss(self.model(x), y).mean() / n
+            loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+
+def check_same_math(spec: JobSpec) -> float:
+    """One step of each from the same weights; the largest parameter difference after it."""
+    engine, hand = EngineRunner(spec), HandLoop(spec)
+    engine.run_step()
+    hand.run_step()
+    return max((a - b).abs().max().item()
+               for a, b in zip(engine.model.parameters(), hand.model.parameters()))
+
+
+def timed(runner, steps: int) -> float:
+    """Seconds per step over ``steps`` consecutive steps."""
+    gc.collect()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        runner.run_step()
+    return (time.perf_counter() - t0) / steps
+
+
+@dataclasses.dataclass
+class Measurement:
+    config: Config
+    engine_step_s: list[float]
+    hand_step_s: list[float]
+    max_param_diff: float
+
+    def samples_per_s(self, step_s: list[float]) -> float:
+        return self.config.virtual_nodes * self.config.vnode_batch_size / statistics.median(step_s)
+
+    @property
+    def ratios(self) -> list[float]:
+        """Engine throughput over hand-loop throughput, per back-to-back pair."""
+        return [h / e for e, h in zip(self.engine_step_s, self.hand_step_s)]
+
+    def extra_per_vnode_s(self) -> float:
+        """The engine's extra time per virtual node: median over pairs of the step-time difference."""
+        return statistics.median(e - h for e, h in zip(self.engine_step_s, self.hand_step_s)) \
+            / self.config.virtual_nodes
+
+
+def measure(cfg: Config, threads: int, width: int, repeats: int, steps: int, warmup: int,
+            console: Console) -> Measurement:
+    spec = make_spec(cfg, threads, width)
+    diff = check_same_math(spec)
+    engine, hand = EngineRunner(spec), HandLoop(spec)
+    timed(engine, warmup)
+    timed(hand, warmup)
+    engine_s, hand_s = [], []
+    for r in range(repeats):
+        if r % 2 == 0:
+            engine_s.append(timed(engine, steps))
+            hand_s.append(timed(hand, steps))
+        else:
+            hand_s.append(timed(hand, steps))
+            engine_s.append(timed(engine, steps))
+        if (r + 1) % 5 == 0 or r + 1 == repeats:
+            console.print(f"  {cfg.name}: {r + 1}/{repeats} pairs; median step engine "
+                          f"{statistics.median(engine_s) * 1e3:.1f} ms, hand "
+                          f"{statistics.median(hand_s) * 1e3:.1f} ms", style="dim", highlight=False)
+    return Measurement(cfg, engine_s, hand_s, diff)
+
+
+def profile_engine(cfg: Config, threads: int, width: int, steps: int, console: Console) -> None:
+    """cProfile of the engine's steps: the Python-side functions, by own time and cumulative time."""
+    spec = make_spec(cfg, threads, width)
+    engine = EngineRunner(spec)
+    timed(engine, 2)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    timed(engine, steps)
+    profiler.disable()
+    for order in ("tottime", "cumulative"):
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats(order).print_stats(25)
+        console.print(f"[bold]engine profile, {cfg.name}, {steps} steps, by {order}[/bold]")
+        console.print(out.getvalue(), markup=False, highlight=False)
+
+
+def report(results: list[Measurement], floor: Measurement, threads: int, width: int,
+           console: Console) -> bool:
+    table = Table(title=f"Step throughput: CPU, {threads} threads, one worker, fast mode, sequential; "
+                  f"ResNet width {width}; samples/s, median of {len(results[0].ratios)} pairs")
+    table.add_column("N x b")
+    table.add_column("engine", justify="right")
+    table.add_column("hand loop", justify="right")
+    table.add_column("engine/hand\n(median of pairs)", justify="right")
+    table.add_column("pairs\np25-p75", justify="right")
+    table.add_column("target", justify="right")
+    table.add_column("", justify="center")
+    table.add_column("extra time\nper VN", justify="right")
+    table.add_column("same math\nmax |dparam|", justify="right")
+    ok = True
+    for m in results:
+        ratio = statistics.median(m.ratios)
+        passed = ratio >= TARGET_RATIO
+        q = statistics.quantiles(m.ratios, n=4) if len(m.ratios) > 1 else [ratio] * 3
+        ok &= passed
+        table.add_row(
+            m.config.name,
+            f"{m.samples_per_s(m.engine_step_s):,.0f}",
+            f"{m.samples_per_s(m.hand_step_s):,.0f}",
+            f"{ratio:.3f}x",
+            f"{q[0]:.3f}-{q[2]:.3f}",
+            f">= {TARGET_RATIO:.2f}x",
+            "[green]ok[/green]" if passed else "[red]below[/red]",
+            f"{m.extra_per_vnode_s() * 1e6:,.0f} us",
+            f"{m.max_param_diff:.1e}",
+        )
+    console.print(table)
+
+    n = floor.config.virtual_nodes
+    floor_table = Table(title=f"Cost per virtual node where the model costs ~nothing ({floor.config.name}; "
+                        f"median of {len(floor.ratios)} pairs)")
+    floor_table.add_column("engine", justify="right")
+    floor_table.add_column("hand loop", justify="right")
+    floor_table.add_column("engine extra", justify="right")
+    floor_table.add_column("same math\nmax |dparam|", justify="right")
+    floor_table.add_row(
+        f"{statistics.median(floor.engine_step_s) / n * 1e6:,.0f} us",
+        f"{statistics.median(floor.hand_step_s) / n * 1e6:,.0f} us",
+        f"{floor.extra_per_vnode_s() * 1e6:,.0f} us",
+        f"{floor.max_param_diff:.1e}",
+    )
+    console.print(floor_table)
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer pairs (~30 s)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="intra-op threads for both sides (default: torch's, %(default)s here)")
+    parser.add_argument("--width", type=int, default=16, help="ResNet width (default %(default)s)")
+    parser.add_argument("--repeats", type=int, help="timed pairs per configuration (default 25, quick 7)")
+    parser.add_argument("--steps", type=int, default=2, help="steps per timed run (default %(default)s)")
+    parser.add_argument("--profile", action="store_true", help="also profile the engine with cProfile")
+    parser.add_argument("--check", action="store_true",
+                        help="exit with status 1 when a ratio is below the target (noisy on a shared machine)")
+    args = parser.parse_args(argv)
+
+    repeats = args.repeats or (7 if args.quick else 25)
+    warmup = 2 if args.quick else 4
+    torch.set_num_threads(args.threads)  # both sides; the spec carries the same number
+    console = Console(width=None if sys.stdout.isatty() else 130)
+
+    results = [measure(cfg, args.threads, args.width, repeats, args.steps, warmup, console) for cfg in CONFIGS]
+    floor = measure(FLOOR, args.threads, args.width, repeats, args.steps, warmup, console)
+    ok = report(results, floor, args.threads, args.width, console)
+    if args.profile:
+        for cfg in (*CONFIGS, FLOOR):
+            profile_engine(cfg, args.threads, args.width, 4 * args.steps, console)
+    return 1 if args.check and not ok else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The worker agent: joins a master, runs the virtual nodes it is given, survives its peers.
+
+    vnodes worker --master HOST:PORT [--device cuda:1]
+
+One step, seen from a worker (every point where processes synchronise is marked)::
+
+    plan = master.plan()                       # SYNC (master): RUN(e, s) | CHECKPOINT | WAIT | STOP
+    if e is new: form the epoch-e group        # SYNC (store rendezvous of every member)
+                 receive state if told to      # SYNC (broadcast from sync_source_rank)
+    partial = engine.compute(s, my vnodes)
+    total = group.reduce(partial)              # SYNC (all-reduce / all-gather); a lost peer raises
+    decision = master.commit(e, s, ok)         # SYNC (master): every member reported -> COMMIT
+    if COMMIT: engine.apply(total); held = s+1 # else ABORT: keep the state of s, redo it in e+1
+
+``vnode_id`` survives every remap; ``worker_rank`` changes with every membership epoch.
+SIGTERM drains: the current step finishes (or aborts), the worker leaves at the boundary, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import signal
+import socket
+import sys
+import time
+from typing import Optional
+
+import psutil
+import torch
+
+from .checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from .collectives import EpochGroup
+from .engine import StepEngine, resolve_device
+from .errors import VnodesError
+from .faults import maybe_fail
+from .master_client import MasterClient, PlanView
+from .train import execution_context
+
+log = logging.getLogger(__name__)
+
+
+def _describe_device(device: torch.device) -> tuple[str, int]:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.name, props.total_memory
+    return "cpu", psutil.virtual_memory().total
+
+
+class WorkerAgent:
+    def __init__(self, master: str, device: Optional[str] = None, token: Optional[str] = None,
+                 launch_index: int = -1, throughput: float = 0.0, slowdown: float = 1.0):
+        self.master_address = master
+        self.device = resolve_device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.token = token
+        self.launch_index = launch_index
+        self.throughput = throughput
+        self.slowdown = slowdown  # test knob: >1 simulates a slower device (sleeps in proportion)
+        self._draining = False
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._draining = True
+
+    def run(self) -> int:
+        """Join the job and work until the master says stop. Returns the exit code.
+
+        Raises:
+            MasterUnavailable: the master cannot be reached.
+        """
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        client = MasterClient(self.master_address, self.token)
+        kind, memory = _describe_device(self.device)
+        reg = client.register(host=socket.gethostname(), pid=os.getpid(), device=str(self.device),
+                              device_kind=kind, memory_bytes=memory, throughput=self.throughput,
+                              launch_index=self.launch_index)
+        worker_id = reg.worker_id
+        spec = pickle.loads(reg.job)
+        client.start_session(worker_id)
+        group: Optional[EpochGroup] = None
+        try:
+            with execution_context(spec):
+                engine = StepEngine.build(spec, self.device)
+                group = EpochGroup(reg.store_host, reg.store_port, self.device)
+                self._loop(client, worker_id, engine, group, reg.run_dir)
+        finally:
+            if group is not None:
+                group.destroy()
+            client.close()
+        return 0
+
+    def _loop(self, client: MasterClient, worker_id: str, engine: StepEngine, group: EpochGroup,
+              run_dir: str) -> None:
+        held_step, checkpoint_step, left = 0, -1, False
+        deterministic = engine.spec.deterministic
+        while True:
+            if self._draining and not left:
+                client.leave(worker_id)
+                left = True
+            plan = client.plan(worker_id, held_step, checkpoint_step)
+            if plan.kind == "stop":
+                log.info("worker %s stops: %s", worker_id, plan.stop_reason)
+                return
+            if plan.kind == "wait":
+                continue
+            rank = plan.rank_of(worker_id)
+            if plan.membership_epoch != group.epoch:
+                try:
+                    held_step = self._join_epoch(plan, rank, engine, group, held_step, run_dir)
+                except RuntimeError as exc:  # a peer vanished during the rendezvous or the broadcast
+                    log.warning("epoch %d could not form: %s", plan.membership_epoch, exc)
+                    group.destroy()
+                    client.commit(worker_id, plan.membership_epoch, plan.step, False, 0.0, {}, 0.0)
+                    continue
+            if plan.kind == "checkpoint":
+                self._checkpoint(engine, run_dir, plan, held_step, group.epoch)
+                checkpoint_step = held_step
+                continue
+
+            step = plan.step
+            t0 = time.perf_counter()
+            vnodes = plan.members[rank][1]
+            try:
+                partial = engine.compute(step, engine.loader.iterate((step, v) for v in vnodes))
+            except VnodesError as exc:  # NaN loss, a loss that is not per-sample...: fatal for the job
+                client.fail(worker_id, str(exc), pickle.dumps(exc))
+                return
+            if self.slowdown > 1.0:
+                time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
+            compute_s = time.perf_counter() - t0
+            maybe_fail("reduce", step)
+            try:
+                total, used = group.reduce(partial, deterministic)  # SYNC: every member of the epoch
+                ok, loss = True, float(total[-1].item())
+            except RuntimeError as exc:
+                log.warning("step %d: reduction failed (%s); reporting it", step, exc)
+                group.destroy()
+                ok, loss = False, 0.0
+            maybe_fail("commit", step)
+            decision = client.commit(worker_id, plan.membership_epoch, step, ok, loss, partial.vnode_losses,
+                                     compute_s)  # SYNC: the master decides for everyone
+            if decision == "commit":
+                engine.apply(total, used)
+                held_step = step + 1
+
+    def _join_epoch(self, plan: PlanView, rank: int, engine: StepEngine, group: EpochGroup,
+                    held_step: int, run_dir: str) -> int:
+        group.form(plan.membership_epoch, rank, len(plan.members))  # SYNC: rendezvous of every member
+        source = plan.sync_source_rank
+        if source >= 0:
+            state = group.broadcast_state(engine.state_dict() if rank == source else None, source)
+            if rank != source:
+                engine.load_state_dict(state)
+            return plan.step
+        if source == -2:
+            ckpt = latest_checkpoint(run_dir)
+            if ckpt is None or ckpt.step != plan.step:
+                raise VnodesError(f"the master resumes at step {plan.step} but {run_dir} holds "
+                                  f"{'no checkpoint' if ckpt is None else f'step {ckpt.step}'}")
+            engine.load_state_dict({"model": ckpt.model, "optimizer": ckpt.optimizer,
+                                    "lr_scheduler": ckpt.lr_scheduler})
+            return plan.step
+        return held_step
+
+    def _checkpoint(self, engine: StepEngine, run_dir: str, plan: PlanView, held_step: int,
+                    membership_epoch: Optional[int]) -> None:
+        ckpt = Checkpoint(step=held_step, epoch=engine.sampler.epoch_of(held_step),
+                          fingerprint=engine.spec.fingerprint(), losses=list(plan.losses),
+                          sampler={"steps_per_epoch": engine.sampler.steps_per_epoch, "position": held_step},
+                          membership_epoch=membership_epoch or 0, **engine.state_dict())
+        save_checkpoint(run_dir, ckpt)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="vnodes worker", description="Join a running vnodes job.")
+    add_worker_arguments(parser)
+    return run_worker(parser.parse_args(argv))
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--master", required=True, metavar="HOST:PORT", help="the job's master")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--token", default=os.environ.get("VNODES_TOKEN"),
+                        help="shared token when the master listens beyond loopback (env VNODES_TOKEN)")
+    parser.add_argument("--launch-index", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument("--throughput", type=float, default=0.0,
+                        help="samples/s of this device, for throughput-proportional placement")
+    parser.add_argument("--slowdown", type=float, default=1.0, help=argparse.SUPPRESS)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=os.environ.get("VNODES_LOG", "WARNING"),
+                        format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
+    try:
+        return WorkerAgent(args.master, args.device, args.token, args.launch_index, args.throughput,
+                           args.slowdown).run()
+    except VnodesError as exc:
+        print(f"vnodes worker: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

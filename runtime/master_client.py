@@ -1,0 +1,158 @@
+"""The worker's side of the wire: the only runtime module that touches generated protobuf types."""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import threading
+import time
+from typing import Callable, Optional
+
+import grpc
+
+from .errors import StaleEpoch, VnodesError
+
+TOKEN_METADATA = "vnodes-token"
+
+
+class MasterUnavailable(VnodesError):
+    def __init__(self, address: str, detail: str):
+        super().__init__(address, detail)
+        self.address, self.detail = address, detail
+
+    def __str__(self) -> str:
+        return f"cannot reach the master at {self.address}: {self.detail}"
+
+
+@dataclasses.dataclass
+class Registration:
+    worker_id: str
+    job: bytes
+    store_host: str
+    store_port: int
+    run_dir: str
+    checkpoint_every: int
+
+
+@dataclasses.dataclass
+class PlanView:
+    kind: str  # "run" | "wait" | "stop" | "checkpoint"
+    membership_epoch: int = 0
+    step: int = 0
+    members: list[tuple[str, list[int]]] = dataclasses.field(default_factory=list)  # rank order
+    sync_source_rank: int = -1
+    stop_reason: str = ""
+    losses: list[float] = dataclasses.field(default_factory=list)
+
+    def rank_of(self, worker_id: str) -> int:
+        return [m[0] for m in self.members].index(worker_id)
+
+
+class MasterClient:
+    """Blocking calls to the master. ``Raises:`` ``MasterUnavailable`` when it cannot be reached."""
+
+    def __init__(self, address: str, token: Optional[str] = None, tls_root_cert: Optional[bytes] = None):
+        from vnodes.protos import vnodes_pb2, vnodes_pb2_grpc
+
+        self.pb = vnodes_pb2
+        self.address = address
+        if tls_root_cert is not None:
+            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(tls_root_cert))
+        else:
+            self.channel = grpc.insecure_channel(address)
+        self.stub = vnodes_pb2_grpc.MasterStub(self.channel)
+        self.metadata = ((TOKEN_METADATA, token),) if token else ()
+        self._session: Optional[threading.Thread] = None
+        self._stop_session = threading.Event()
+
+    def _call(self, method, request, timeout: float = 30.0):
+        try:
+            return method(request, timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise StaleEpoch(-1, -1) from exc
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise MasterUnavailable(self.address, exc.details() or code.name) from exc
+            raise
+
+    def register(self, *, host: str, pid: int, device: str, device_kind: str, memory_bytes: int,
+                 throughput: float, launch_index: int, worker_id: str = "", held_step: int = -1,
+                 connect_timeout_s: float = 30.0) -> Registration:
+        pb = self.pb
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=connect_timeout_s)
+        except grpc.FutureTimeoutError:
+            raise MasterUnavailable(self.address, f"not reachable within {connect_timeout_s} s") from None
+        reply = self._call(self.stub.Register, pb.RegisterRequest(
+            worker=pb.WorkerDescription(host=host, pid=pid, device=device, device_kind=device_kind,
+                                        memory_bytes=memory_bytes, throughput=throughput,
+                                        launch_index=launch_index),
+            worker_id=worker_id, held_step=held_step))
+        return Registration(reply.worker_id, reply.job, reply.store_host, reply.store_port, reply.run_dir,
+                            reply.checkpoint_every)
+
+    def start_session(self, worker_id: str, interval_s: float = 1.0,
+                      on_broken: Optional[Callable[[], None]] = None) -> None:
+        """Stream heartbeats in the background; the master declares us dead when it breaks."""
+        pb = self.pb
+
+        def beats():
+            while not self._stop_session.is_set():
+                yield pb.Heartbeat(worker_id=worker_id)
+                self._stop_session.wait(interval_s)
+
+        def run():
+            try:
+                self.stub.Session(beats(), metadata=self.metadata)
+            except grpc.RpcError:
+                if not self._stop_session.is_set() and on_broken is not None:
+                    on_broken()
+
+        self._session = threading.Thread(target=run, name="vnodes-heartbeat", daemon=True)
+        self._session.start()
+
+    def plan(self, worker_id: str, held_step: int, checkpoint_step: int) -> PlanView:
+        pb = self.pb
+        reply = self._call(self.stub.GetPlan, pb.PlanRequest(worker_id=worker_id, held_step=held_step,
+                                                              checkpoint_step=checkpoint_step))
+        kind = {pb.Plan.RUN: "run", pb.Plan.WAIT: "wait", pb.Plan.STOP: "stop",
+                pb.Plan.CHECKPOINT: "checkpoint"}[reply.kind]
+        return PlanView(kind, reply.membership_epoch, reply.step,
+                        [(m.worker_id, list(m.vnodes)) for m in reply.members], reply.sync_source_rank,
+                        reply.stop_reason, list(reply.losses))
+
+    def commit(self, worker_id: str, epoch: int, step: int, ok: bool, loss: float,
+               vnode_losses: dict[int, float], step_time_s: float) -> str:
+        pb = self.pb
+        vnodes = sorted(vnode_losses)
+        packed = struct.pack(f"<{len(vnodes)}d", *(vnode_losses[v] for v in vnodes))
+        reply = self._call(self.stub.Commit, pb.CommitRequest(
+            worker_id=worker_id, membership_epoch=epoch, step=step, ok=ok, loss=loss, vnodes=vnodes,
+            vnode_losses=packed, step_time_s=step_time_s), timeout=120.0)
+        return "commit" if reply.decision == pb.CommitReply.COMMIT else "abort"
+
+    def leave(self, worker_id: str) -> None:
+        self._call(self.stub.Leave, self.pb.LeaveRequest(worker_id=worker_id))
+
+    def fail(self, worker_id: str, message: str, error: bytes) -> None:
+        self._call(self.stub.Fail, self.pb.FailRequest(worker_id=worker_id, message=message,
+                                                       error=error))
+
+    def status(self, timeout_s: float = 10.0) -> dict:
+        """The job's status as plain data: ``step``, ``epoch``, ``workers`` (id, pid, host, device,
+        vnodes, step_time_s), and more."""
+        reply = self._call(self.stub.Status, self.pb.StatusRequest(), timeout=timeout_s)
+        return {
+            "step": reply.step, "epoch": reply.epoch, "membership_epoch": reply.membership_epoch,
+            "steps": reply.steps, "state": reply.state,
+            "loss": reply.losses[-1] if reply.losses else None,
+            "workers": [{"id": w.id, "pid": w.pid, "host": w.host, "device": w.device, "vnodes": list(w.vnodes),
+                         "step_time_s": w.step_time_s, "state": w.state} for w in reply.workers],
+        }
+
+    def close(self) -> None:
+        self._stop_session.set()
+        if self._session is not None:
+            self._session.join(timeout=2.0)
+        self.channel.close()

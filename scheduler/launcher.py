@@ -1,0 +1,170 @@
+"""The local launcher: a master in this process and M worker processes on this machine.
+
+``train(spec, steps, workers=M)`` and ``vnodes run job.py --workers M`` come here. Workers are real
+processes (``python -m vnodes.runtime.agent``) that can be killed with real signals; the job goes on
+with the survivors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch.distributed as dist
+
+from vnodes.runtime.checkpoint import check_checkpoint_dir, latest_checkpoint, list_checkpoints
+from vnodes.runtime.events import Callback, Event, RunState, fire
+from vnodes.runtime.sampler import VNodeSampler
+from vnodes.runtime.spec import JobSpec
+from vnodes.runtime.train import TrainResult
+
+from .master import JobState, Master
+from .servicer import MasterServicer, serve
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class MasterHandle:
+    """A running master: its state, gRPC server and rendezvous store."""
+
+    master: Master
+    server: object
+    store: dist.TCPStore
+    address: str
+
+    def stop(self) -> None:
+        self.server.stop(grace=0.5)
+
+
+def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: int = 0,
+                 expected_workers: int = 1, host: str = "127.0.0.1", port: int = 0,
+                 token: Optional[str] = None, placement: str = "throughput",
+                 heartbeat_timeout_s: float = 10.0, start_grace_s: float = 60.0) -> MasterHandle:
+    """Validate the job, resume from ``run_dir`` if it holds a checkpoint, and serve the master.
+
+    Raises:
+        InvalidJobSpec: bad input (checked here, before any worker starts).
+        CheckpointMismatch: ``run_dir`` holds a checkpoint of another job.
+    """
+    spec.validate()
+    spec.check_picklable("workers > 1 (worker processes)")
+    sampler = VNodeSampler(len(spec.dataset()), spec.virtual_nodes, spec.vnode_batch_size, spec.seed)
+    ckpt = latest_checkpoint(run_dir)
+    start, losses = 0, []
+    if ckpt is not None:
+        ckpt.check_fingerprint(spec.fingerprint(), str(run_dir))
+        start, losses = ckpt.step, list(ckpt.losses)
+
+    def on_disk() -> Optional[int]:
+        found = list_checkpoints(run_dir)
+        return found[-1][0] if found else None
+
+    master = Master(spec.virtual_nodes, steps, start_step=start, losses=losses, checkpoint_every=checkpoint_every or 0,
+                    checkpoint_step=start if ckpt is not None else -1, expected_workers=expected_workers,
+                    steps_per_epoch=sampler.steps_per_epoch, start_grace_s=start_grace_s,
+                    heartbeat_timeout_s=heartbeat_timeout_s, placement_policy=placement,
+                    can_resume_from_checkpoint=on_disk)
+    # Fresh workers hold step 0; when start > 0 the master has them load the checkpoint.
+    store_host = "127.0.0.1" if host in ("127.0.0.1", "localhost") else host
+    store = dist.TCPStore(store_host, 0, is_master=True, wait_for_workers=False)
+    servicer = MasterServicer(master, pickle.dumps(spec), store_host, store.port, str(run_dir),
+                              checkpoint_every or 0)
+    server, bound = serve(servicer, host=host, port=port, token=token)
+    return MasterHandle(master, server, store, f"{host}:{bound}")
+
+
+def spawn_worker(address: str, launch_index: int, env: Optional[dict] = None,
+                 extra_args: Sequence[str] = ()) -> subprocess.Popen:
+    """Start ``python -m vnodes.runtime.agent`` with this process's import path."""
+    child_env = dict(os.environ)
+    child_env.update(env or {})
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    child_env["VNODES_LAUNCH_INDEX"] = str(launch_index)
+    return subprocess.Popen([sys.executable, "-m", "vnodes.runtime.agent", "--master", address,
+                             "--launch-index", str(launch_index), *extra_args], env=child_env)
+
+
+def run_until_done(handle: MasterHandle, processes: list[subprocess.Popen], callbacks: Sequence[Callback],
+                   state: RunState, all_dead_timeout_s: float = 30.0) -> None:
+    """Fire callbacks as steps commit; return when the job is done or failed.
+
+    Raises:
+        RuntimeError: every local worker exited and none came back within ``all_dead_timeout_s``.
+    """
+    master, seen, all_dead_since = handle.master, 0, None
+    while not master.done:
+        master.wait(lambda m: m.done or len(m.committed) > seen, timeout_s=0.2)
+        with master._cond:
+            new = master.committed[seen:]
+        for c in new:
+            state.step, state.loss, state.step_time_s = c.step + 1, c.loss, c.step_time_s
+            fire(list(callbacks), Event.STEP_END, state)
+        seen += len(new)
+        if all(p.poll() is not None for p in processes):
+            all_dead_since = all_dead_since or time.monotonic()
+            if time.monotonic() - all_dead_since > all_dead_timeout_s and not master.done:
+                codes = [p.returncode for p in processes]
+                raise RuntimeError(f"every local worker exited (exit codes {codes}) before the job finished")
+        else:
+            all_dead_since = None
+
+
+def train_local(spec: JobSpec, steps: int, workers: int, checkpoint_dir: Optional[Path],
+                checkpoint_every: Optional[int], callbacks: Sequence[Callback] = (),
+                worker_env: Optional[dict] = None, placement: str = "throughput",
+                slowdowns: Optional[Sequence[float]] = None) -> TrainResult:
+    """Train with a master in this process and ``workers`` local worker processes."""
+    with contextlib.ExitStack() as stack:
+        if checkpoint_dir is None:
+            run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vnodes-run-")))
+        else:
+            run_dir = check_checkpoint_dir(checkpoint_dir)
+        handle = start_master(spec, steps, run_dir, checkpoint_every=checkpoint_every or 0,
+                              expected_workers=workers, placement=placement)
+        stack.callback(handle.stop)
+        master = handle.master
+        start = master.step
+        state = RunState(step=start, steps=steps, start_step=start, samples_per_step=spec.global_batch_size)
+        t0 = time.perf_counter()
+        processes: list[subprocess.Popen] = []
+        stack.callback(_reap, processes)
+        if steps > start:
+            for i in range(workers):
+                extra = ["--slowdown", str(slowdowns[i])] if slowdowns and slowdowns[i] != 1.0 else []
+                processes.append(spawn_worker(handle.address, i, worker_env, extra))
+            fire(list(callbacks), Event.FIT_START, state)
+            try:
+                run_until_done(handle, processes, callbacks, state)
+            finally:
+                fire(list(callbacks), Event.FIT_END, state)
+        if master.state == JobState.FAILED:
+            message, error = master.failure
+            if error:
+                raise pickle.loads(error)
+            raise RuntimeError(f"the job failed: {message}")
+        wall = time.perf_counter() - t0
+        ckpt = latest_checkpoint(run_dir)
+        model = ckpt.model if ckpt is not None else {}
+        return TrainResult(model_state_dict=model, losses=list(master.losses), steps=max(start, steps),
+                           checkpoint_dir=str(run_dir) if checkpoint_dir is not None else None,
+                           wall_time_s=wall, samples_per_s=(steps - start) * spec.global_batch_size / wall)
+
+
+def _reap(processes: list[subprocess.Popen], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    for p in processes:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

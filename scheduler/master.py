@@ -1,0 +1,403 @@
+"""The per-job master: membership, liveness, placement and the step commit protocol.
+
+All state lives in one ``Master`` object guarded by one lock; every public method is one event
+(``register``, ``plan``, ``commit``, ``lost``...). Decisions (who is a member, which VNs each gets)
+are made by pure functions in ``placement.py``; ``_reform`` is the one place that changes the
+membership. The gRPC servicer only converts messages and calls these methods, so the master can be
+stepped one event at a time in tests, with an injectable clock.
+
+A step, seen from here::
+
+    plan(e, s) -> every member computes its VNs, reduces over the epoch-e process group
+    commit(e, s, ok) from every member  -> COMMIT: step = s + 1 (each member applies)
+    a member lost, or a report not ok   -> ABORT:  re-form epoch e + 1, redo s
+
+Membership changes (joins, leaves, deaths) take effect only at a step boundary: after a commit, or
+after an abort. A member's ``held_step`` is the step whose state it holds; a new epoch whose
+members do not all hold the current step names a ``sync_source_rank`` that broadcasts its state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import threading
+import time
+import uuid
+from typing import Callable, Optional
+
+from . import placement
+from .errors import BadRequest, DuplicateRegistration, StaleEpoch, UnknownWorker
+
+SYNC_NONE = -1  # every member holds the state of the step
+SYNC_CHECKPOINT = -2  # nobody does: every member loads the latest checkpoint
+
+
+class WorkerState(str, enum.Enum):
+    """A worker's lifecycle as the master sees it::
+
+        REGISTERED --(first plan request: engine built)--> READY --(re-form)--> MEMBER
+        READY/MEMBER --(leave)--> LEAVING --(next boundary)--> LEFT
+        any --(stream broken, heartbeats missed)--> DEAD
+    """
+
+    REGISTERED = "registered"
+    READY = "ready"
+    MEMBER = "member"
+    LEAVING = "leaving"
+    LEFT = "left"
+    DEAD = "dead"
+
+
+class JobState(str, enum.Enum):
+    """WAITING (for workers) <-> RUNNING -> DONE | FAILED."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclasses.dataclass
+class WorkerInfo:
+    worker_id: str
+    host: str = ""
+    pid: int = 0
+    device: str = "cpu"
+    device_kind: str = "cpu"
+    memory_bytes: int = 0
+    throughput: float = 0.0
+    launch_index: int = -1
+    state: WorkerState = WorkerState.REGISTERED
+    held_step: int = -1
+    last_seen_s: float = 0.0
+    step_time_s: float = 0.0
+    joined_order: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Membership:
+    """One membership epoch: who computes which virtual nodes, in rank order."""
+
+    epoch: int
+    step: int  # the step this epoch started at
+    members: tuple[str, ...]  # index = worker_rank (changes on every re-form; vnode_id never does)
+    vnodes: tuple[tuple[int, ...], ...]  # per rank
+    sync_source_rank: int
+
+    def rank_of(self, worker_id: str) -> int:
+        return self.members.index(worker_id)
+
+
+class PlanKind(str, enum.Enum):
+    RUN = "run"
+    WAIT = "wait"
+    STOP = "stop"
+    CHECKPOINT = "checkpoint"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    kind: PlanKind
+    membership: Optional[Membership] = None
+    step: int = 0
+    stop_reason: str = ""
+
+
+class Decision(str, enum.Enum):
+    COMMIT = "commit"
+    ABORT = "abort"
+
+
+@dataclasses.dataclass
+class Report:
+    ok: bool
+    loss: float
+    vnode_losses: dict[int, float]
+    step_time_s: float
+
+
+@dataclasses.dataclass
+class CommittedStep:
+    """Observers (progress, plugins) see every committed step once."""
+
+    step: int
+    loss: float
+    vnode_losses: dict[int, float]
+    step_time_s: float
+    membership_epoch: int
+
+
+class Master:
+    """The state of one job. Thread-safe; blocking methods wait on one condition variable."""
+
+    def __init__(self, virtual_nodes: int, steps: int, *, start_step: int = 0, losses: Optional[list] = None,
+                 checkpoint_every: int = 0, checkpoint_step: int = -1, expected_workers: int = 1,
+                 steps_per_epoch: int = 0,
+                 start_grace_s: float = 30.0, heartbeat_timeout_s: float = 10.0, placement_policy: str = "throughput",
+                 can_resume_from_checkpoint: Callable[[], Optional[int]] = lambda: None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.virtual_nodes = virtual_nodes
+        self.steps = steps
+        self.step = start_step  # committed steps == the next step to run
+        self.losses: list[float] = list(losses or [])
+        self.checkpoint_every = checkpoint_every
+        self.steps_per_epoch = steps_per_epoch
+        self.checkpoint_step = checkpoint_step  # step of the newest checkpoint written for this job
+        self.expected_workers = expected_workers
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.placement_policy = placement_policy
+        self._checkpoint_step_on_disk = can_resume_from_checkpoint
+        self.clock = clock
+        self.start_deadline_s = clock() + start_grace_s
+
+        self.workers: dict[str, WorkerInfo] = {}
+        self.membership: Optional[Membership] = None
+        self.epoch_counter = 0
+        self.state = JobState.WAITING
+        self.failure: Optional[tuple[str, bytes]] = None  # (message, pickled exception)
+        self.reports: dict[str, Report] = {}  # for (membership.epoch, self.step)
+        self.decisions: dict[tuple[int, int], Decision] = {}
+        self.committed: list[CommittedStep] = []
+        self._needs_reform = True
+        self._in_flight: Optional[tuple[int, int]] = None  # (epoch, step) handed out, maybe undecided
+        self._joined = 0
+        self._cond = threading.Condition()
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def register(self, info: WorkerInfo) -> str:
+        """A worker joins (it becomes a member at the next step boundary)."""
+        with self._cond:
+            if info.worker_id:
+                old = self.workers.get(info.worker_id)
+                if old is not None and old.state not in (WorkerState.DEAD, WorkerState.LEFT):
+                    raise DuplicateRegistration(info.worker_id)
+            else:
+                info.worker_id = uuid.uuid4().hex[:12]
+            self._joined += 1
+            info.joined_order = self._joined
+            info.state = WorkerState.REGISTERED
+            info.last_seen_s = self.clock()
+            self.workers[info.worker_id] = info
+            self._cond.notify_all()
+            return info.worker_id
+
+    def heartbeat(self, worker_id: str) -> None:
+        with self._cond:
+            self._get(worker_id).last_seen_s = self.clock()
+
+    def lost(self, worker_id: str, reason: str) -> None:
+        """A worker is gone (broken stream, missed heartbeats). A member's loss aborts the step."""
+        with self._cond:
+            info = self.workers.get(worker_id)
+            if info is None or info.state in (WorkerState.DEAD, WorkerState.LEFT):
+                return
+            was_member = self.membership is not None and worker_id in self.membership.members
+            info.state = WorkerState.DEAD
+            if was_member and self.state == JobState.RUNNING:
+                self._abort_current(f"worker {worker_id} lost: {reason}")
+            self._needs_reform = True
+            self._cond.notify_all()
+
+    def leave(self, worker_id: str) -> None:
+        """Graceful exit (SIGTERM drain): the worker leaves at the next step boundary."""
+        with self._cond:
+            info = self._get(worker_id)
+            info.state = WorkerState.LEAVING if info.state == WorkerState.MEMBER else WorkerState.LEFT
+            self._needs_reform = True
+            self._cond.notify_all()
+
+    def fail(self, worker_id: str, message: str, error: bytes = b"") -> None:
+        """A fatal error of the job (e.g. a NaN loss): every worker is told to stop."""
+        with self._cond:
+            if self.state not in (JobState.DONE, JobState.FAILED):
+                self.state = JobState.FAILED
+                self.failure = (message, error)
+                if self.membership is not None:
+                    self.decisions.setdefault((self.membership.epoch, self.step), Decision.ABORT)
+            self._cond.notify_all()
+
+    def check_liveness(self) -> None:
+        """Declare dead the workers whose heartbeats stopped (hung, not crashed)."""
+        now = self.clock()
+        with self._cond:
+            stale = [w.worker_id for w in self.workers.values()
+                     if w.state in (WorkerState.REGISTERED, WorkerState.READY, WorkerState.MEMBER, WorkerState.LEAVING)
+                     and now - w.last_seen_s > self.heartbeat_timeout_s]
+        for worker_id in stale:
+            self.lost(worker_id, f"no heartbeat for {self.heartbeat_timeout_s:.0f} s")
+        with self._cond:
+            self._cond.notify_all()  # a start grace period may have ended
+
+    # -- plans and commits -----------------------------------------------------------------------
+
+    def plan(self, worker_id: str, held_step: int, checkpoint_step: int = -1, timeout_s: float = 5.0) -> Plan:
+        """What ``worker_id`` does next; blocks up to ``timeout_s`` while the answer is WAIT."""
+        deadline = self.clock() + timeout_s
+        with self._cond:
+            info = self._get(worker_id)
+            if info.state == WorkerState.DEAD:
+                raise UnknownWorker(worker_id)
+            info.held_step = held_step
+            info.last_seen_s = self.clock()
+            if checkpoint_step > self.checkpoint_step:
+                self.checkpoint_step = checkpoint_step
+                self._cond.notify_all()
+            if info.state == WorkerState.REGISTERED:
+                info.state = WorkerState.READY
+                self._needs_reform = True
+                self._cond.notify_all()
+            while True:
+                plan = self._plan_for(info)
+                if plan.kind != PlanKind.WAIT or self.clock() >= deadline:
+                    return plan
+                self._cond.wait(timeout=max(0.01, min(0.5, deadline - self.clock())))
+
+    def commit(self, worker_id: str, epoch: int, step: int, report: Report, timeout_s: float = 60.0) -> Decision:
+        """Record a member's reduced step; block until the step commits or aborts."""
+        with self._cond:
+            info = self._get(worker_id)
+            if self.membership is None or epoch != self.membership.epoch:
+                current = self.membership.epoch if self.membership else self.epoch_counter
+                if (epoch, step) in self.decisions:
+                    return self.decisions[(epoch, step)]
+                raise StaleEpoch(epoch, current)
+            if worker_id not in self.membership.members:
+                raise BadRequest(f"worker {worker_id} is not a member of epoch {epoch}")
+            if step != self.step and (epoch, step) not in self.decisions:
+                raise BadRequest(f"commit for step {step}, but the job is at step {self.step}")
+            if (epoch, step) not in self.decisions:
+                info.step_time_s = report.step_time_s
+                self.reports[worker_id] = report
+                if not report.ok:
+                    self._abort_current(f"worker {worker_id} could not reduce step {step}")
+                elif set(self.reports) >= set(self.membership.members):
+                    self._commit_current()
+                self._cond.notify_all()
+            deadline = self.clock() + timeout_s
+            while (epoch, step) not in self.decisions:
+                if self.clock() >= deadline:
+                    raise BadRequest(f"step {step} of epoch {epoch} undecided after {timeout_s} s")
+                self._cond.wait(timeout=0.5)
+            return self.decisions[(epoch, step)]
+
+    def wait(self, predicate: Callable[["Master"], bool], timeout_s: float) -> bool:
+        deadline = self.clock() + timeout_s
+        with self._cond:
+            while not predicate(self):
+                if self.clock() >= deadline:
+                    return False
+                self._cond.wait(timeout=0.2)
+            return True
+
+    def data_epoch(self, step: int) -> int:
+        return step // self.steps_per_epoch if self.steps_per_epoch else 0
+
+    @property
+    def done(self) -> bool:
+        return self.state in (JobState.DONE, JobState.FAILED)
+
+    # -- internals (lock held) -------------------------------------------------------------------
+
+    def _get(self, worker_id: str) -> WorkerInfo:
+        info = self.workers.get(worker_id)
+        if info is None:
+            raise UnknownWorker(worker_id)
+        return info
+
+    def _commit_current(self) -> None:
+        m = self.membership
+        reports = [self.reports[w] for w in m.members]
+        vnode_losses: dict[int, float] = {}
+        for r in reports:
+            vnode_losses.update(r.vnode_losses)
+        self.decisions[(m.epoch, self.step)] = Decision.COMMIT
+        self.committed.append(CommittedStep(self.step, reports[0].loss, vnode_losses,
+                                            max(r.step_time_s for r in reports), m.epoch))
+        self.losses.append(reports[0].loss)
+        self.step += 1
+        self.reports = {}
+        for w in m.members:
+            if self.workers[w].state in (WorkerState.MEMBER, WorkerState.LEAVING):
+                self.workers[w].held_step = self.step
+        if any(self.workers[w].state != WorkerState.MEMBER for w in m.members) or any(
+                w.state == WorkerState.READY for w in self.workers.values()):
+            self._needs_reform = True  # joins and leaves take effect at this boundary
+
+    def _abort_current(self, reason: str) -> None:
+        if self.membership is not None:
+            self.decisions.setdefault((self.membership.epoch, self.step), Decision.ABORT)
+        self.reports = {}
+        self._needs_reform = True
+
+    def _plan_for(self, info: WorkerInfo) -> Plan:
+        if self.state == JobState.FAILED:
+            return Plan(PlanKind.STOP, stop_reason=f"job failed: {self.failure[0] if self.failure else ''}")
+        if info.state == WorkerState.LEFT:
+            return Plan(PlanKind.STOP, stop_reason="left the job")
+        if self._needs_reform:
+            self._reform()
+        m = self.membership
+        if m is None or info.worker_id not in m.members:
+            if self.state == JobState.DONE:
+                return Plan(PlanKind.STOP, stop_reason="job finished")
+            return Plan(PlanKind.WAIT)
+        rank = m.rank_of(info.worker_id)
+        checkpoint_due = self.step > max(self.checkpoint_step, 0) and (
+            self.step >= self.steps or (self.checkpoint_every and self.step % self.checkpoint_every == 0))
+        if checkpoint_due:
+            if rank == 0 and info.held_step == self.step:
+                return Plan(PlanKind.CHECKPOINT, m, self.step)
+            return Plan(PlanKind.WAIT)
+        if self.step >= self.steps:
+            self.state = JobState.DONE
+            return Plan(PlanKind.STOP, stop_reason="job finished")
+        if (m.epoch, self.step) in self.decisions or info.held_step > self.step:
+            return Plan(PlanKind.WAIT)
+        self._in_flight = (m.epoch, self.step)
+        return Plan(PlanKind.RUN, m, self.step)
+
+    def _reform(self) -> None:
+        """The one place the membership changes. Only called at a step boundary."""
+        if self.state in (JobState.DONE, JobState.FAILED):
+            return
+        if self._in_flight is not None and self._in_flight not in self.decisions:
+            return  # a step is in flight: joins and leaves wait for its commit or abort
+        for w in self.workers.values():
+            if w.state == WorkerState.LEAVING:
+                w.state = WorkerState.LEFT
+        candidates = sorted((w for w in self.workers.values() if w.state in (WorkerState.READY, WorkerState.MEMBER)),
+                            key=lambda w: w.joined_order)
+        if self.epoch_counter == 0 and len(candidates) < self.expected_workers and self.clock() < self.start_deadline_s:
+            return  # first formation: give the launcher's workers a moment to arrive
+        self._needs_reform = False
+        for w in candidates[self.virtual_nodes:]:
+            w.state = WorkerState.READY  # more workers than VNs: the rest stand by
+        candidates = candidates[:self.virtual_nodes]
+        if not candidates:
+            self.membership = None
+            self.state = JobState.WAITING
+            return
+        holders = [r for r, w in enumerate(candidates) if w.held_step == self.step]
+        if len(holders) == len(candidates):
+            sync = SYNC_NONE
+        elif holders:
+            sync = holders[0]
+        else:
+            on_disk = self._checkpoint_step_on_disk()
+            if on_disk is None:
+                self.fail("", "every worker holding the job's state was lost and there is no checkpoint "
+                          "to resume from; pass checkpoint_every to keep one")
+                return
+            self.step = on_disk
+            self.losses = self.losses[:on_disk]
+            sync = SYNC_CHECKPOINT
+        vnodes = placement.place(self.virtual_nodes, [w.throughput for w in candidates], self.placement_policy)
+        self.epoch_counter += 1
+        self.membership = Membership(self.epoch_counter, self.step, tuple(w.worker_id for w in candidates),
+                                     tuple(tuple(v) for v in vnodes), sync)
+        for w in candidates:
+            w.state = WorkerState.MEMBER
+        self.reports = {}
+        self.state = JobState.RUNNING

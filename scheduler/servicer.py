@@ -1,0 +1,205 @@
+"""The master's gRPC face: the only scheduler module that touches generated protobuf types.
+
+Each error maps to exactly one status code:
+
+| error                  | status code          |
+|------------------------|----------------------|
+| UnknownWorker          | NOT_FOUND            |
+| DuplicateRegistration  | ALREADY_EXISTS       |
+| StaleEpoch             | FAILED_PRECONDITION  |
+| BadRequest             | INVALID_ARGUMENT     |
+| missing/wrong token    | UNAUTHENTICATED      |
+| anything else          | INTERNAL (logged)    |
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import struct
+from concurrent import futures
+from typing import Optional
+
+import grpc
+
+from vnodes.protos import vnodes_pb2 as pb
+from vnodes.protos import vnodes_pb2_grpc as pb_grpc
+
+from .errors import BadRequest, DuplicateRegistration, StaleEpoch, UnknownWorker
+from .master import Master, PlanKind, Report, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+TOKEN_METADATA = "vnodes-token"
+_CODES = [
+    (UnknownWorker, grpc.StatusCode.NOT_FOUND),
+    (DuplicateRegistration, grpc.StatusCode.ALREADY_EXISTS),
+    (StaleEpoch, grpc.StatusCode.FAILED_PRECONDITION),
+    (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
+]
+_PLAN_KINDS = {PlanKind.RUN: pb.Plan.RUN, PlanKind.WAIT: pb.Plan.WAIT, PlanKind.STOP: pb.Plan.STOP,
+               PlanKind.CHECKPOINT: pb.Plan.CHECKPOINT}
+
+
+def _guard(method):
+    """Run a handler; turn a master error into its one status code, never a silent default."""
+
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status, the server survives
+            for kind, code in _CODES:
+                if isinstance(exc, kind):
+                    context.abort(code, str(exc))
+            if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortError":
+                raise
+            log.exception("internal error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+class MasterServicer(pb_grpc.MasterServicer):
+    def __init__(self, master: Master, job: bytes, store_host: str, store_port: int, run_dir: str,
+                 checkpoint_every: int):
+        self.master = master
+        self.job = job
+        self.store_host = store_host
+        self.store_port = store_port
+        self.run_dir = run_dir
+        self.checkpoint_every = checkpoint_every
+
+    @_guard
+    def Register(self, request, context):
+        w = request.worker
+        info = WorkerInfo(worker_id=request.worker_id, host=w.host, pid=w.pid, device=w.device,
+                          device_kind=w.device_kind, memory_bytes=w.memory_bytes, throughput=w.throughput,
+                          launch_index=w.launch_index, held_step=request.held_step)
+        if info.throughput < 0:
+            raise BadRequest(f"throughput {info.throughput} is negative")
+        worker_id = self.master.register(info)
+        return pb.RegisterReply(worker_id=worker_id, job=self.job, store_host=self.store_host,
+                                store_port=self.store_port, run_dir=self.run_dir,
+                                checkpoint_every=self.checkpoint_every)
+
+    def Session(self, request_iterator, context):
+        worker_id: Optional[str] = None
+        reason = "session stream closed"
+        try:
+            for beat in request_iterator:
+                if worker_id is None:
+                    worker_id = beat.worker_id
+                try:
+                    self.master.heartbeat(beat.worker_id)
+                except UnknownWorker as exc:
+                    context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except grpc.RpcError:
+            reason = "session stream broke"
+        finally:
+            # A broken stream is a death at once: a crashed process cannot finish its step.
+            if worker_id is not None:
+                self.master.lost(worker_id, reason)
+        return pb.SessionEnd()
+
+    @_guard
+    def GetPlan(self, request, context):
+        plan = self.master.plan(request.worker_id, request.held_step, request.checkpoint_step,
+                                timeout_s=min(5.0, max(0.1, (context.time_remaining() or 6.0) - 1.0)))
+        reply = pb.Plan(kind=_PLAN_KINDS[plan.kind], step=plan.step, stop_reason=plan.stop_reason)
+        if plan.membership is not None:
+            m = plan.membership
+            reply.membership_epoch = m.epoch
+            reply.sync_source_rank = m.sync_source_rank
+            for worker_id, vnodes in zip(m.members, m.vnodes):
+                reply.members.add(worker_id=worker_id, vnodes=list(vnodes))
+        if plan.kind == PlanKind.CHECKPOINT:
+            reply.losses.extend(self.master.losses[:plan.step])
+        return reply
+
+    @_guard
+    def Commit(self, request, context):
+        if len(request.vnode_losses) != 8 * len(request.vnodes):
+            raise BadRequest(f"vnode_losses holds {len(request.vnode_losses)} bytes for "
+                             f"{len(request.vnodes)} virtual nodes (8 bytes each)")
+        values = struct.unpack(f"<{len(request.vnodes)}d", request.vnode_losses)
+        report = Report(ok=request.ok, loss=request.loss, vnode_losses=dict(zip(request.vnodes, values)),
+                        step_time_s=request.step_time_s)
+        decision = self.master.commit(request.worker_id, request.membership_epoch, request.step, report)
+        return pb.CommitReply(decision=pb.CommitReply.COMMIT if decision.value == "commit" else pb.CommitReply.ABORT,
+                              membership_epoch=self.master.membership.epoch if self.master.membership else 0)
+
+    @_guard
+    def Leave(self, request, context):
+        self.master.leave(request.worker_id)
+        return pb.LeaveReply()
+
+    @_guard
+    def Fail(self, request, context):
+        self.master.fail(request.worker_id, request.message, request.error)
+        return pb.FailReply()
+
+    @_guard
+    def Status(self, request, context):
+        m = self.master
+        with m._cond:
+            reply = pb.StatusReply(step=m.step, membership_epoch=m.membership.epoch if m.membership else 0,
+                                   steps=m.steps, state=m.state.value, losses=m.losses)
+            reply.epoch = m.data_epoch(m.step)
+            vnodes = dict(zip(m.membership.members, m.membership.vnodes)) if m.membership else {}
+            for w in sorted(m.workers.values(), key=lambda w: w.joined_order):
+                if w.state.value in ("left", "dead"):
+                    continue
+                reply.workers.add(id=w.worker_id, pid=w.pid, host=w.host, device=w.device,
+                                  vnodes=list(vnodes.get(w.worker_id, ())), step_time_s=w.step_time_s,
+                                  state=w.state.value)
+        return reply
+
+
+class _TokenInterceptor(grpc.ServerInterceptor):
+    def __init__(self, token: str):
+        self.token = token
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "missing or wrong token: pass the job's token (--token / VNODES_TOKEN)")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, handler_call_details):
+        given = dict(handler_call_details.invocation_metadata or ()).get(TOKEN_METADATA, "")
+        if hmac.compare_digest(given.encode(), self.token.encode()):
+            return continuation(handler_call_details)
+        return self._deny_stream if handler_call_details.method.endswith("/Session") else self._deny
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def serve(servicer: MasterServicer, host: str = "127.0.0.1", port: int = 0, token: Optional[str] = None,
+          tls: Optional[tuple[bytes, bytes]] = None, max_workers: int = 1024) -> tuple[grpc.Server, int]:
+    """Start the master's gRPC server; returns it and the bound port.
+
+    Listening beyond loopback requires a shared ``token``; ``tls=(key_pem, cert_pem)`` adds TLS.
+
+    Raises:
+        ValueError: a non-loopback ``host`` without a token.
+    """
+    if not is_loopback(host) and not token:
+        raise ValueError(f"listening on {host} needs a shared token (--token or VNODES_TOKEN); "
+                         "without one, listen on 127.0.0.1")
+    interceptors = [_TokenInterceptor(token)] if token else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors,
+                         options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_MasterServicer_to_server(servicer, server)
+    address = f"{host}:{port}"
+    if tls is not None:
+        bound = server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
+    else:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    return server, bound
