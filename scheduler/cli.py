@@ -13,6 +13,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -99,9 +100,39 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-every", type=int, metavar="N", help="also write a checkpoint every N steps")
     run.add_argument("--deterministic", action="store_true",
                      help="bitwise-reproducible mode (fixes the thread count, canonical reduction order)")
-    run.add_argument("--workers", type=int, default=1, metavar="M", help="physical workers (default 1)")
+    run.add_argument("--workers", type=int, default=1, metavar="M",
+                     help="local worker processes (default 1: in this process); more start a master here")
+    run.add_argument("--run-dir", metavar="D", help="alias of --checkpoint-dir (the master's run directory)")
     run.add_argument("--no-progress", action="store_true", help="no live progress display")
     run.add_argument("--json", action="store_true", help="print the result summary as JSON on stdout")
+
+    master = commands.add_parser(
+        "master", help="run only the master of a job (workers join with `vnodes worker`)",
+        description="Serve a job's master. Workers started anywhere with `vnodes worker --master HOST:PORT` "
+        "join at the next step boundary. Listening beyond 127.0.0.1 requires --token.",
+    )
+    master.add_argument("job", metavar="JOB.py[:NAME]")
+    master.add_argument("--steps", type=int, required=True, help="total global steps")
+    master.add_argument("--port", type=int, default=29400, help="gRPC port (default 29400; 0 picks one)")
+    master.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    master.add_argument("--token", default=os.environ.get("VNODES_TOKEN"),
+                        help="shared token that workers must present (env VNODES_TOKEN)")
+    master.add_argument("--run-dir", required=True, metavar="D", help="checkpoints and resumable state")
+    master.add_argument("--checkpoint-every", type=int, default=0, metavar="N")
+    master.add_argument("--placement", choices=("throughput", "even"), default="throughput")
+    master.add_argument("--min-workers", type=int, default=1, help="workers to wait for before step 0")
+
+    worker = commands.add_parser("worker", help="join a running job as a worker",
+                                 description="Join a running job; SIGTERM drains (finishes the step, leaves).")
+    from vnodes.runtime.agent import add_worker_arguments
+
+    add_worker_arguments(worker)
+
+    status = commands.add_parser("status", help="show a running job's status")
+    status.add_argument("--master", required=True, metavar="HOST:PORT")
+    status.add_argument("--token", default=os.environ.get("VNODES_TOKEN"))
+    status.add_argument("--json", action="store_true",
+                        help="JSON with step, epoch, workers[{id, pid, host, device, vnodes, step_time_s}]")
     return parser
 
 
@@ -109,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
     spec = load_job(args.job)
     if args.deterministic:
         spec = dataclasses.replace(spec, deterministic=True)
-    result = train(spec, steps=args.steps, checkpoint_dir=args.checkpoint_dir,
+    result = train(spec, steps=args.steps, checkpoint_dir=args.checkpoint_dir or args.run_dir,
                    checkpoint_every=args.checkpoint_every, workers=args.workers,
                    progress=False if args.no_progress else True)
     summary = {
@@ -128,12 +159,57 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _master(args: argparse.Namespace) -> int:
+    from .launcher import start_master
+    from vnodes.runtime.checkpoint import check_checkpoint_dir
+
+    spec = load_job(args.job)
+    handle = start_master(spec, args.steps, check_checkpoint_dir(args.run_dir), checkpoint_every=args.checkpoint_every,
+                          expected_workers=args.min_workers, host=args.host, port=args.port, token=args.token,
+                          placement=args.placement)
+    print(f"vnodes master listening on {handle.address} (run dir {args.run_dir})", flush=True)
+    try:
+        handle.master.wait(lambda m: m.done, timeout_s=float("inf"))
+    finally:
+        handle.stop()
+    if handle.master.failure:
+        print(f"vnodes: job failed: {handle.master.failure[0]}", file=sys.stderr)
+        return 1
+    print(f"done: {handle.master.step} steps", flush=True)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from vnodes.runtime.agent import run_worker
+
+    return run_worker(args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from vnodes.runtime.master_client import MasterClient
+
+    client = MasterClient(args.master, args.token)
+    try:
+        status = client.status()
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    print(f"step {status['step']}/{status['steps']}  data epoch {status['epoch']}  "
+          f"membership epoch {status['membership_epoch']}  state {status['state']}")
+    for w in status["workers"]:
+        print(f"  {w['id']}  pid {w['pid']}  {w['host']}  {w['device']}  vnodes {w['vnodes']}  "
+              f"step {w['step_time_s']:.3f} s  {w['state']}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        return {"run": _run}[args.command](args)
+        return {"run": _run, "master": _master, "worker": _worker, "status": _status}[args.command](args)
     except VnodesError as exc:
         print(f"vnodes: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,139 @@
+"""The master stepped one event at a time, with a fake clock; placement as pure functions."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from vnodes.scheduler import placement
+from vnodes.scheduler.errors import BadRequest, DuplicateRegistration, StaleEpoch, UnknownWorker
+from vnodes.scheduler.master import Decision, JobState, Master, PlanKind, Report, WorkerInfo, WorkerState
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def ok(loss=1.0):
+    return Report(ok=True, loss=loss, vnode_losses={}, step_time_s=0.1)
+
+
+def make(n_vnodes=8, steps=10, workers=2, **kw):
+    clock = Clock()
+    m = Master(n_vnodes, steps, expected_workers=workers, clock=clock, start_grace_s=5, **kw)
+    ids = [m.register(WorkerInfo("")) for _ in range(workers)]
+    return m, ids, clock
+
+
+def commit_all(m, ids, epoch, step):
+    with ThreadPoolExecutor(len(ids)) as pool:
+        return list(pool.map(lambda w: m.commit(w, epoch, step, ok(), timeout_s=5), ids))
+
+
+@pytest.mark.parametrize("n,m,expected", [(8, 3, [3, 3, 2]), (7, 7, [1] * 7), (64, 5, [13, 13, 13, 13, 12])])
+def test_even_placement(n, m, expected):
+    assert placement.even(n, m) == expected
+    assert placement.ranges(expected)[-1][-1] == n - 1
+
+
+@pytest.mark.parametrize("throughputs,expected", [
+    ([1, 1], [4, 4]), ([2, 1], [5, 3]), ([1, 0], [4, 4]), ([100, 1, 1], [6, 1, 1]), ([3, 1], [6, 2]),
+])
+def test_throughput_placement(throughputs, expected):
+    counts = placement.proportional(8, throughputs)
+    assert counts == expected and sum(counts) == 8 and min(counts) >= 1
+
+
+def test_first_epoch_waits_for_expected_workers_then_runs():
+    m, ids, clock = make(workers=2)
+    lone_clock = Clock()
+    lone = Master(8, 10, expected_workers=2, clock=lone_clock, start_grace_s=5)
+    w = lone.register(WorkerInfo(""))
+    assert lone.plan(w, 0, timeout_s=0).kind == PlanKind.WAIT
+    lone_clock.t = 6  # grace over: start with who is there
+    plan = lone.plan(w, 0, timeout_s=0)
+    assert plan.kind == PlanKind.RUN and plan.membership.vnodes == (tuple(range(8)),)
+
+    plans = [m.plan(i, 0, timeout_s=0) for i in ids]
+    assert plans[0].kind == PlanKind.WAIT  # the second worker is not ready yet
+    plans = [m.plan(i, 0, timeout_s=0) for i in ids]
+    assert [p.kind for p in plans] == [PlanKind.RUN] * 2
+    assert plans[0].membership.vnodes == ((0, 1, 2, 3), (4, 5, 6, 7))
+    assert plans[0].membership.sync_source_rank == -1
+
+
+def test_commit_needs_every_member_and_a_loss_aborts():
+    m, ids, clock = make()
+    [m.plan(i, 0, timeout_s=0) for i in ids]
+    epoch = m.plan(ids[0], 0, timeout_s=0).membership.epoch
+    assert commit_all(m, ids, epoch, 0) == [Decision.COMMIT] * 2
+    assert m.step == 1 and m.losses == [1.0]
+    # Step 1: worker 0 reports, worker 1 dies before reporting -> abort, redo step 1 alone.
+    [m.plan(i, 1, timeout_s=0) for i in ids]
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(m.commit, ids[0], epoch, 1, ok(), 5)
+        m.lost(ids[1], "killed")
+        assert pending.result() == Decision.ABORT
+    assert m.step == 1
+    plan = m.plan(ids[0], 1, timeout_s=0)
+    assert plan.kind == PlanKind.RUN and plan.step == 1 and plan.membership.epoch == epoch + 1
+    assert plan.membership.members == (ids[0],) and plan.membership.vnodes == (tuple(range(8)),)
+    with pytest.raises(StaleEpoch):
+        m.commit(ids[0], epoch + 5, 1, ok(), timeout_s=1)
+
+
+def test_join_waits_for_the_step_boundary_and_gets_state():
+    m, ids, clock = make()
+    [m.plan(i, 0, timeout_s=0) for i in ids]
+    epoch = m.plan(ids[0], 0, timeout_s=0).membership.epoch
+    newcomer = m.register(WorkerInfo(""))
+    assert m.plan(newcomer, 0, timeout_s=0).kind == PlanKind.WAIT  # step 0 in flight
+    assert m.plan(ids[0], 0, timeout_s=0).membership.epoch == epoch
+    commit_all(m, ids, epoch, 0)
+    plans = {i: m.plan(i, 1 if i in ids else 0, timeout_s=0) for i in ids + [newcomer]}
+    p = plans[newcomer]
+    assert p.kind == PlanKind.RUN and p.step == 1 and p.membership.epoch == epoch + 1
+    assert len(p.membership.members) == 3 and p.membership.sync_source_rank == 0
+
+
+def test_heartbeat_timeout_declares_a_hung_worker_dead():
+    m, ids, clock = make(heartbeat_timeout_s=10)
+    [m.plan(i, 0, timeout_s=0) for i in ids]
+    clock.t = 5
+    m.heartbeat(ids[0])
+    clock.t = 12
+    m.check_liveness()
+    assert m.workers[ids[1]].state == WorkerState.DEAD and m.workers[ids[0]].state == WorkerState.MEMBER
+
+
+def test_losing_everyone_waits_and_resumes_from_checkpoint():
+    m, ids, clock = make(can_resume_from_checkpoint=lambda: 0)
+    [m.plan(i, 0, timeout_s=0) for i in ids]
+    for i in ids:
+        m.lost(i, "node preempted")
+    assert m.plan(m.register(WorkerInfo("")), -1, timeout_s=0).kind in (PlanKind.WAIT, PlanKind.RUN)
+    assert m.state != JobState.FAILED
+
+
+def test_bad_events_are_refused_without_corrupting_state():
+    m, ids, clock = make()
+    with pytest.raises(UnknownWorker):
+        m.plan("nobody", 0)
+    with pytest.raises(DuplicateRegistration):
+        m.register(WorkerInfo(ids[0]))
+    [m.plan(i, 0, timeout_s=0) for i in ids]
+    epoch = m.membership.epoch
+    with pytest.raises(BadRequest):
+        m.commit(ids[0], epoch, 7, ok(), timeout_s=1)
+    assert commit_all(m, ids, epoch, 0) == [Decision.COMMIT] * 2
+
+
+def test_nan_fails_the_job_and_stops_everyone():
+    m, ids, clock = make()
+    [m.plan(i, 0, timeout_s=0) for i in ids]
+    m.fail(ids[0], "loss is nan at step 0 on virtual node 3", b"")
+    assert all(m.plan(i, 0, timeout_s=0).kind == PlanKind.STOP for i in ids)
+    assert m.state == JobState.FAILED
