@@ -96,11 +96,12 @@ class WorkerAgent:
               run_dir: str) -> None:
         held_step, checkpoint_step, left = 0, -1, False
         deterministic = engine.spec.deterministic
+        next_plan: Optional[PlanView] = None
         while True:
             if self._draining and not left:
                 client.leave(worker_id)
-                left = True
-            plan = client.plan(worker_id, held_step, checkpoint_step)
+                left, next_plan = True, None
+            plan, next_plan = next_plan or client.plan(worker_id, held_step, checkpoint_step), None
             if plan.kind == "stop":
                 log.info("worker %s stops: %s", worker_id, plan.stop_reason)
                 return
@@ -115,6 +116,9 @@ class WorkerAgent:
                     group.destroy()
                     client.commit(worker_id, plan.membership_epoch, plan.step, False, 0.0, {}, 0.0)
                     continue
+                except VnodesError:
+                    group.destroy()
+                    raise
             if plan.kind == "checkpoint":
                 self._checkpoint(engine, run_dir, plan, held_step, group.epoch)
                 checkpoint_step = held_step
@@ -140,8 +144,8 @@ class WorkerAgent:
                 group.destroy()
                 ok, loss = False, 0.0
             maybe_fail("commit", step)
-            decision = client.commit(worker_id, plan.membership_epoch, step, ok, loss, partial.vnode_losses,
-                                     compute_s)  # SYNC: the master decides for everyone
+            decision, next_plan = client.commit(worker_id, plan.membership_epoch, step, ok, loss,
+                                                partial.vnode_losses, compute_s)  # SYNC: the master decides
             if decision == "commit":
                 engine.apply(total, used)
                 held_step = step + 1

@@ -116,6 +116,10 @@ class MasterClient:
         pb = self.pb
         reply = self._call(self.stub.GetPlan, pb.PlanRequest(worker_id=worker_id, held_step=held_step,
                                                               checkpoint_step=checkpoint_step))
+        return self._plan_view(reply)
+
+    def _plan_view(self, reply) -> PlanView:
+        pb = self.pb
         kind = {pb.Plan.RUN: "run", pb.Plan.WAIT: "wait", pb.Plan.STOP: "stop",
                 pb.Plan.CHECKPOINT: "checkpoint"}[reply.kind]
         return PlanView(kind, reply.membership_epoch, reply.step,
@@ -123,14 +127,16 @@ class MasterClient:
                         reply.stop_reason, list(reply.losses))
 
     def commit(self, worker_id: str, epoch: int, step: int, ok: bool, loss: float,
-               vnode_losses: dict[int, float], step_time_s: float) -> str:
+               vnode_losses: dict[int, float], step_time_s: float) -> tuple[str, Optional[PlanView]]:
+        """``("commit" | "abort", the next plan if the master already knows it)``."""
         pb = self.pb
         vnodes = sorted(vnode_losses)
         packed = struct.pack(f"<{len(vnodes)}d", *(vnode_losses[v] for v in vnodes))
         reply = self._call(self.stub.Commit, pb.CommitRequest(
             worker_id=worker_id, membership_epoch=epoch, step=step, ok=ok, loss=loss, vnodes=vnodes,
             vnode_losses=packed, step_time_s=step_time_s), timeout=120.0)
-        return "commit" if reply.decision == pb.CommitReply.COMMIT else "abort"
+        decision = "commit" if reply.decision == pb.CommitReply.COMMIT else "abort"
+        return decision, self._plan_view(reply.next) if reply.HasField("next") else None
 
     def leave(self, worker_id: str) -> None:
         self._call(self.stub.Leave, self.pb.LeaveRequest(worker_id=worker_id))

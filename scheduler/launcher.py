@@ -15,6 +15,7 @@ import pickle
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -41,9 +42,20 @@ class MasterHandle:
     server: object
     store: dist.TCPStore
     address: str
+    _stopped: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def stop(self) -> None:
+        self._stopped.set()
         self.server.stop(grace=0.5)
+
+    def start_reaper(self, interval_s: float = 0.5) -> None:
+        """Check heartbeats in the background (hung workers are declared dead)."""
+
+        def reap():
+            while not self._stopped.wait(interval_s):
+                self.master.check_liveness()
+
+        threading.Thread(target=reap, name="vnodes-reaper", daemon=True).start()
 
 
 def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: int = 0,
@@ -71,7 +83,8 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
 
     master = Master(spec.virtual_nodes, steps, start_step=start, losses=losses, checkpoint_every=checkpoint_every or 0,
                     checkpoint_step=start if ckpt is not None else -1, expected_workers=expected_workers,
-                    steps_per_epoch=sampler.steps_per_epoch, start_grace_s=start_grace_s,
+                    steps_per_epoch=sampler.steps_per_epoch, vnode_batch_size=spec.vnode_batch_size,
+                    start_grace_s=start_grace_s,
                     heartbeat_timeout_s=heartbeat_timeout_s, placement_policy=placement,
                     can_resume_from_checkpoint=on_disk)
     # Fresh workers hold step 0; when start > 0 the master has them load the checkpoint.
@@ -80,7 +93,9 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
     servicer = MasterServicer(master, pickle.dumps(spec), store_host, store.port, str(run_dir),
                               checkpoint_every or 0)
     server, bound = serve(servicer, host=host, port=port, token=token)
-    return MasterHandle(master, server, store, f"{host}:{bound}")
+    handle = MasterHandle(master, server, store, f"{host}:{bound}")
+    handle.start_reaper()
+    return handle
 
 
 def spawn_worker(address: str, launch_index: int, env: Optional[dict] = None,

@@ -72,6 +72,7 @@ class WorkerInfo:
     held_step: int = -1
     last_seen_s: float = 0.0
     step_time_s: float = 0.0
+    vnode_rate: float = 0.0  # measured virtual nodes per second of compute (EMA); 0: not measured yet
     joined_order: int = 0
 
 
@@ -126,6 +127,7 @@ class CommittedStep:
     vnode_losses: dict[int, float]
     step_time_s: float
     membership_epoch: int
+    committed_at_s: float  # master clock
 
 
 class Master:
@@ -133,7 +135,7 @@ class Master:
 
     def __init__(self, virtual_nodes: int, steps: int, *, start_step: int = 0, losses: Optional[list] = None,
                  checkpoint_every: int = 0, checkpoint_step: int = -1, expected_workers: int = 1,
-                 steps_per_epoch: int = 0,
+                 steps_per_epoch: int = 0, vnode_batch_size: int = 1, rebalance_every: int = 2,
                  start_grace_s: float = 30.0, heartbeat_timeout_s: float = 10.0, placement_policy: str = "throughput",
                  can_resume_from_checkpoint: Callable[[], Optional[int]] = lambda: None,
                  clock: Callable[[], float] = time.monotonic):
@@ -143,6 +145,9 @@ class Master:
         self.losses: list[float] = list(losses or [])
         self.checkpoint_every = checkpoint_every
         self.steps_per_epoch = steps_per_epoch
+        self.vnode_batch_size = vnode_batch_size
+        self.rebalance_every = rebalance_every  # steps measured in an epoch before re-placing by speed
+        self._next_counts: Optional[list[int]] = None
         self.checkpoint_step = checkpoint_step  # step of the newest checkpoint written for this job
         self.expected_workers = expected_workers
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -158,6 +163,7 @@ class Master:
         self.failure: Optional[tuple[str, bytes]] = None  # (message, pickled exception)
         self.reports: dict[str, Report] = {}  # for (membership.epoch, self.step)
         self.decisions: dict[tuple[int, int], Decision] = {}
+        self._decided: dict[tuple[int, int], threading.Event] = {}
         self.committed: list[CommittedStep] = []
         self._needs_reform = True
         self._in_flight: Optional[tuple[int, int]] = None  # (epoch, step) handed out, maybe undecided
@@ -197,7 +203,8 @@ class Master:
             info.state = WorkerState.DEAD
             if was_member and self.state == JobState.RUNNING:
                 self._abort_current(f"worker {worker_id} lost: {reason}")
-            self._needs_reform = True
+                self._reform()  # at a boundary now: the survivors (or nobody: WAITING) form the next epoch
+            self._needs_reform = self._needs_reform or not was_member
             self._cond.notify_all()
 
     def leave(self, worker_id: str) -> None:
@@ -215,7 +222,7 @@ class Master:
                 self.state = JobState.FAILED
                 self.failure = (message, error)
                 if self.membership is not None:
-                    self.decisions.setdefault((self.membership.epoch, self.step), Decision.ABORT)
+                    self._decide((self.membership.epoch, self.step), Decision.ABORT)
             self._cond.notify_all()
 
     def check_liveness(self) -> None:
@@ -254,33 +261,43 @@ class Master:
                     return plan
                 self._cond.wait(timeout=max(0.01, min(0.5, deadline - self.clock())))
 
-    def commit(self, worker_id: str, epoch: int, step: int, report: Report, timeout_s: float = 60.0) -> Decision:
-        """Record a member's reduced step; block until the step commits or aborts."""
+    def commit(self, worker_id: str, epoch: int, step: int, report: Report, timeout_s: float = 60.0,
+               want_next: bool = False) -> tuple[Decision, Optional[Plan]]:
+        """Record a member's reduced step; block until the step commits or aborts.
+
+        With ``want_next``, a COMMIT comes with the worker's next plan when it is already known
+        (the common case: same membership, next step), saving one round trip per step.
+        """
+        key = (epoch, step)
         with self._cond:
             info = self._get(worker_id)
             if self.membership is None or epoch != self.membership.epoch:
                 current = self.membership.epoch if self.membership else self.epoch_counter
-                if (epoch, step) in self.decisions:
-                    return self.decisions[(epoch, step)]
+                if key in self.decisions:
+                    return self.decisions[key], None
                 raise StaleEpoch(epoch, current)
             if worker_id not in self.membership.members:
                 raise BadRequest(f"worker {worker_id} is not a member of epoch {epoch}")
-            if step != self.step and (epoch, step) not in self.decisions:
+            if step != self.step and key not in self.decisions:
                 raise BadRequest(f"commit for step {step}, but the job is at step {self.step}")
-            if (epoch, step) not in self.decisions:
+            if key not in self.decisions:
                 info.step_time_s = report.step_time_s
                 self.reports[worker_id] = report
                 if not report.ok:
                     self._abort_current(f"worker {worker_id} could not reduce step {step}")
-                elif set(self.reports) >= set(self.membership.members):
+                elif len(self.reports) == len(self.membership.members):
                     self._commit_current()
-                self._cond.notify_all()
-            deadline = self.clock() + timeout_s
-            while (epoch, step) not in self.decisions:
-                if self.clock() >= deadline:
-                    raise BadRequest(f"step {step} of epoch {epoch} undecided after {timeout_s} s")
-                self._cond.wait(timeout=0.5)
-            return self.decisions[(epoch, step)]
+            decided = self._decided.setdefault(key, threading.Event())
+        # Wait outside the lock on this step's own event: 256 waiters, one wake-up each.
+        if not decided.wait(timeout=timeout_s):
+            raise BadRequest(f"step {step} of epoch {epoch} undecided after {timeout_s} s")
+        with self._cond:
+            decision = self.decisions[key]
+            if decision != Decision.COMMIT or not want_next or info.state == WorkerState.DEAD:
+                return decision, None
+            info.held_step = step + 1
+            plan = self._plan_for(info)
+            return decision, plan if plan.kind == PlanKind.RUN else None
 
     def wait(self, predicate: Callable[["Master"], bool], timeout_s: float) -> bool:
         deadline = self.clock() + timeout_s
@@ -306,30 +323,53 @@ class Master:
             raise UnknownWorker(worker_id)
         return info
 
+    def _decide(self, key: tuple[int, int], decision: Decision) -> None:
+        self.decisions.setdefault(key, decision)
+        self._decided.setdefault(key, threading.Event()).set()
+        self._cond.notify_all()
+
     def _commit_current(self) -> None:
         m = self.membership
         reports = [self.reports[w] for w in m.members]
         vnode_losses: dict[int, float] = {}
         for r in reports:
             vnode_losses.update(r.vnode_losses)
-        self.decisions[(m.epoch, self.step)] = Decision.COMMIT
+        self._decide((m.epoch, self.step), Decision.COMMIT)
         self.committed.append(CommittedStep(self.step, reports[0].loss, vnode_losses,
-                                            max(r.step_time_s for r in reports), m.epoch))
+                                            max(r.step_time_s for r in reports), m.epoch, self.clock()))
         self.losses.append(reports[0].loss)
         self.step += 1
         self.reports = {}
-        for w in m.members:
-            if self.workers[w].state in (WorkerState.MEMBER, WorkerState.LEAVING):
-                self.workers[w].held_step = self.step
+        for old in [k for k in self.decisions if k[1] < self.step - 8]:  # late callers of old steps: rare
+            self.decisions.pop(old, None)
+            self._decided.pop(old, None)
+        for w, vnodes, r in zip(m.members, m.vnodes, reports):
+            info = self.workers[w]
+            if info.state in (WorkerState.MEMBER, WorkerState.LEAVING):
+                info.held_step = self.step
+            if r.step_time_s > 0:
+                rate = len(vnodes) / r.step_time_s
+                info.vnode_rate = rate if info.vnode_rate == 0 else 0.5 * info.vnode_rate + 0.5 * rate
         if any(self.workers[w].state != WorkerState.MEMBER for w in m.members) or any(
                 w.state == WorkerState.READY for w in self.workers.values()):
             self._needs_reform = True  # joins and leaves take effect at this boundary
+        elif self.placement_policy == "throughput" and self.step - m.step >= self.rebalance_every:
+            # Mixed devices: follow measured speed, so nobody waits for a straggler. The per-VN
+            # batch is fixed, so this changes only who computes what, never the math.
+            better = placement.rebalance([len(v) for v in m.vnodes], [self.workers[w].vnode_rate for w in m.members])
+            if better is not None:
+                self._next_counts = better
+                self._needs_reform = True
 
     def _abort_current(self, reason: str) -> None:
         if self.membership is not None:
-            self.decisions.setdefault((self.membership.epoch, self.step), Decision.ABORT)
+            self._decide((self.membership.epoch, self.step), Decision.ABORT)
         self.reports = {}
         self._needs_reform = True
+
+    def _speed(self, w: WorkerInfo) -> float:
+        """Virtual nodes per second: measured if known, else declared samples/s over the VN batch."""
+        return w.vnode_rate or w.throughput / self.vnode_batch_size
 
     def _plan_for(self, info: WorkerInfo) -> Plan:
         if self.state == JobState.FAILED:
@@ -393,7 +433,12 @@ class Master:
             self.step = on_disk
             self.losses = self.losses[:on_disk]
             sync = SYNC_CHECKPOINT
-        vnodes = placement.place(self.virtual_nodes, [w.throughput for w in candidates], self.placement_policy)
+        if self._next_counts is not None and self.membership is not None and \
+                tuple(w.worker_id for w in candidates) == self.membership.members:
+            vnodes = placement.ranges(self._next_counts)
+        else:
+            vnodes = placement.place(self.virtual_nodes, [self._speed(w) for w in candidates], self.placement_policy)
+        self._next_counts = None
         self.epoch_counter += 1
         self.membership = Membership(self.epoch_counter, self.step, tuple(w.worker_id for w in candidates),
                                      tuple(tuple(v) for v in vnodes), sync)

@@ -8,7 +8,7 @@ changes the math; placement only decides how long each worker takes.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 
 def even(n_vnodes: int, n_workers: int) -> list[int]:
@@ -55,3 +55,23 @@ def place(n_vnodes: int, throughputs: Sequence[float], policy: str = "throughput
     if policy == "throughput":
         return ranges(proportional(n_vnodes, throughputs))
     raise ValueError(f"placement policy {policy!r}: use 'even' or 'throughput'")
+
+
+def estimated_step_s(counts: Sequence[int], speeds: Sequence[float]) -> float:
+    """The slowest worker's time for its share: ``max(count / speed)`` (speed in VNs per second)."""
+    return max(c / s for c, s in zip(counts, speeds))
+
+
+def rebalance(counts: Sequence[int], speeds: Sequence[float], min_gain: float = 0.05) -> Optional[list[int]]:
+    """New counts if measured speeds promise a step at least ``min_gain`` faster; else ``None``.
+
+    ``speeds`` are measured virtual nodes per second of compute (all known, > 0).
+    """
+    if len(counts) < 2 or any(s <= 0 for s in speeds):
+        return None
+    better = proportional(sum(counts), speeds)
+    if better == list(counts):
+        return None
+    if estimated_step_s(better, speeds) < (1.0 - min_gain) * estimated_step_s(counts, speeds):
+        return better
+    return None

@@ -106,6 +106,9 @@ class MasterServicer(pb_grpc.MasterServicer):
     def GetPlan(self, request, context):
         plan = self.master.plan(request.worker_id, request.held_step, request.checkpoint_step,
                                 timeout_s=min(5.0, max(0.1, (context.time_remaining() or 6.0) - 1.0)))
+        return self._plan_message(plan)
+
+    def _plan_message(self, plan):
         reply = pb.Plan(kind=_PLAN_KINDS[plan.kind], step=plan.step, stop_reason=plan.stop_reason)
         if plan.membership is not None:
             m = plan.membership
@@ -125,9 +128,13 @@ class MasterServicer(pb_grpc.MasterServicer):
         values = struct.unpack(f"<{len(request.vnodes)}d", request.vnode_losses)
         report = Report(ok=request.ok, loss=request.loss, vnode_losses=dict(zip(request.vnodes, values)),
                         step_time_s=request.step_time_s)
-        decision = self.master.commit(request.worker_id, request.membership_epoch, request.step, report)
-        return pb.CommitReply(decision=pb.CommitReply.COMMIT if decision.value == "commit" else pb.CommitReply.ABORT,
-                              membership_epoch=self.master.membership.epoch if self.master.membership else 0)
+        decision, next_plan = self.master.commit(request.worker_id, request.membership_epoch, request.step, report,
+                                                 want_next=True)
+        reply = pb.CommitReply(decision=pb.CommitReply.COMMIT if decision.value == "commit" else pb.CommitReply.ABORT,
+                               membership_epoch=request.membership_epoch)
+        if next_plan is not None:
+            reply.next.CopyFrom(self._plan_message(next_plan))
+        return reply
 
     @_guard
     def Leave(self, request, context):

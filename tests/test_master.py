@@ -30,7 +30,7 @@ def make(n_vnodes=8, steps=10, workers=2, **kw):
 
 def commit_all(m, ids, epoch, step):
     with ThreadPoolExecutor(len(ids)) as pool:
-        return list(pool.map(lambda w: m.commit(w, epoch, step, ok(), timeout_s=5), ids))
+        return list(pool.map(lambda w: m.commit(w, epoch, step, ok(), timeout_s=5)[0], ids))
 
 
 @pytest.mark.parametrize("n,m,expected", [(8, 3, [3, 3, 2]), (7, 7, [1] * 7), (64, 5, [13, 13, 13, 13, 12])])
@@ -76,7 +76,7 @@ def test_commit_needs_every_member_and_a_loss_aborts():
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(m.commit, ids[0], epoch, 1, ok(), 5)
         m.lost(ids[1], "killed")
-        assert pending.result() == Decision.ABORT
+        assert pending.result()[0] == Decision.ABORT
     assert m.step == 1
     plan = m.plan(ids[0], 1, timeout_s=0)
     assert plan.kind == PlanKind.RUN and plan.step == 1 and plan.membership.epoch == epoch + 1
@@ -137,3 +137,27 @@ def test_nan_fails_the_job_and_stops_everyone():
     m.fail(ids[0], "loss is nan at step 0 on virtual node 3", b"")
     assert all(m.plan(i, 0, timeout_s=0).kind == PlanKind.STOP for i in ids)
     assert m.state == JobState.FAILED
+
+
+@pytest.mark.parametrize("counts,speeds,expected", [
+    ([4, 4], [10, 10], None),  # balanced
+    ([4, 4], [10, 5], [5, 3]),  # the slow one gives VNs away
+    ([4, 4], [10, 9.8], None),  # not worth a re-form
+    ([8], [3], None),
+])
+def test_rebalance_decision(counts, speeds, expected):
+    assert placement.rebalance(counts, speeds) == expected
+
+
+def test_measured_speed_replaces_at_a_boundary():
+    m, ids, clock = make(rebalance_every=2)
+    [m.plan(i, 0, timeout_s=0) for i in ids]
+    epoch = m.membership.epoch
+    for step in range(2):
+        [m.plan(i, step, timeout_s=0) for i in ids]
+        with ThreadPoolExecutor(2) as pool:  # worker 1 takes twice as long for the same 4 VNs
+            list(pool.map(lambda a: m.commit(a[0], epoch, step, Report(True, 1.0, {}, a[1]), 5),
+                          [(ids[0], 0.1), (ids[1], 0.2)]))
+    plan = m.plan(ids[0], 2, timeout_s=0)
+    assert plan.membership.epoch == epoch + 1 and plan.membership.sync_source_rank == -1
+    assert [len(v) for v in plan.membership.vnodes] == [5, 3]
