@@ -19,6 +19,7 @@ SIGTERM drains: the current step finishes (or aborts), the worker leaves at the 
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import pickle
@@ -40,6 +41,31 @@ from .master_client import MasterClient, PlanView
 from .train import execution_context
 
 log = logging.getLogger(__name__)
+
+
+def load_job(data: bytes):
+    """Unpickle the job, resolving ``__main__`` to the launching script (as multiprocessing does).
+
+    A script that calls ``train(spec, workers=3)`` defines its builders in ``__main__``; here that
+    script is imported under another name, so its ``if __name__ == "__main__":`` block does not run.
+    """
+    main_file = os.environ.get("VNODES_MAIN_FILE")
+
+    class JobUnpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module == "__main__" and main_file:
+                main = sys.modules.get("__vnodes_main__")
+                if main is None:
+                    import importlib.util
+
+                    spec = importlib.util.spec_from_file_location("__vnodes_main__", main_file)
+                    main = importlib.util.module_from_spec(spec)
+                    sys.modules["__vnodes_main__"] = main
+                    spec.loader.exec_module(main)
+                return getattr(main, name)
+            return super().find_class(module, name)
+
+    return JobUnpickler(io.BytesIO(data)).load()
 
 
 def _describe_device(device: torch.device) -> tuple[str, int]:
@@ -78,7 +104,7 @@ class WorkerAgent:
                               device_kind=kind, memory_bytes=memory, throughput=self.throughput,
                               launch_index=self.launch_index)
         worker_id = reg.worker_id
-        spec = pickle.loads(reg.job)
+        spec = load_job(reg.job)
         client.start_session(worker_id)
         group: Optional[EpochGroup] = None
         try:

@@ -105,6 +105,9 @@ def spawn_worker(address: str, launch_index: int, env: Optional[dict] = None,
     child_env.update(env or {})
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     child_env["VNODES_LAUNCH_INDEX"] = str(launch_index)
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file:  # builders defined in the launching script pickle as __main__.name
+        child_env["VNODES_MAIN_FILE"] = os.path.abspath(main_file)
     return subprocess.Popen([sys.executable, "-m", "vnodes.runtime.agent", "--master", address,
                              "--launch-index", str(launch_index), *extra_args], env=child_env)
 
