@@ -37,7 +37,7 @@ from .collectives import EpochGroup
 from .engine import StepEngine, resolve_device
 from .errors import VnodesError
 from .faults import maybe_fail
-from .master_client import MasterClient, PlanView
+from .master_client import MasterClient, MasterUnavailable, PlanView
 from .train import execution_context
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,8 @@ def _describe_device(device: torch.device) -> tuple[str, int]:
 
 class WorkerAgent:
     def __init__(self, master: str, device: Optional[str] = None, token: Optional[str] = None,
-                 launch_index: int = -1, throughput: float = 0.0, slowdown: float = 1.0):
+                 launch_index: int = -1, throughput: float = 0.0, slowdown: float = 1.0,
+                 reconnect_timeout_s: float = 60.0):
         self.master_address = master
         self.device = resolve_device(device)
         if self.device.type == "cuda":
@@ -86,7 +87,10 @@ class WorkerAgent:
         self.launch_index = launch_index
         self.throughput = throughput
         self.slowdown = slowdown  # test knob: >1 simulates a slower device (sleeps in proportion)
+        self.reconnect_timeout_s = reconnect_timeout_s
         self._draining = False
+        self._left = False
+        self._next_plan: Optional[PlanView] = None
 
     def _on_sigterm(self, signum, frame) -> None:
         self._draining = True
@@ -98,45 +102,84 @@ class WorkerAgent:
             MasterUnavailable: the master cannot be reached.
         """
         signal.signal(signal.SIGTERM, self._on_sigterm)
-        client = MasterClient(self.master_address, self.token)
-        kind, memory = _describe_device(self.device)
-        reg = client.register(host=socket.gethostname(), pid=os.getpid(), device=str(self.device),
-                              device_kind=kind, memory_bytes=memory, throughput=self.throughput,
-                              launch_index=self.launch_index)
-        worker_id = reg.worker_id
+        self.held_step, self.checkpoint_step = 0, -1
+        reg = self._connect(worker_id="", timeout_s=30.0)
         spec = load_job(reg.job)
-        client.start_session(worker_id)
-        group: Optional[EpochGroup] = None
         try:
             with execution_context(spec):
                 engine = StepEngine.build(spec, self.device)
-                group = EpochGroup(reg.store_host, reg.store_port, self.device)
-                self._loop(client, worker_id, engine, group, reg.run_dir)
+                self._loop(engine, reg.run_dir)
         finally:
-            if group is not None:
-                group.destroy()
-            client.close()
+            self.group.destroy()
+            self.client.close()
         return 0
 
-    def _loop(self, client: MasterClient, worker_id: str, engine: StepEngine, group: EpochGroup,
-              run_dir: str) -> None:
-        held_step, checkpoint_step, left = 0, -1, False
-        deterministic = engine.spec.deterministic
-        next_plan: Optional[PlanView] = None
+    def _connect(self, worker_id: str, timeout_s: float):
+        """(Re-)register with the master and open the heartbeat stream and the rendezvous store.
+
+        A restarted master gets our worker id and the step whose state we hold, so it can resume
+        the job with us.
+
+        Raises:
+            MasterUnavailable: no master answered within ``timeout_s``.
+        """
+        kind, memory = _describe_device(self.device)
+        deadline = time.monotonic() + timeout_s
         while True:
-            if self._draining and not left:
+            client = MasterClient(self.master_address, self.token)
+            try:
+                reg = client.register(host=socket.gethostname(), pid=os.getpid(), device=str(self.device),
+                                      device_kind=kind, memory_bytes=memory, throughput=self.throughput,
+                                      launch_index=self.launch_index, worker_id=worker_id,
+                                      held_step=self.held_step if worker_id else -1,
+                                      connect_timeout_s=max(1.0, min(5.0, deadline - time.monotonic())))
+                break
+            except MasterUnavailable:
+                client.close()
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+        self.client, self.worker_id = client, reg.worker_id
+        client.start_session(reg.worker_id)
+        self.group = EpochGroup(reg.store_host, reg.store_port, self.device)
+        return reg
+
+    def _reconnect(self, reason: Exception) -> None:
+        log.warning("lost the master (%s); reconnecting as %s, holding step %d", reason, self.worker_id,
+                    self.held_step)
+        self.group.destroy()
+        self.client.close()
+        self._connect(self.worker_id, timeout_s=self.reconnect_timeout_s)
+
+    def _loop(self, engine: StepEngine, run_dir: str) -> None:
+        while True:
+            try:
+                if self._iterate(engine, run_dir):
+                    return
+            except MasterUnavailable as exc:
+                self._next_plan = None
+                self._reconnect(exc)
+
+    def _iterate(self, engine: StepEngine, run_dir: str) -> bool:
+        """Run plans until told to stop (True). State survives a lost master: only
+        ``held_step`` (advanced after a COMMIT) says what this worker holds."""
+        client, worker_id, group = self.client, self.worker_id, self.group
+        deterministic = engine.spec.deterministic
+        while True:
+            if self._draining and not self._left:
                 client.leave(worker_id)
-                left, next_plan = True, None
-            plan, next_plan = next_plan or client.plan(worker_id, held_step, checkpoint_step), None
+                self._left, self._next_plan = True, None
+            plan = self._next_plan or client.plan(worker_id, self.held_step, self.checkpoint_step)
+            self._next_plan = None
             if plan.kind == "stop":
                 log.info("worker %s stops: %s", worker_id, plan.stop_reason)
-                return
+                return True
             if plan.kind == "wait":
                 continue
             rank = plan.rank_of(worker_id)
             if plan.membership_epoch != group.epoch:
                 try:
-                    held_step = self._join_epoch(plan, rank, engine, group, held_step, run_dir)
+                    self.held_step = self._join_epoch(plan, rank, engine, group, self.held_step, run_dir)
                 except RuntimeError as exc:  # a peer vanished during the rendezvous or the broadcast
                     log.warning("epoch %d could not form: %s", plan.membership_epoch, exc)
                     group.destroy()
@@ -146,8 +189,8 @@ class WorkerAgent:
                     group.destroy()
                     raise
             if plan.kind == "checkpoint":
-                self._checkpoint(engine, run_dir, plan, held_step, group.epoch)
-                checkpoint_step = held_step
+                self._checkpoint(engine, run_dir, plan, self.held_step, group.epoch)
+                self.checkpoint_step = self.held_step
                 continue
 
             step = plan.step
@@ -157,7 +200,7 @@ class WorkerAgent:
                 partial = engine.compute(step, engine.loader.iterate((step, v) for v in vnodes))
             except VnodesError as exc:  # NaN loss, a loss that is not per-sample...: fatal for the job
                 client.fail(worker_id, str(exc), pickle.dumps(exc))
-                return
+                return True
             if self.slowdown > 1.0:
                 time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
             compute_s = time.perf_counter() - t0
@@ -170,11 +213,11 @@ class WorkerAgent:
                 group.destroy()
                 ok, loss = False, 0.0
             maybe_fail("commit", step)
-            decision, next_plan = client.commit(worker_id, plan.membership_epoch, step, ok, loss,
-                                                partial.vnode_losses, compute_s)  # SYNC: the master decides
+            decision, self._next_plan = client.commit(worker_id, plan.membership_epoch, step, ok, loss,
+                                                      partial.vnode_losses, compute_s)  # SYNC: the master decides
             if decision == "commit":
                 engine.apply(total, used)
-                held_step = step + 1
+                self.held_step = step + 1
 
     def _join_epoch(self, plan: PlanView, rank: int, engine: StepEngine, group: EpochGroup,
                     held_step: int, run_dir: str) -> int:
@@ -218,7 +261,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--launch-index", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--throughput", type=float, default=0.0,
                         help="samples/s of this device, for throughput-proportional placement")
-    parser.add_argument("--slowdown", type=float, default=1.0, help=argparse.SUPPRESS)
+    parser.add_argument("--slowdown", type=float, default=1.0,
+                        help="test knob: stretch each step by this factor (simulates a slower device)")
 
 
 def run_worker(args: argparse.Namespace) -> int:

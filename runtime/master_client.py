@@ -74,6 +74,8 @@ class MasterClient:
                 raise StaleEpoch(-1, -1) from exc
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise MasterUnavailable(self.address, exc.details() or code.name) from exc
+            if code == grpc.StatusCode.NOT_FOUND:  # a restarted master does not know us yet
+                raise MasterUnavailable(self.address, f"master forgot this worker: {exc.details()}") from exc
             raise
 
     def register(self, *, host: str, pid: int, device: str, device_kind: str, memory_bytes: int,

@@ -22,12 +22,14 @@ from typing import Optional, Sequence
 
 import torch.distributed as dist
 
+from vnodes.runtime.errors import CheckpointMismatch
 from vnodes.runtime.checkpoint import check_checkpoint_dir, latest_checkpoint, list_checkpoints
 from vnodes.runtime.events import Callback, Event, RunState, fire
 from vnodes.runtime.sampler import VNodeSampler
 from vnodes.runtime.spec import JobSpec
 from vnodes.runtime.train import TrainResult
 
+from .durable import DurableState
 from .master import JobState, Master
 from .servicer import MasterServicer, serve
 
@@ -72,21 +74,32 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
     spec.check_picklable("workers > 1 (worker processes)")
     sampler = VNodeSampler(len(spec.dataset()), spec.virtual_nodes, spec.vnode_batch_size, spec.seed)
     ckpt = latest_checkpoint(run_dir)
-    start, losses = 0, []
+    start, losses, epoch_counter = 0, [], 0
     if ckpt is not None:
         ckpt.check_fingerprint(spec.fingerprint(), str(run_dir))
         start, losses = ckpt.step, list(ckpt.losses)
+    durable = DurableState(run_dir, spec.fingerprint())
+    record = durable.load()
+    if record is not None:
+        differ = sorted(k for k in set(record.fingerprint) | set(durable.fingerprint)
+                        if record.fingerprint.get(k) != durable.fingerprint.get(k))
+        if differ:
+            raise CheckpointMismatch(differ, str(run_dir))
+    if record is not None and record.step >= start:
+        # A master restarted on its run directory: workers that still hold the state reconnect.
+        start, losses, epoch_counter = record.step, record.losses, record.epoch_counter + 1
 
     def on_disk() -> Optional[int]:
         found = list_checkpoints(run_dir)
         return found[-1][0] if found else None
 
     master = Master(spec.virtual_nodes, steps, start_step=start, losses=losses, checkpoint_every=checkpoint_every or 0,
-                    checkpoint_step=start if ckpt is not None else -1, expected_workers=expected_workers,
+                    checkpoint_step=ckpt.step if ckpt is not None else -1, expected_workers=expected_workers,
                     steps_per_epoch=sampler.steps_per_epoch, vnode_batch_size=spec.vnode_batch_size,
                     start_grace_s=start_grace_s,
                     heartbeat_timeout_s=heartbeat_timeout_s, placement_policy=placement,
-                    can_resume_from_checkpoint=on_disk)
+                    can_resume_from_checkpoint=on_disk, durable=durable, restored=record is not None,
+                    epoch_counter=epoch_counter)
     # Fresh workers hold step 0; when start > 0 the master has them load the checkpoint.
     store_host = "127.0.0.1" if host in ("127.0.0.1", "localhost") else host
     store = dist.TCPStore(store_host, 0, is_master=True, wait_for_workers=False)

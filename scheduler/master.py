@@ -27,6 +27,7 @@ import uuid
 from typing import Callable, Optional
 
 from . import placement
+from .durable import DurableState
 from .errors import BadRequest, DuplicateRegistration, StaleEpoch, UnknownWorker
 
 SYNC_NONE = -1  # every member holds the state of the step
@@ -138,6 +139,7 @@ class Master:
                  steps_per_epoch: int = 0, vnode_batch_size: int = 1, rebalance_every: int = 2,
                  start_grace_s: float = 30.0, heartbeat_timeout_s: float = 10.0, placement_policy: str = "throughput",
                  can_resume_from_checkpoint: Callable[[], Optional[int]] = lambda: None,
+                 durable: Optional[DurableState] = None, restored: bool = False, epoch_counter: int = 0,
                  clock: Callable[[], float] = time.monotonic):
         self.virtual_nodes = virtual_nodes
         self.steps = steps
@@ -158,7 +160,10 @@ class Master:
 
         self.workers: dict[str, WorkerInfo] = {}
         self.membership: Optional[Membership] = None
-        self.epoch_counter = 0
+        self.epoch_counter = epoch_counter
+        self.durable = durable  # None: state in memory only
+        # Restarted from durable state: the last commit may have reached no worker (all hold step-1).
+        self._restored = restored
         self.state = JobState.WAITING
         self.failure: Optional[tuple[str, bytes]] = None  # (message, pickled exception)
         self.reports: dict[str, Report] = {}  # for (membership.epoch, self.step)
@@ -250,6 +255,7 @@ class Master:
             info.last_seen_s = self.clock()
             if checkpoint_step > self.checkpoint_step:
                 self.checkpoint_step = checkpoint_step
+                self._persist()
                 self._cond.notify_all()
             if info.state == WorkerState.REGISTERED:
                 info.state = WorkerState.READY
@@ -323,6 +329,10 @@ class Master:
             raise UnknownWorker(worker_id)
         return info
 
+    def _persist(self) -> None:
+        if self.durable is not None:
+            self.durable.save(self.step, self.epoch_counter, self.checkpoint_step, self.losses)
+
     def _decide(self, key: tuple[int, int], decision: Decision) -> None:
         self.decisions.setdefault(key, decision)
         self._decided.setdefault(key, threading.Event()).set()
@@ -340,6 +350,7 @@ class Master:
         self.losses.append(reports[0].loss)
         self.step += 1
         self.reports = {}
+        self._persist()
         for old in [k for k in self.decisions if k[1] < self.step - 8]:  # late callers of old steps: rare
             self.decisions.pop(old, None)
             self._decided.pop(old, None)
@@ -420,6 +431,12 @@ class Master:
             self.state = JobState.WAITING
             return
         holders = [r for r, w in enumerate(candidates) if w.held_step == self.step]
+        if not holders and self._restored and any(w.held_step == self.step - 1 for w in candidates):
+            # The master died after recording a commit that no worker received: redo that step.
+            self.step -= 1
+            self.losses = self.losses[:self.step]
+            holders = [r for r, w in enumerate(candidates) if w.held_step == self.step]
+        self._restored = False
         if len(holders) == len(candidates):
             sync = SYNC_NONE
         elif holders:
@@ -432,6 +449,7 @@ class Master:
                 return
             self.step = on_disk
             self.losses = self.losses[:on_disk]
+            self._persist()
             sync = SYNC_CHECKPOINT
         if self._next_counts is not None and self.membership is not None and \
                 tuple(w.worker_id for w in candidates) == self.membership.members:

@@ -60,3 +60,8 @@ def cnn_spec(**overrides) -> JobSpec:
     )
     kwargs.update(overrides)
     return JobSpec(**kwargs)
+
+
+def det_f32_spec() -> JobSpec:
+    """Deterministic, float32: the spec the multi-process tests compare bit for bit."""
+    return cnn_spec(model=functools.partial(small_cnn, torch.float32), deterministic=True)
