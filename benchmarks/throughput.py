@@ -1,6 +1,6 @@
 """Step throughput: the virtual-node engine against a hand-written gradient-accumulation loop.
 
-    python benchmarks/throughput.py            # about 2 minutes on 2 CPU cores
+    python benchmarks/throughput.py            # about 3 minutes on 2 CPU cores
     python benchmarks/throughput.py --quick    # about 30 s
     python benchmarks/throughput.py --profile  # also: where the engine spends its time (cProfile)
 
@@ -257,15 +257,17 @@ def profile_engine(cfg: Config, threads: int, width: int, steps: int, console: C
     spec = make_spec(cfg, threads, width)
     engine = EngineRunner(spec)
     timed(engine, 2)
+    gc.collect()
     profiler = cProfile.Profile()
     profiler.enable()
-    timed(engine, steps)
+    for _ in range(steps):
+        engine.run_step()
     profiler.disable()
     for order in ("tottime", "cumulative"):
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats(order).print_stats(25)
         console.print(f"[bold]engine profile, {cfg.name}, {steps} steps, by {order}[/bold]")
-        console.print(out.getvalue(), markup=False, highlight=False)
+        print(out.getvalue(), flush=True)  # plain: rich would wrap the long lines
 
 
 def _us(seconds: float) -> str:
