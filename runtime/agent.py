@@ -176,6 +176,10 @@ class WorkerAgent:
                 return True
             if plan.kind == "wait":
                 continue
+            if plan.kind == "checkpoint":  # this worker holds the state: no group needed
+                self._checkpoint(engine, run_dir, plan, self.held_step, plan.membership_epoch)
+                self.checkpoint_step = self.held_step
+                continue
             rank = plan.rank_of(worker_id)
             if plan.membership_epoch != group.epoch:
                 try:
@@ -188,10 +192,6 @@ class WorkerAgent:
                 except VnodesError:
                     group.destroy()
                     raise
-            if plan.kind == "checkpoint":
-                self._checkpoint(engine, run_dir, plan, self.held_step, group.epoch)
-                self.checkpoint_step = self.held_step
-                continue
 
             step = plan.step
             t0 = time.perf_counter()

@@ -29,7 +29,7 @@ from .errors import InvalidJobSpec, NonFiniteLoss
 from .faults import maybe_fail
 from .reduction import Block, Payload, TreeReducer
 from .sampler import VNodeSampler
-from .seeding import MODEL_STREAM, vnode_seed
+from .seeding import MODEL_STREAM, seed_generators, vnode_seed
 from .spec import JobSpec
 from .vnode_state import RunningStats
 
@@ -130,7 +130,7 @@ class StepEngine:
             maybe_fail("load", step)
             self.stats.restore()
             inputs, targets = move_batch(batch, self.device, self.float_dtype)
-            torch.manual_seed(vnode_seed(spec.seed, step, vnode_id, MODEL_STREAM))
+            seed_generators(vnode_seed(spec.seed, step, vnode_id, MODEL_STREAM), self.device)
             maybe_fail("forward", step)
             per_sample = spec.loss(self.model(inputs), targets)
             if not self._loss_checked:
@@ -149,7 +149,7 @@ class StepEngine:
             else:
                 if buffer_sum is None:
                     buffer_sum = contribution
-                else:
+                elif contribution:  # no running statistics: nothing to add
                     torch._foreach_add_(buffer_sum, contribution)
                 loss_sum += loss_share
 

@@ -364,7 +364,8 @@ class Master:
         if any(self.workers[w].state != WorkerState.MEMBER for w in m.members) or any(
                 w.state == WorkerState.READY for w in self.workers.values()):
             self._needs_reform = True  # joins and leaves take effect at this boundary
-        elif self.placement_policy == "throughput" and self.step - m.step >= self.rebalance_every:
+        elif self.placement_policy == "throughput" and self.step < self.steps and \
+                self.step - m.step >= self.rebalance_every:
             # Mixed devices: follow measured speed, so nobody waits for a straggler. The per-VN
             # batch is fixed, so this changes only who computes what, never the math.
             better = placement.rebalance([len(v) for v in m.vnodes], [self.workers[w].vnode_rate for w in m.members])

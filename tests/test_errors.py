@@ -92,3 +92,12 @@ def test_nan_loss_names_step_and_vnode_and_keeps_last_checkpoint(tmp_path):
     assert after["step"] == 4  # step 3 was applied and saved; step 4 never was
     assert len(after["losses"]) == 4 and all(math.isfinite(x) for x in after["losses"])
     assert after["losses"][:3] == good["losses"]
+
+
+def test_model_without_running_statistics_trains():
+    """No BatchNorm at all: nothing to average, several VNs on one worker (regression)."""
+    from jobs import synthetic_images
+
+    spec = cnn_spec(model=functools.partial(nn.Sequential, nn.Flatten(), nn.Linear(64, 4)), virtual_nodes=3)
+    result = train(spec, steps=3)
+    assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)
