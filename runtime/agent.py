@@ -101,7 +101,10 @@ class WorkerAgent:
         Raises:
             MasterUnavailable: the master cannot be reached.
         """
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        except ValueError:  # not the main thread (e.g. some actor runtimes): no drain on SIGTERM
+            log.info("SIGTERM drain unavailable outside the main thread")
         self.held_step, self.checkpoint_step = 0, -1
         reg = self._connect(worker_id="", timeout_s=30.0)
         spec = load_job(reg.job)

@@ -73,6 +73,8 @@ def train(
     callbacks: Sequence[Callback] = (),
     progress: Optional[bool] = None,
     keep_checkpoints: int = 2,
+    launcher: str = "local",
+    address: Optional[str] = None,
     launch_options: Optional[dict[str, Any]] = None,
 ) -> TrainResult:
     """Train ``spec`` until ``steps`` global steps have been applied.
@@ -84,7 +86,11 @@ def train(
         steps: total global steps of the run (not additional steps when resuming).
         workers: physical workers; 1 runs every virtual node in this process, more start a master
             here and that many local worker processes (same trajectory).
-        launch_options: for ``workers > 1``: ``placement`` ("throughput" | "even"), ``worker_env``.
+        launcher: ``"local"`` (processes on this machine) or ``"ray"`` (one actor per device of a Ray
+            cluster, following the cluster as nodes come and go; ``workers`` caps their number).
+        address: for ``launcher="ray"``: ``"auto"``, ``"HOST:PORT"``, or ``None`` to start Ray locally.
+        launch_options: extra launcher settings: local: ``placement`` ("throughput" | "even"),
+            ``worker_env``; ray: ``worker_options`` (``RayWorkerOptions``), ``ray_init_kwargs``.
         progress: show a live progress display; ``None`` shows it when stderr is a terminal.
 
     Raises:
@@ -111,6 +117,13 @@ def train(
         from .progress import ProgressDisplay
 
         callbacks.append(ProgressDisplay())
+    if launcher not in ("local", "ray"):
+        raise InvalidJobSpec("launcher", f"{launcher!r}: use 'local' or 'ray'")
+    if launcher == "ray":
+        from vnodes.scheduler.launcher_ray import train_ray  # Ray is needed by this launcher only
+
+        return train_ray(spec, steps, directory, checkpoint_every, callbacks, address=address,
+                         max_workers=workers if workers > 1 else None, **(launch_options or {}))
     if workers > 1:
         from vnodes.scheduler.launcher import train_local  # the master lives on the scheduler side
 

@@ -103,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1, metavar="M",
                      help="local worker processes (default 1: in this process); more start a master here")
     run.add_argument("--run-dir", metavar="D", help="alias of --checkpoint-dir (the master's run directory)")
+    run.add_argument("--launcher", choices=("local", "ray"), default="local",
+                     help="local processes (default) or one actor per device of a Ray cluster")
+    run.add_argument("--address", help="Ray cluster address for --launcher ray ('auto', HOST:PORT); "
+                     "default: start Ray locally")
+    run.add_argument("--num-cpus", type=float, default=1.0, help="CPUs each Ray worker asks for (CPU nodes)")
     run.add_argument("--no-progress", action="store_true", help="no live progress display")
     run.add_argument("--json", action="store_true", help="print the result summary as JSON on stdout")
 
@@ -140,8 +145,14 @@ def _run(args: argparse.Namespace) -> int:
     spec = load_job(args.job)
     if args.deterministic:
         spec = dataclasses.replace(spec, deterministic=True)
+    launch_options = None
+    if args.launcher == "ray":
+        from .launcher_ray import RayWorkerOptions
+
+        launch_options = {"worker_options": RayWorkerOptions(num_cpus=args.num_cpus)}
     result = train(spec, steps=args.steps, checkpoint_dir=args.checkpoint_dir or args.run_dir,
-                   checkpoint_every=args.checkpoint_every, workers=args.workers,
+                   checkpoint_every=args.checkpoint_every, workers=args.workers, launcher=args.launcher,
+                   address=args.address, launch_options=launch_options,
                    progress=False if args.no_progress else True)
     summary = {
         "steps": result.steps,

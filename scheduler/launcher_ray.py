@@ -1,0 +1,215 @@
+"""The Ray launcher: the master in this process, one worker actor per device of a Ray cluster.
+
+    train(spec, steps, launcher="ray", address="auto" | "HOST:PORT" | None)
+    vnodes run job.py --launcher ray [--address ...]
+
+The launcher follows the cluster: every ``poll_s`` it compares the free resources of each alive node
+with what one worker asks for (``num_gpus=1`` on GPU nodes, else ``num_cpus``, plus any custom
+``resources``) and starts workers where they fit, up to the number of virtual nodes; they join at
+the next step boundary. A worker actor that dies (``ray.kill``, node removed) breaks its heartbeat
+stream, so the master treats it as a crash: the step is redone by the survivors. Nothing here
+changes the math: the job's virtual nodes and trajectory stay the same.
+
+Ray is imported only here; ``vnodes.runtime`` never needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import secrets
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from vnodes.runtime.checkpoint import check_checkpoint_dir, latest_checkpoint
+from vnodes.runtime.errors import InvalidJobSpec
+from vnodes.runtime.events import Callback, Event, RunState, fire
+from vnodes.runtime.spec import JobSpec
+from vnodes.runtime.train import TrainResult
+
+from .launcher import start_master
+from .master import JobState
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RayWorkerOptions:
+    """What each worker actor asks Ray for."""
+
+    num_cpus: float = 1.0
+    num_gpus: Optional[float] = None  # None: 1 when the cluster has GPUs (one worker per device), else 0
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)  # custom, e.g. {"a100": 1}
+    slowdown: float = 1.0  # test knob: stretch each step (simulates a slower device)
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise InvalidJobSpec("launcher", "'ray' needs Ray: pip install 'vnodes[ray]'") from None
+    return ray
+
+
+class WorkerActorBody:
+    """Runs one ``WorkerAgent`` inside a Ray actor until the job stops."""
+
+    def run(self, master: str, token: Optional[str], launch_index: int, env: dict[str, str],
+            slowdown: float = 1.0) -> int:
+        os.environ.update(env)
+        for path in env.get("PYTHONPATH", "").split(os.pathsep):  # the job's modules, as on the driver
+            if path and path not in sys.path:
+                sys.path.append(path)
+        from vnodes.runtime.agent import WorkerAgent
+
+        device = None
+        gpu_ids = _gpu_ids()
+        if gpu_ids:
+            device = "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+        return WorkerAgent(master, device=device, token=token, launch_index=launch_index, slowdown=slowdown).run()
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+def _gpu_ids() -> list:
+    import ray
+
+    return ray.get_gpu_ids()
+
+
+class RayFleet:
+    """The worker actors of one job, kept in step with the cluster's free resources."""
+
+    def __init__(self, address: str, token: Optional[str], options: RayWorkerOptions, max_workers: int,
+                 env: dict[str, str]):
+        self.ray = _import_ray()
+        self.address = address
+        self.token = token
+        self.options = options
+        self.max_workers = max_workers
+        self.env = env
+        self.actors: dict[int, tuple[Any, Any]] = {}  # launch index -> (actor, run ref)
+        self._next_index = 0
+        self._actor_class = self.ray.remote(WorkerActorBody)
+        self.failures: list[str] = []  # errors of actors that ended, newest last
+
+    def _fits(self, available: dict[str, float]) -> bool:
+        need = {"CPU": self.options.num_cpus, "GPU": self.options.num_gpus, **self.options.resources}
+        return all(available.get(k, 0.0) >= v for k, v in need.items() if v > 0)
+
+    def reap(self) -> None:
+        """Forget actors whose ``run`` ended (normally, or because the actor or its node died)."""
+        if not self.actors:
+            return
+        refs = {ref: i for i, (_, ref) in self.actors.items()}
+        done, _ = self.ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        for ref in done:
+            index = refs[ref]
+            try:
+                self.ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - actor died: the master already redid the step
+                log.warning("worker actor %d ended: %s", index, type(exc).__name__)
+                self.failures.append(str(exc)[-2000:])
+            self.actors.pop(index, None)
+
+    def grow(self) -> int:
+        """Start workers wherever the cluster has room for one; returns how many were started."""
+        started = 0
+        while len(self.actors) < self.max_workers and self._fits(self.ray.available_resources()):
+            index = self._next_index
+            self._next_index += 1
+            actor = self._actor_class.options(num_cpus=self.options.num_cpus, num_gpus=self.options.num_gpus,
+                                              resources=self.options.resources or None,
+                                              max_restarts=0).remote()
+            self.actors[index] = (actor, actor.run.remote(self.address, self.token, index, self.env,
+                                                          self.options.slowdown))
+            started += 1
+            time.sleep(0.2)  # let Ray account for the reservation before looking again
+        return started
+
+    def kill_all(self) -> None:
+        for actor, _ in self.actors.values():
+            with contextlib.suppress(Exception):
+                self.ray.kill(actor)
+        self.actors.clear()
+
+
+def train_ray(spec: JobSpec, steps: int, checkpoint_dir: Optional[Path], checkpoint_every: Optional[int],
+              callbacks: Sequence[Callback] = (), address: Optional[str] = None,
+              worker_options: Optional[RayWorkerOptions] = None, max_workers: Optional[int] = None,
+              poll_s: float = 1.0, ray_init_kwargs: Optional[dict] = None, fleet_hook=None,
+              max_failures_without_progress: int = 5) -> TrainResult:
+    """Train on a Ray cluster (``address=None`` starts a local Ray instance)."""
+    ray = _import_ray()
+    options = worker_options or RayWorkerOptions()
+    with contextlib.ExitStack() as stack:
+        if not ray.is_initialized():
+            ray.init(address=address, **(ray_init_kwargs or {}))
+            stack.callback(ray.shutdown)
+        if checkpoint_dir is None:
+            run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vnodes-run-")))
+        else:
+            run_dir = check_checkpoint_dir(checkpoint_dir)
+        # A cluster spanning machines reaches the master on this node's address, with a token.
+        single_host = len({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}) <= 1
+        host = "127.0.0.1" if single_host else ray.util.get_node_ip_address()
+        token = None if single_host else secrets.token_hex(16)
+        handle = start_master(spec, steps, run_dir, checkpoint_every=checkpoint_every or 0, expected_workers=1,
+                              host=host, token=token, start_grace_s=0)
+        stack.callback(handle.stop)
+        env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        if main_file:
+            env["VNODES_MAIN_FILE"] = os.path.abspath(main_file)
+        if options.num_gpus is None:
+            options = dataclasses.replace(options, num_gpus=1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
+        fleet = RayFleet(handle.address, token, options, max_workers or spec.virtual_nodes, env)
+        stack.callback(fleet.kill_all)
+        master = handle.master
+        start = master.step
+        state = RunState(step=start, steps=steps, start_step=start, samples_per_step=spec.global_batch_size)
+        t0, seen = time.perf_counter(), 0
+        fire(list(callbacks), Event.FIT_START, state)
+        try:
+            next_poll, failures_at_progress, progress = 0.0, 0, master.step
+            while not master.done:
+                if time.monotonic() >= next_poll:
+                    fleet.reap()
+                    if master.step != progress:
+                        progress, failures_at_progress = master.step, len(fleet.failures)
+                    elif len(fleet.failures) - failures_at_progress >= max_failures_without_progress:
+                        raise RuntimeError(f"{len(fleet.failures) - failures_at_progress} worker actors failed "
+                                           f"without progress; the last one: {fleet.failures[-1]}")
+                    fleet.grow()
+                    if fleet_hook is not None:
+                        fleet_hook(fleet, master)
+                    next_poll = time.monotonic() + poll_s
+                master.wait(lambda m: m.done or len(m.committed) > seen, timeout_s=0.2)
+                with master._cond:
+                    new = master.committed[seen:]
+                for c in new:
+                    state.step, state.loss, state.step_time_s = c.step + 1, c.loss, c.step_time_s
+                    fire(list(callbacks), Event.STEP_END, state)
+                seen += len(new)
+        finally:
+            fire(list(callbacks), Event.FIT_END, state)
+        if master.state == JobState.FAILED:
+            import pickle
+
+            message, error = master.failure
+            if error:
+                raise pickle.loads(error)
+            raise RuntimeError(f"the job failed: {message}")
+        wall = time.perf_counter() - t0
+        ckpt = latest_checkpoint(run_dir)
+        return TrainResult(model_state_dict=ckpt.model if ckpt else {}, losses=list(master.losses),
+                           steps=max(start, steps), checkpoint_dir=str(run_dir) if checkpoint_dir else None,
+                           wall_time_s=wall, samples_per_s=(steps - start) * spec.global_batch_size / wall)

@@ -1,0 +1,67 @@
+"""The Ray launcher on a real local Ray cluster (ray.cluster_utils.Cluster): grow, shrink, kill."""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+import torch
+
+from vnodes.runtime import train
+
+from jobs import det_f32_spec
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from vnodes.scheduler.launcher_ray import RayWorkerOptions  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+STEPS = 40
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    # Ray's sockets need a short path: a fresh folder under /tmp, removed afterwards, holds every
+    # file Ray writes (RAY_TMPDIR also moves its address file there).
+    root = tempfile.mkdtemp(prefix="vnr")
+    monkeypatch.setenv("RAY_TMPDIR", root)
+    tmp = os.path.join(root, "ray")  # Ray's default temp dir under RAY_TMPDIR: one tree for everything
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    c = Cluster(initialize_head=True, connect=True,
+                head_node_args={"num_cpus": 1, "temp_dir": tmp, "include_dashboard": False})
+    try:
+        yield c, tmp
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_follows_the_cluster_and_matches_local_bitwise(cluster, tmp_path):
+    c, tmp = cluster
+    reference = train(det_f32_spec(), steps=STEPS).model_state_dict
+    events = []
+
+    def hook(fleet, master):
+        members = len(master.membership.members) if master.membership else 0
+        if not events and master.step >= 2:
+            events.append(("add", c.add_node(num_cpus=1, temp_dir=tmp)))
+        elif len(events) == 1 and members == 2:
+            events.append(("grown", master.step))
+            c.remove_node(events[0][1])  # a node leaves: its worker dies mid-run, the step is redone
+        elif len(events) == 2 and members == 1 and master.step > events[1][1]:
+            events.append(("shrunk", master.step))
+            victim = next(iter(fleet.actors.values()))[0]
+            ray.kill(victim)  # the last worker dies: the job waits, a new actor resumes from the checkpoint
+        elif len(events) == 3 and members == 1 and master.step > events[2][1] + 1:
+            events.append(("recovered", master.step))
+
+    result = train(det_f32_spec(), steps=STEPS, checkpoint_dir=tmp_path, checkpoint_every=2, launcher="ray",
+                   launch_options={"worker_options": RayWorkerOptions(num_cpus=1, slowdown=25),
+                                   "fleet_hook": hook, "poll_s": 0.5})
+    assert [e[0] for e in events] == ["add", "grown", "shrunk", "recovered"], events
+    for k, v in reference.items():
+        assert torch.equal(result.model_state_dict[k], v), k
+    assert len(result.losses) == STEPS
