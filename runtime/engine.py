@@ -19,6 +19,8 @@ engine runs alone (``train(workers=1)``) or inside a worker agent.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import warnings
 from typing import Any, Iterable, Optional
 
 import torch
@@ -27,11 +29,14 @@ from torch import nn
 from .data import BatchKey, BatchLoader, move_batch
 from .errors import InvalidJobSpec, NonFiniteLoss
 from .faults import maybe_fail
+from .fused import FusionContext, check_fusable, concat_batches, is_out_of_memory, patch_model
 from .reduction import Block, Payload, TreeReducer
 from .sampler import VNodeSampler
 from .seeding import MODEL_STREAM, seed_generators, vnode_seed
 from .spec import JobSpec
 from .vnode_state import RunningStats
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: Optional[str]) -> torch.device:
@@ -72,6 +77,16 @@ class StepEngine:
         self.float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                                 torch.get_default_dtype())
         self._loss_checked = False
+        self.fusion: Optional[FusionContext] = None
+        self.group_size: Optional[int] = spec.fused_group_size  # None: all of a worker's nodes
+        if spec.execution == "fused":
+            unknown = check_fusable(model)
+            if unknown:
+                warnings.warn("fused execution falls back to sequential: these modules may mix samples "
+                              "across virtual nodes: " + "; ".join(unknown), stacklevel=2)
+            else:
+                self.fusion = FusionContext()
+                patch_model(model, self.fusion)
 
     @classmethod
     def build(cls, spec: JobSpec, device: Optional[torch.device] = None) -> "StepEngine":
@@ -113,6 +128,8 @@ class StepEngine:
 
         ``batches`` yields ``((step, vnode_id), batch)`` in ascending ``vnode_id``.
         """
+        if self.fusion is not None:
+            return self._compute_fused(step, list(batches))
         spec, n = self.spec, self.spec.virtual_nodes
         deterministic = spec.deterministic
         reducer = TreeReducer()
@@ -153,6 +170,10 @@ class StepEngine:
                     torch._foreach_add_(buffer_sum, contribution)
                 loss_sum += loss_share
 
+        return self._finish(step, vnode_losses, buffer_sum, loss_sum, used, reducer)
+
+    def _finish(self, step: int, vnode_losses: dict[int, torch.Tensor], buffer_sum: Optional[list[torch.Tensor]],
+                loss_sum: torch.Tensor, used: list[bool], reducer: TreeReducer) -> StepPartial:
         if not vnode_losses:
             raise ValueError(f"step {step}: this worker ran no virtual node")
         self.stats.end_compute()
@@ -163,12 +184,72 @@ class StepEngine:
                 self.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLoss(step, vnode_id, value)
 
-        if deterministic:
+        if self.spec.deterministic:
             return StepPartial(step, None, reducer.blocks(), vnode_losses_f, used)
         for i, p in enumerate(self.params):
             used[i] = p.grad is not None
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         return StepPartial(step, grads + (buffer_sum or []) + [loss_sum], [], vnode_losses_f, used)
+
+    def _compute_fused(self, step: int, batches: list[tuple[BatchKey, Any]]) -> StepPartial:
+        """Fused execution: groups of virtual nodes as one batch; out of memory -> halve, redo, remember."""
+        while True:
+            size = self.group_size or len(batches)
+            try:
+                return self._compute_groups(step, batches, size)
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc) or size == 1:
+                    raise
+                self.group_size = max(1, size // 2)
+                log.warning("out of memory with %d virtual nodes per group; retrying step %d with %d",
+                            size, step, self.group_size)
+                for p in self.params:
+                    p.grad = None
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def _compute_groups(self, step: int, batches: list[tuple[BatchKey, Any]], size: int) -> StepPartial:
+        spec, n, ctx = self.spec, self.spec.virtual_nodes, self.fusion
+        buffer_sum: Optional[list[torch.Tensor]] = None
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
+        vnode_losses: dict[int, torch.Tensor] = {}
+        for p in self.params:
+            p.grad = None
+        self.stats.begin_step()
+        for start in range(0, len(batches), size):
+            group = batches[start:start + size]
+            vnode_ids = [key[1] for key, _ in group]
+            if any(key[0] != step for key, _ in group):
+                raise ValueError(f"a batch of another step arrived during step {step}")
+            maybe_fail("load", step)
+            self.stats.restore()
+            inputs, targets = move_batch(concat_batches([b for _, b in group]), self.device, self.float_dtype)
+            ctx.groups = len(group)
+            ctx.weights = torch.tensor([self.stats.weight(v) for v in vnode_ids], dtype=torch.float64,
+                                       device=self.device)
+            ctx.generators = [torch.Generator(self.device).manual_seed(vnode_seed(spec.seed, step, v, MODEL_STREAM))
+                              for v in vnode_ids]
+            ctx.stat_sums = {}
+            try:
+                maybe_fail("forward", step)
+                per_sample = spec.loss(self.model(inputs), targets)
+                if not self._loss_checked:
+                    self._check_per_sample(per_sample, targets)
+                means = per_sample.reshape(len(group), -1).mean(dim=1)  # each node's mean loss
+                maybe_fail("backward", step)
+                (means.sum() / n).backward()
+            finally:
+                ctx.groups = 0
+            for v, m in zip(vnode_ids, means.detach()):
+                vnode_losses[v] = m
+            loss_sum += (means.detach().to(torch.float64).sum() / n).reshape(1)
+            contribution = [t for module in self.stats.modules for t in ctx.stat_sums.get(id(module), ())]
+            if contribution:
+                if buffer_sum is None:
+                    buffer_sum = contribution
+                else:
+                    torch._foreach_add_(buffer_sum, contribution)
+        return self._finish(step, vnode_losses, buffer_sum, loss_sum, [False] * len(self.params), TreeReducer())
 
     def apply(self, total: Payload, used: list[bool]) -> float:
         """Install the reduced gradients and running stats, step the optimizer; return the loss."""

@@ -29,9 +29,11 @@ class RunningStats:
         self.virtual_nodes = virtual_nodes
         self.float_buffers: list[torch.Tensor] = []
         self.int_buffers: list[torch.Tensor] = []
+        self.modules: list[nn.Module] = []  # owners of float_buffers, in order (fused execution)
         seen: set[int] = set()
         for module in model.modules():
             if isinstance(module, _NormBase) and module.track_running_stats:
+                self.modules.append(module)
                 for buf in module.buffers(recurse=False):
                     if buf is not None and id(buf) not in seen:
                         seen.add(id(buf))

@@ -1,0 +1,143 @@
+"""Fused execution: several virtual nodes of a worker as one physical batch, same math.
+
+A group of G virtual nodes runs as one batch of ``G * b`` samples (their batches concatenated along
+dimension 0). What would mix samples across virtual nodes is made per-segment:
+
+- BatchNorm1d/2d/3d compute batch statistics per segment of ``b`` samples, and each segment
+  contributes its running-statistics update to the step's policy exactly as in sequential mode;
+- Dropout draws each segment's mask from that virtual node's own generator, seeded from
+  ``(seed, step, vnode_id)``: the masks sequential execution would draw.
+
+The modules are patched in place (their ``forward`` only), so parameter and buffer names, and so
+checkpoints, stay those of the user's model. Leaf modules that are not known to be sample-wise make
+``check_fusable`` report them; the engine then falls back to sequential execution with a warning.
+Custom composite modules are assumed to compose their children sample by sample.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+# Leaf modules that treat each sample independently (no statistics across the batch, no randomness).
+SAMPLE_WISE = (
+    nn.Linear, nn.Bilinear, nn.Identity, nn.Flatten, nn.Unflatten, nn.Embedding, nn.EmbeddingBag,
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softmax, nn.LogSoftmax,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.Upsample,
+    nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.PixelShuffle,
+)
+
+
+def check_fusable(model: nn.Module) -> list[str]:
+    """Names of the modules that fused execution cannot treat per virtual node (empty: fusable)."""
+    bad = []
+    for name, module in model.named_modules():
+        if isinstance(module, (_BatchNorm, nn.Dropout)):
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            if module.dropout > 0:
+                bad.append(f"{name} (MultiheadAttention with dropout={module.dropout}: one random stream)")
+            continue
+        if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+            if module.track_running_stats:
+                bad.append(f"{name} ({type(module).__name__} tracking running stats)")
+            continue
+        if next(module.children(), None) is not None:
+            continue  # a container: its leaves decide
+        if not isinstance(module, SAMPLE_WISE) and not getattr(module, "vnodes_sample_wise", False):
+            bad.append(f"{name} ({type(module).__name__}: unknown; set `vnodes_sample_wise = True` on it "
+                       "if it treats samples independently)")
+    return bad
+
+
+class FusionContext:
+    """Per-group settings the patched modules read: segment count, weights, generators, sums."""
+
+    def __init__(self):
+        self.groups = 0  # 0: not fused (modules behave as usual)
+        self.weights: Optional[torch.Tensor] = None  # per segment: the running-stats policy weight
+        self.generators: list[torch.Generator] = []  # per segment
+        self.stat_sums: dict[int, list[torch.Tensor]] = {}  # id(bn) -> [sum of weighted mean, var]
+
+
+def patch_model(model: nn.Module, ctx: FusionContext) -> None:
+    """Give BatchNorm and Dropout modules a per-segment forward that reads ``ctx``."""
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            module.forward = types.MethodType(_make_bn_forward(ctx, type(module).forward), module)
+        elif isinstance(module, nn.Dropout):
+            module.forward = types.MethodType(_make_dropout_forward(ctx, type(module).forward), module)
+
+
+def _make_bn_forward(ctx: FusionContext, plain):
+    def forward(self: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+        if ctx.groups == 0 or not self.training:
+            return plain(self, x)
+        g = ctx.groups
+        seg = x.reshape(g, x.shape[0] // g, *x.shape[1:])  # [G, b, C, ...]
+        dims = [1] + list(range(3, seg.dim()))  # per segment: over its samples and spatial positions
+        mean = seg.mean(dim=dims, keepdim=True)
+        var = seg.var(dim=dims, unbiased=False, keepdim=True)
+        shape = [1, 1, -1] + [1] * (seg.dim() - 3)
+        y = (seg - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                n = seg.numel() // (g * seg.shape[2])
+                self.num_batches_tracked.add_(1)
+                momentum = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+                seg_mean = mean.reshape(g, -1)
+                seg_var = var.reshape(g, -1) * (n / max(n - 1, 1))  # unbiased, as BatchNorm keeps
+                w = ctx.weights.to(seg_mean.dtype).view(g, 1)
+                new_mean = ((1 - momentum) * self.running_mean + momentum * seg_mean) * w
+                new_var = ((1 - momentum) * self.running_var + momentum * seg_var) * w
+                sums = ctx.stat_sums.setdefault(id(self), [torch.zeros_like(self.running_mean),
+                                                           torch.zeros_like(self.running_var)])
+                sums[0] += new_mean.sum(0)
+                sums[1] += new_var.sum(0)
+        return y.reshape(x.shape)
+
+    return forward
+
+
+def _make_dropout_forward(ctx: FusionContext, plain):
+    def forward(self: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+        if ctx.groups == 0 or not self.training or self.p == 0:
+            return plain(self, x)
+        g = ctx.groups
+        seg = x.reshape(g, x.shape[0] // g, *x.shape[1:])
+        # The draw F.dropout makes (bernoulli_(1 - p) on the input's shape), per node's generator.
+        masks = [torch.empty_like(seg[i]).bernoulli_(1 - self.p, generator=ctx.generators[i]) for i in range(g)]
+        return (seg * torch.stack(masks) / (1 - self.p)).reshape(x.shape)
+
+    return forward
+
+
+def concat_batches(batches: list):
+    """Concatenate virtual-node batches along dimension 0 (tensors, tuples, lists, dicts)."""
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(batches, dim=0)
+    if isinstance(first, (list, tuple)):
+        return type(first)(concat_batches([b[i] for b in batches]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: concat_batches([b[k] for b in batches]) for k in first}
+    raise TypeError(f"cannot fuse batches of type {type(first).__name__}")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                              or "DefaultCPUAllocator" in text)
+

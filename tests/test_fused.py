@@ -1,0 +1,121 @@
+"""Fused execution computes what sequential execution computes (float64, CPU)."""
+
+import functools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from vnodes.runtime import InvalidJobSpec, train
+from vnodes.runtime.engine import StepEngine
+
+from jobs import cnn_spec
+
+
+def rel_err(a, b):
+    return max(((a[k].double() - b[k].double()).norm() / b[k].double().norm().clamp_min(1e-30)).item()
+               for k in b if b[k].is_floating_point())
+
+
+@pytest.mark.parametrize("group_size", [None, 2, 3])
+@pytest.mark.parametrize("running_stats", ["mean", "vnode0"])
+def test_fused_cnn_with_batchnorm_and_dropout_equals_sequential(group_size, running_stats):
+    seq = train(cnn_spec(virtual_nodes=6, running_stats=running_stats), steps=12)
+    fused = train(cnn_spec(virtual_nodes=6, running_stats=running_stats, execution="fused",
+                           fused_group_size=group_size), steps=12)
+    assert rel_err(fused.model_state_dict, seq.model_state_dict) <= 1e-9
+    assert fused.losses == pytest.approx(seq.losses, rel=1e-9)
+    for k, v in seq.model_state_dict.items():
+        if "num_batches" in k:
+            assert int(fused.model_state_dict[k]) == int(v) == 12
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab=32, dim=32, classes=4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.drop = nn.Dropout(0.1)
+        layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        # A ReLU before the BatchNorm: an affine map straight into BatchNorm would get (numerically)
+        # zero gradients on its bias, which Adam turns into noise-driven steps.
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.BatchNorm1d(dim), nn.Linear(dim, classes))
+
+    def forward(self, tokens):
+        h = self.encoder(self.drop(self.embed(tokens)))
+        return self.head(h.mean(dim=1))
+
+
+def token_data():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 32, (160, 12), generator=g)
+    return TensorDataset(x, x[:, 0] % 4)
+
+
+def transformer_spec(**kw):
+    return cnn_spec(model=lambda: TinyTransformer().double(), dataset=token_data, virtual_nodes=4,
+                    vnode_batch_size=8, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), **kw)
+
+
+def test_fused_transformer_equals_sequential():
+    seq = train(transformer_spec(), steps=8)
+    fused = train(transformer_spec(execution="fused"), steps=8)
+    assert rel_err(fused.model_state_dict, seq.model_state_dict) <= 1e-9
+    # Not vacuous: the dropout streams matter (another seed moves the result).
+    other = train(transformer_spec(seed=99), steps=8)
+    assert rel_err(other.model_state_dict, seq.model_state_dict) > 1e-4
+
+
+class MixesSamples(nn.Module):
+    def forward(self, x):
+        return x - x.mean(dim=0, keepdim=True)  # statistics across the batch: not per virtual node
+
+
+def test_unknown_modules_fall_back_to_sequential_with_a_warning():
+    def model():
+        return nn.Sequential(nn.Flatten(), MixesSamples(), nn.Linear(64, 4)).double()
+
+    spec = cnn_spec(model=model, execution="fused")
+    with pytest.warns(UserWarning, match="MixesSamples"):
+        engine = StepEngine.build(spec)
+    assert engine.fusion is None
+    seq = train(cnn_spec(model=model), steps=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = train(spec, steps=3)
+    assert rel_err(fused.model_state_dict, seq.model_state_dict) == 0.0
+
+
+def test_fused_refuses_deterministic_mode():
+    with pytest.raises(InvalidJobSpec) as err:
+        train(cnn_spec(execution="fused", deterministic=True), steps=1)
+    assert err.value.field == "execution"
+
+
+class OutOfMemoryAbove(nn.Module):
+    """Acts like an allocator that fails beyond ``limit`` samples per batch."""
+
+    vnodes_sample_wise = True
+    limit = 16
+
+    def forward(self, x):
+        if x.shape[0] > self.limit:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
+        return x
+
+
+def test_out_of_memory_halves_the_group_and_remembers(caplog):
+    def model():
+        return nn.Sequential(OutOfMemoryAbove(), nn.Flatten(), nn.Linear(64, 4)).double()
+
+    spec = cnn_spec(model=model, execution="fused", virtual_nodes=8, vnode_batch_size=4)
+    engine = StepEngine.build(spec)
+    partial = engine.compute(0, engine.loader.iterate((0, v) for v in range(8)))
+    assert engine.group_size == 4  # 32 -> 16 samples per group
+    assert len(partial.vnode_losses) == 8
+    seq = train(cnn_spec(model=model, virtual_nodes=8, vnode_batch_size=4), steps=3)
+    fused = train(spec, steps=3)
+    assert rel_err(fused.model_state_dict, seq.model_state_dict) <= 1e-9
