@@ -1,0 +1,113 @@
+"""Fused against sequential execution, and both against one plain batch (CPU, or a GPU if asked).
+
+    python benchmarks/fused.py [--device cpu|cuda] [--repeats 7]
+
+For each N x b: images/s of one plain batch of N*b (BatchNorm over all N*b samples: *not* virtual-node
+semantics, the speed anchor), of N virtual nodes run one after another (sequential), and of the same
+N virtual nodes fused into one batch with per-node BatchNorm (fused). Same model (the ResNet-style
+CNN of benchmarks/throughput.py), same data, interleaved repeats, medians; fused/plain is the ratio
+the GPU targets of issue 5 are stated in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from throughput import build_dataset, build_model, per_sample_loss  # noqa: E402
+
+from vnodes.runtime import JobSpec  # noqa: E402
+from vnodes.runtime.engine import StepEngine  # noqa: E402
+
+
+def spec(n: int, b: int, execution: str, device: str, width: int) -> JobSpec:
+    import functools
+
+    return JobSpec(model=functools.partial(build_model, width), dataset=functools.partial(build_dataset, n * b * 2),
+                   optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9), loss=per_sample_loss,
+                   virtual_nodes=n, vnode_batch_size=b, seed=0, device=device, execution=execution)
+
+
+class EngineSide:
+    def __init__(self, n, b, execution, device, width):
+        self.engine = StepEngine.build(spec(n, b, execution, device, width))
+        self.n, self.step = n, 0
+        self.batches = [b for _, b in self.engine.loader.iterate((0, v) for v in range(n))]
+
+    def run(self) -> None:
+        e = self.engine
+        partial = e.compute(self.step, (((self.step, v), b) for v, b in enumerate(self.batches)))
+        e.apply(partial.payload, partial.used)
+        self.step += 1
+
+
+class PlainBatch:
+    """One batch of N*b, BatchNorm over all of it: the fastest thing the hardware does."""
+
+    def __init__(self, n, b, device, width):
+        torch.manual_seed(0)
+        self.model = build_model(width).to(device).train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
+        data = build_dataset(n * b * 2)
+        self.x = data.tensors[0][: n * b].to(device)
+        self.y = data.tensors[1][: n * b].to(device)
+
+    def run(self) -> None:
+        loss = per_sample_loss(self.model(self.x), self.y).mean()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        loss.item()
+
+
+def time_it(side, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    side.run()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def measure(n: int, b: int, device: str, width: int, repeats: int) -> dict:
+    sides = {"plain": PlainBatch(n, b, device, width), "sequential": EngineSide(n, b, "sequential", device, width),
+             "fused": EngineSide(n, b, "fused", device, width)}
+    for side in sides.values():  # warm-up
+        side.run()
+        side.run()
+    times = {k: [] for k in sides}
+    order = list(sides)
+    for r in range(repeats):
+        for k in (order if r % 2 == 0 else order[::-1]):
+            times[k].append(time_it(sides[k], device))
+    return {k: n * b / statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--configs", nargs="+", default=["16x8", "4x32"], help="NxB pairs")
+    args = parser.parse_args()
+    print(f"\nFused execution, {args.device}, ResNet width {args.width}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print("| N x b | plain batch (img/s) | sequential (img/s) | fused (img/s) | fused / plain | fused / sequential |")
+    print("|---|---|---|---|---|---|")
+    for cfg in args.configs:
+        n, b = map(int, cfg.split("x"))
+        r = measure(n, b, args.device, args.width, args.repeats)
+        print(f"| {n} x {b} | {r['plain']:,.0f} | {r['sequential']:,.0f} | {r['fused']:,.0f} | "
+              f"{r['fused'] / r['plain']:.2f}x | {r['fused'] / r['sequential']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
