@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1, metavar="M",
                      help="local worker processes (default 1: in this process); more start a master here")
     run.add_argument("--run-dir", metavar="D", help="alias of --checkpoint-dir (the master's run directory)")
+    run.add_argument("--master-port", type=int, default=0, metavar="P",
+                     help="with --workers > 1: the embedded master's gRPC port (default: any free port)")
     run.add_argument("--launcher", choices=("local", "ray"), default="local",
                      help="local processes (default) or one actor per device of a Ray cluster")
     run.add_argument("--address", help="Ray cluster address for --launcher ray ('auto', HOST:PORT); "
@@ -145,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     spec = load_job(args.job)
     if args.deterministic:
         spec = dataclasses.replace(spec, deterministic=True)
-    launch_options = None
+    launch_options = {"master_port": args.master_port} if args.workers > 1 and args.launcher == "local" else None
     if args.launcher == "ray":
         from .launcher_ray import RayWorkerOptions
 

@@ -153,7 +153,7 @@ def run_until_done(handle: MasterHandle, processes: list[subprocess.Popen], call
 def train_local(spec: JobSpec, steps: int, workers: int, checkpoint_dir: Optional[Path],
                 checkpoint_every: Optional[int], callbacks: Sequence[Callback] = (),
                 worker_env: Optional[dict] = None, placement: str = "throughput",
-                slowdowns: Optional[Sequence[float]] = None) -> TrainResult:
+                slowdowns: Optional[Sequence[float]] = None, master_port: int = 0) -> TrainResult:
     """Train with a master in this process and ``workers`` local worker processes."""
     with contextlib.ExitStack() as stack:
         if checkpoint_dir is None:
@@ -161,7 +161,7 @@ def train_local(spec: JobSpec, steps: int, workers: int, checkpoint_dir: Optiona
         else:
             run_dir = check_checkpoint_dir(checkpoint_dir)
         handle = start_master(spec, steps, run_dir, checkpoint_every=checkpoint_every or 0,
-                              expected_workers=workers, placement=placement)
+                              expected_workers=workers, placement=placement, port=master_port)
         stack.callback(handle.stop)
         master = handle.master
         start = master.step

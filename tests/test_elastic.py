@@ -1,6 +1,8 @@
 """Contract 1, 3 and 4 with real worker processes: any worker count, crashes, joins, drains."""
 
 import json
+import os
+import random
 import signal
 import subprocess
 import sys
@@ -53,10 +55,11 @@ def test_fast_mode_two_workers_matches_within_tolerance():
         assert torch.allclose(got.model_state_dict[k], v, rtol=1e-9, atol=1e-12), k
 
 
-@pytest.mark.parametrize("faults", ["backward:3:1,reduce:8:2", "load:2:0,commit:6:2"])
+@pytest.mark.parametrize("faults", ["backward:3:1,reduce:8:2", "load:2:0,commit:6:2", "forward:1:2,checkpoint_write:3:0"])
 def test_sigkilled_workers_mid_step_cost_nothing(reference, faults):
-    """Workers die by SIGKILL in chosen phases; the survivors redo the step, bit for bit."""
-    result = train(f32_spec(), steps=STEPS, workers=3, launch_options={"worker_env": {"VNODES_FAULT": faults}})
+    """Workers die by SIGKILL in chosen phases (worker, phase, step); the survivors redo, bit for bit."""
+    result = train(f32_spec(), steps=STEPS, workers=3, checkpoint_every=2,
+                   launch_options={"worker_env": {"VNODES_FAULT": faults}})
     assert_bitwise(result.model_state_dict, reference.model_state_dict)
     assert result.losses == reference.losses
 
@@ -114,4 +117,24 @@ def test_losing_every_worker_waits_then_resumes_from_checkpoint(tmp_path, refere
                 p.kill()
         handle.stop()
     assert master.state.value == "done"
+    assert_bitwise(load_checkpoint(tmp_path)["model"], reference.model_state_dict)
+
+
+def test_sigkill_at_a_random_time(tmp_path, reference):
+    seed = int(os.environ.get("VNODES_TEST_SEED", time.time_ns()))
+    rng = random.Random(seed)
+    handle = start_master(f32_spec(), STEPS, check_checkpoint_dir(tmp_path), expected_workers=3, start_grace_s=60)
+    slow = ["--slowdown", "10"]
+    procs = [spawn_worker(handle.address, i, extra_args=slow) for i in range(3)]
+    try:
+        assert handle.master.wait(lambda m: m.step >= 1, timeout_s=90)
+        time.sleep(rng.uniform(0.0, 1.5))
+        victim = rng.randrange(3)
+        procs[victim].send_signal(signal.SIGKILL)
+        assert handle.master.wait(lambda m: m.done, timeout_s=120), f"seed {seed}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        handle.stop()
     assert_bitwise(load_checkpoint(tmp_path)["model"], reference.model_state_dict)

@@ -1,0 +1,242 @@
+"""Every GPU check of vnodes in one run (< 5 minutes on one H200), printed as one table.
+
+    python benchmarks/gpu.py            # on a machine with CUDA
+    python benchmarks/gpu.py --smoke    # tiny sizes on the CPU: checks the script itself
+
+Needs only torch (no Ray, no torchvision). Rows, side by side in this one process:
+
+- ResNet-18 (32x32 inputs), fp32 with TF32, global batch 1024: one plain batch of 1024 (BatchNorm over
+  all 1024: the speed anchor, not VN semantics); a hand-written gradient-accumulation loop 64 x 16;
+  the engine's sequential mode 64 x 16 (target >= 0.97x the hand loop); fused 64 x 16 (target >= 0.8x
+  plain); sequential and fused 8 x 128 (fused target >= 0.9x plain);
+- a GPT-2-small-sized transformer in bf16, 16 VNs x 4 sequences of 1024 tokens: fused against one
+  batch of 64 (target >= 0.95x);
+- peak memory of 64 VNs against 1 VN in sequential mode (target <= 1.1x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from vnodes.runtime import JobSpec
+from vnodes.runtime.engine import StepEngine
+
+
+# -- models ------------------------------------------------------------------------------------
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(cout)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x))))) + self.short(x))
+
+
+def resnet18(classes: int = 10, width: int = 64) -> nn.Module:
+    layers, cin = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()], width
+    for i, stride in enumerate((1, 2, 2, 2)):
+        cout = width * 2 ** i
+        layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
+        cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab=50304, dim=768, layers=12, heads=12, ctx=1024):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(ctx, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(ctx), persistent=False)
+
+    def forward(self, idx):
+        t = idx.shape[1]
+        h = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        h = self.blocks(h, mask=self.mask[:t, :t], is_causal=True)
+        return self.head(self.norm(h))
+
+
+def image_data(n, size=32):
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+def token_data(n, ctx, vocab):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (n, ctx + 1), generator=g)
+    return TensorDataset(x[:, :-1], x[:, 1:])
+
+
+def ce(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def token_ce(out, y):
+    return F.cross_entropy(out.float().transpose(1, 2), y, reduction="none").mean(dim=1)
+
+
+# -- runners -----------------------------------------------------------------------------------
+
+class Engine:
+    def __init__(self, spec: JobSpec):
+        self.engine = StepEngine.build(spec)
+        n = spec.virtual_nodes
+        self.batches = [b for _, b in self.engine.loader.iterate((0, v) for v in range(n))]
+        self.step = 0
+
+    def run(self):
+        e = self.engine
+        p = e.compute(self.step, (((self.step, v), b) for v, b in enumerate(self.batches)))
+        e.apply(p.payload, p.used)
+        self.step += 1
+
+
+class Hand:
+    """Plain PyTorch: N micro-batches with gradient accumulation (N=1: one plain batch)."""
+
+    def __init__(self, model_fn, data, n, b, device, loss, dtype=None):
+        torch.manual_seed(0)
+        self.model = model_fn().to(device).train()
+        if dtype is not None:
+            self.model = self.model.to(dtype)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        x, y = data.tensors
+        self.xs = [x[i * b:(i + 1) * b].to(device) for i in range(n)]
+        self.ys = [y[i * b:(i + 1) * b].to(device) for i in range(n)]
+        self.loss, self.n = loss, n
+
+    def run(self):
+        for x, y in zip(self.xs, self.ys):
+            (self.loss(self.model(x), y).mean() / self.n).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def rate(runners: dict, samples: dict, device: str, repeats: int) -> dict:
+    for r in runners.values():
+        r.run()
+        r.run()
+    sync(device)
+    times = {k: [] for k in runners}
+    keys = list(runners)
+    for i in range(repeats):
+        for k in (keys if i % 2 == 0 else keys[::-1]):
+            sync(device)
+            t = time.perf_counter()
+            runners[k].run()
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: samples[k] / statistics.median(v) for k, v in times.items()}
+
+
+def image_spec(n, b, execution, device, width):
+    return JobSpec(model=functools.partial(resnet18, 10, width), dataset=functools.partial(image_data, n * b),
+                   optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9), loss=ce, virtual_nodes=n,
+                   vnode_batch_size=b, device=device, execution=execution)
+
+
+def peak_memory(spec: JobSpec, device: str) -> float:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    runner = Engine(spec)
+    runner.run()
+    runner.run()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated()
+    del runner
+    return peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    width, (big_n, big_b), (few_n, few_b) = (8, (8, 4), (2, 16)) if args.smoke else (64, (64, 16), (8, 128))
+    repeats = 2 if args.smoke else args.repeats
+    t0 = time.perf_counter()
+    rows = []
+
+    total = big_n * big_b
+    data = image_data(total)
+    r = rate({
+        "plain": Hand(functools.partial(resnet18, 10, width), data, 1, total, device, ce),
+        "hand": Hand(functools.partial(resnet18, 10, width), data, big_n, big_b, device, ce),
+        "seq": Engine(image_spec(big_n, big_b, "sequential", device, width)),
+        "fused": Engine(image_spec(big_n, big_b, "fused", device, width)),
+    }, dict.fromkeys(["plain", "hand", "seq", "fused"], total), device, repeats)
+    rows += [
+        (f"ResNet-18, one plain batch of {total}", r["plain"], "anchor", ""),
+        (f"hand-written accumulation {big_n} x {big_b}", r["hand"], "anchor", ""),
+        (f"vnodes sequential {big_n} x {big_b}", r["seq"], f"{r['seq'] / r['hand']:.2f}x hand", ">= 0.97x"),
+        (f"vnodes fused {big_n} x {big_b}", r["fused"], f"{r['fused'] / r['plain']:.2f}x plain", ">= 0.8x"),
+    ]
+    r = rate({"seq": Engine(image_spec(few_n, few_b, "sequential", device, width)),
+              "fused": Engine(image_spec(few_n, few_b, "fused", device, width)),
+              "plain": Hand(functools.partial(resnet18, 10, width), data, 1, total, device, ce)},
+             dict.fromkeys(["seq", "fused", "plain"], total), device, repeats)
+    rows += [(f"vnodes sequential {few_n} x {few_b}", r["seq"], f"{r['seq'] / r['plain']:.2f}x plain", ""),
+             (f"vnodes fused {few_n} x {few_b}", r["fused"], f"{r['fused'] / r['plain']:.2f}x plain", ">= 0.9x")]
+
+    gpt = (dict(vocab=512, dim=64, layers=2, heads=4, ctx=64) if args.smoke else {})
+    ctx, vocab = gpt.get("ctx", 1024), gpt.get("vocab", 50304)
+    vn, vb = (4, 2) if args.smoke else (16, 4)
+    tokens = token_data(vn * vb, ctx, vocab)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    gpt_fn = functools.partial(_gpt_in, dtype, gpt)
+    spec = JobSpec(model=gpt_fn, dataset=functools.partial(token_data, vn * vb, ctx, vocab),
+                   optimizer=functools.partial(torch.optim.SGD, lr=1e-3), loss=token_ce, virtual_nodes=vn,
+                   vnode_batch_size=vb, device=device, execution="fused")
+    r = rate({"plain": Hand(gpt_fn, tokens, 1, vn * vb, device, token_ce), "fused": Engine(spec)},
+             {"plain": vn * vb * ctx, "fused": vn * vb * ctx}, device, repeats)
+    rows += [(f"GPT-2-small bf16, one batch of {vn * vb} x {ctx} tokens", r["plain"], "anchor (tokens/s)", ""),
+             (f"vnodes fused {vn} x {vb} sequences", r["fused"], f"{r['fused'] / r['plain']:.2f}x plain", ">= 0.95x")]
+
+    if device == "cuda":
+        one = peak_memory(image_spec(1, big_b, "sequential", device, width), device)
+        many = peak_memory(image_spec(big_n, big_b, "sequential", device, width), device)
+        rows.append((f"peak memory, {big_n} VNs vs 1 VN (sequential)", many / 2**20, f"{many / one:.3f}x", "<= 1.1x"))
+
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke)"
+    print(f"\nvnodes GPU checks: {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
+          f"{time.perf_counter() - t0:.0f} s")
+    print("| measurement | samples/s (MiB for memory) | ratio | target |")
+    print("|---|---|---|---|")
+    for label, value, ratio, target in rows:
+        print(f"| {label} | {value:,.0f} | {ratio} | {target} |")
+
+
+def _gpt_in(dtype, kwargs):
+    return GPT(**kwargs).to(dtype)
+
+
+if __name__ == "__main__":
+    main()
