@@ -30,6 +30,9 @@ test-fast: setup
 bench: setup
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/elastic.py
+	$(PY) benchmarks/control_plane.py
+	$(PY) benchmarks/fused.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

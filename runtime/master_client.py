@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import struct
 import threading
-import time
 from typing import Callable, Optional
 
 import grpc

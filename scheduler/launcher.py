@@ -125,6 +125,38 @@ def spawn_worker(address: str, launch_index: int, env: Optional[dict] = None,
                              "--launch-index", str(launch_index), *extra_args], env=child_env)
 
 
+def open_run_dir(stack: contextlib.ExitStack, checkpoint_dir: Optional[Path]) -> Path:
+    """The master's run directory: ``checkpoint_dir``, or a temporary one removed at the end."""
+    if checkpoint_dir is None:
+        return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vnodes-run-")))
+    return check_checkpoint_dir(checkpoint_dir)
+
+
+def fire_commits(master: Master, seen: int, callbacks: Sequence[Callback], state: RunState) -> int:
+    """Fire ``on_step_end`` for every step committed since the first ``seen``; return the new count."""
+    with master._cond:
+        new = master.committed[seen:]
+    for c in new:
+        state.step, state.loss, state.step_time_s = c.step + 1, c.loss, c.step_time_s
+        fire(list(callbacks), Event.STEP_END, state)
+    return seen + len(new)
+
+
+def job_result(master: Master, spec: JobSpec, run_dir: Path, keep_dir: bool, start: int, steps: int,
+               t0: float) -> TrainResult:
+    """Re-raise the job's failure (e.g. ``NonFiniteLoss``), or read the result off the final checkpoint."""
+    if master.state == JobState.FAILED:
+        message, error = master.failure
+        if error:
+            raise pickle.loads(error)
+        raise RuntimeError(f"the job failed: {message}")
+    wall = time.perf_counter() - t0
+    ckpt = latest_checkpoint(run_dir)
+    return TrainResult(model_state_dict=ckpt.model if ckpt is not None else {}, losses=list(master.losses),
+                       steps=max(start, steps), checkpoint_dir=str(run_dir) if keep_dir else None,
+                       wall_time_s=wall, samples_per_s=max(0, steps - start) * spec.global_batch_size / wall)
+
+
 def run_until_done(handle: MasterHandle, processes: list[subprocess.Popen], callbacks: Sequence[Callback],
                    state: RunState, all_dead_timeout_s: float = 30.0) -> None:
     """Fire callbacks as steps commit; return when the job is done or failed.
@@ -135,12 +167,7 @@ def run_until_done(handle: MasterHandle, processes: list[subprocess.Popen], call
     master, seen, all_dead_since = handle.master, 0, None
     while not master.done:
         master.wait(lambda m: m.done or len(m.committed) > seen, timeout_s=0.2)
-        with master._cond:
-            new = master.committed[seen:]
-        for c in new:
-            state.step, state.loss, state.step_time_s = c.step + 1, c.loss, c.step_time_s
-            fire(list(callbacks), Event.STEP_END, state)
-        seen += len(new)
+        seen = fire_commits(master, seen, callbacks, state)
         if all(p.poll() is not None for p in processes):
             all_dead_since = all_dead_since or time.monotonic()
             if time.monotonic() - all_dead_since > all_dead_timeout_s and not master.done:
@@ -156,10 +183,7 @@ def train_local(spec: JobSpec, steps: int, workers: int, checkpoint_dir: Optiona
                 slowdowns: Optional[Sequence[float]] = None, master_port: int = 0) -> TrainResult:
     """Train with a master in this process and ``workers`` local worker processes."""
     with contextlib.ExitStack() as stack:
-        if checkpoint_dir is None:
-            run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vnodes-run-")))
-        else:
-            run_dir = check_checkpoint_dir(checkpoint_dir)
+        run_dir = open_run_dir(stack, checkpoint_dir)
         handle = start_master(spec, steps, run_dir, checkpoint_every=checkpoint_every or 0,
                               expected_workers=workers, placement=placement, port=master_port)
         stack.callback(handle.stop)
@@ -178,17 +202,7 @@ def train_local(spec: JobSpec, steps: int, workers: int, checkpoint_dir: Optiona
                 run_until_done(handle, processes, callbacks, state)
             finally:
                 fire(list(callbacks), Event.FIT_END, state)
-        if master.state == JobState.FAILED:
-            message, error = master.failure
-            if error:
-                raise pickle.loads(error)
-            raise RuntimeError(f"the job failed: {message}")
-        wall = time.perf_counter() - t0
-        ckpt = latest_checkpoint(run_dir)
-        model = ckpt.model if ckpt is not None else {}
-        return TrainResult(model_state_dict=model, losses=list(master.losses), steps=max(start, steps),
-                           checkpoint_dir=str(run_dir) if checkpoint_dir is not None else None,
-                           wall_time_s=wall, samples_per_s=(steps - start) * spec.global_batch_size / wall)
+        return job_result(master, spec, run_dir, checkpoint_dir is not None, start, steps, t0)
 
 
 def _reap(processes: list[subprocess.Popen], timeout_s: float = 10.0) -> None:

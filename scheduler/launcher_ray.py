@@ -21,19 +21,16 @@ import logging
 import os
 import secrets
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from vnodes.runtime.checkpoint import check_checkpoint_dir, latest_checkpoint
 from vnodes.runtime.errors import InvalidJobSpec
 from vnodes.runtime.events import Callback, Event, RunState, fire
 from vnodes.runtime.spec import JobSpec
 from vnodes.runtime.train import TrainResult
 
-from .launcher import start_master
-from .master import JobState
+from .launcher import fire_commits, job_result, open_run_dir, start_master
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +151,7 @@ def train_ray(spec: JobSpec, steps: int, checkpoint_dir: Optional[Path], checkpo
         if not ray.is_initialized():
             ray.init(address=address, **(ray_init_kwargs or {}))
             stack.callback(ray.shutdown)
-        if checkpoint_dir is None:
-            run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vnodes-run-")))
-        else:
-            run_dir = check_checkpoint_dir(checkpoint_dir)
+        run_dir = open_run_dir(stack, checkpoint_dir)
         # A cluster spanning machines reaches the master on this node's address, with a token.
         single_host = len({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}) <= 1
         host = "127.0.0.1" if single_host else ray.util.get_node_ip_address()
@@ -193,23 +187,7 @@ def train_ray(spec: JobSpec, steps: int, checkpoint_dir: Optional[Path], checkpo
                         fleet_hook(fleet, master)
                     next_poll = time.monotonic() + poll_s
                 master.wait(lambda m: m.done or len(m.committed) > seen, timeout_s=0.2)
-                with master._cond:
-                    new = master.committed[seen:]
-                for c in new:
-                    state.step, state.loss, state.step_time_s = c.step + 1, c.loss, c.step_time_s
-                    fire(list(callbacks), Event.STEP_END, state)
-                seen += len(new)
+                seen = fire_commits(master, seen, callbacks, state)
         finally:
             fire(list(callbacks), Event.FIT_END, state)
-        if master.state == JobState.FAILED:
-            import pickle
-
-            message, error = master.failure
-            if error:
-                raise pickle.loads(error)
-            raise RuntimeError(f"the job failed: {message}")
-        wall = time.perf_counter() - t0
-        ckpt = latest_checkpoint(run_dir)
-        return TrainResult(model_state_dict=ckpt.model if ckpt else {}, losses=list(master.losses),
-                           steps=max(start, steps), checkpoint_dir=str(run_dir) if checkpoint_dir else None,
-                           wall_time_s=wall, samples_per_s=(steps - start) * spec.global_batch_size / wall)
+        return job_result(master, spec, run_dir, checkpoint_dir is not None, start, steps, t0)

@@ -96,7 +96,6 @@ def test_nan_loss_names_step_and_vnode_and_keeps_last_checkpoint(tmp_path):
 
 def test_model_without_running_statistics_trains():
     """No BatchNorm at all: nothing to average, several VNs on one worker (regression)."""
-    from jobs import synthetic_images
 
     spec = cnn_spec(model=functools.partial(nn.Sequential, nn.Flatten(), nn.Linear(64, 4)), virtual_nodes=3)
     result = train(spec, steps=3)

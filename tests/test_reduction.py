@@ -1,6 +1,5 @@
 """The canonical reduction: any partition of the virtual nodes gives the same bits."""
 
-import itertools
 import random
 
 import pytest

@@ -1,7 +1,6 @@
 """VNodeSampler reads exactly what DistributedSampler rank v reads, batch by batch, across epochs."""
 
 import pytest
-import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
