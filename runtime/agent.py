@@ -68,6 +68,16 @@ def load_job(data: bytes):
     return JobUnpickler(io.BytesIO(data)).load()
 
 
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 def _describe_device(device: torch.device) -> tuple[str, int]:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -227,7 +237,8 @@ class WorkerAgent:
         group.form(plan.membership_epoch, rank, len(plan.members))  # SYNC: rendezvous of every member
         source = plan.sync_source_rank
         if source >= 0:
-            state = group.broadcast_state(engine.state_dict() if rank == source else None, source)
+            # On the CPU: a receiver may not have the sender's device index.
+            state = group.broadcast_state(_to_cpu(engine.state_dict()) if rank == source else None, source)
             if rank != source:
                 engine.load_state_dict(state)
             return plan.step

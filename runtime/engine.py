@@ -205,6 +205,7 @@ class StepEngine:
                             size, step, self.group_size)
                 for p in self.params:
                     p.grad = None
+                self.stats.restore()  # undo the failed attempt's num_batches_tracked advance
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
@@ -243,7 +244,10 @@ class StepEngine:
             for v, m in zip(vnode_ids, means.detach()):
                 vnode_losses[v] = m
             loss_sum += (means.detach().to(torch.float64).sum() / n).reshape(1)
-            contribution = [t for module in self.stats.modules for t in ctx.stat_sums.get(id(module), ())]
+            # A BatchNorm the forward pass did not use keeps its buffers, weighted like any node's.
+            w_sum = float(ctx.weights.sum())
+            contribution = [t for module in self.stats.modules for t in ctx.stat_sums.get(
+                id(module), (module.running_mean * w_sum, module.running_var * w_sum))]
             if contribution:
                 if buffer_sum is None:
                     buffer_sum = contribution

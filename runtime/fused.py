@@ -95,6 +95,9 @@ def _make_bn_forward(ctx: FusionContext, plain):
         # momentum=1: the scratch buffers receive exactly the batch mean and unbiased batch variance.
         y = F.batch_norm(wide, batch_mean, batch_var, weight, bias, True, 1.0, self.eps)
         if self.track_running_stats and self.running_mean is not None:
+            if id(self) in ctx.stat_sums:
+                raise RuntimeError(f"fused execution: {type(self).__name__} called twice in one forward pass "
+                                   "(its running statistics would count twice); use execution='sequential'")
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 momentum = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum

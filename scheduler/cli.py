@@ -183,6 +183,9 @@ def _master(args: argparse.Namespace) -> int:
     print(f"vnodes master listening on {handle.address} (run dir {args.run_dir})", flush=True)
     try:
         handle.master.wait(lambda m: m.done, timeout_s=float("inf"))
+        # Serve until every worker has heard STOP and closed its session (or 10 s pass).
+        handle.master.wait(lambda m: all(w.state.value in ("dead", "left") for w in m.workers.values()),
+                           timeout_s=10.0)
     finally:
         handle.stop()
     if handle.master.failure:

@@ -405,7 +405,7 @@ class Master:
         if self.step >= self.steps:
             self.state = JobState.DONE
             return Plan(PlanKind.STOP, stop_reason="job finished")
-        if (m.epoch, self.step) in self.decisions or info.held_step > self.step:
+        if (m.epoch, self.step) in self.decisions:
             return Plan(PlanKind.WAIT)
         self._in_flight = (m.epoch, self.step)
         return Plan(PlanKind.RUN, m, self.step)
@@ -432,6 +432,8 @@ class Master:
             self.state = JobState.WAITING
             return
         holders = [r for r, w in enumerate(candidates) if w.held_step == self.step]
+        if not holders and self._restored and self.clock() < self.start_deadline_s:
+            return  # a restarted master: give the workers that hold the state time to reconnect
         if not holders and self._restored and any(w.held_step == self.step - 1 for w in candidates):
             # The master died after recording a commit that no worker received: redo that step.
             self.step -= 1
@@ -450,6 +452,7 @@ class Master:
                 return
             self.step = on_disk
             self.losses = self.losses[:on_disk]
+            self.checkpoint_step = max(self.checkpoint_step, on_disk)  # it exists even if never reported
             self._persist()
             sync = SYNC_CHECKPOINT
         if self._next_counts is not None and self.membership is not None and \

@@ -118,3 +118,22 @@ def test_out_of_memory_halves_the_group_and_remembers(caplog):
     seq = train(cnn_spec(model=model, virtual_nodes=8, vnode_batch_size=4), steps=3)
     fused = train(spec, steps=3)
     assert rel_err(fused.model_state_dict, seq.model_state_dict) <= 1e-9
+
+
+class SpareNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.spare = nn.BatchNorm1d(4)  # registered, never called
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 4), nn.BatchNorm1d(4))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_fused_with_an_unused_batchnorm_equals_sequential():
+    def model():
+        return SpareNorm().double()
+
+    seq = train(cnn_spec(model=model), steps=4)
+    fused = train(cnn_spec(model=model, execution="fused"), steps=4)
+    assert rel_err(fused.model_state_dict, seq.model_state_dict) <= 1e-9

@@ -161,3 +161,17 @@ def test_measured_speed_replaces_at_a_boundary():
     plan = m.plan(ids[0], 2, timeout_s=0)
     assert plan.membership.epoch == epoch + 1 and plan.membership.sync_source_rank == -1
     assert [len(v) for v in plan.membership.vnodes] == [5, 3]
+
+
+def test_worker_lost_after_writing_an_unreported_checkpoint_does_not_stall_the_job():
+    m, ids, clock = make(workers=1, checkpoint_every=2, can_resume_from_checkpoint=lambda: 2)
+    a = ids[0]
+    for step in range(2):
+        plan = m.plan(a, step, timeout_s=0)
+        assert plan.kind == PlanKind.RUN
+        m.commit(a, plan.membership.epoch, step, ok(), timeout_s=1)
+    assert m.plan(a, 2, timeout_s=0).kind == PlanKind.CHECKPOINT
+    m.lost(a, "SIGKILL right after writing step-2")  # the checkpoint exists but was never reported
+    b = m.register(WorkerInfo(""))
+    plan = m.plan(b, 0, timeout_s=0)
+    assert plan.kind == PlanKind.RUN and plan.step == 2 and plan.membership.sync_source_rank == -2
