@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cvnodes.proto\x12\tvnodes.v1\"\x93\x01\n\x11WorkerDescription\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65vice_kind\x18\x04 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12\x12\n\nthroughput\x18\x06 \x01(\x01\x12\x14\n\x0claunch_index\x18\x07 \x01(\x05\"e\n\x0fRegisterRequest\x12,\n\x06worker\x18\x01 \x01(\x0b\x32\x1c.vnodes.v1.WorkerDescription\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x11\n\theld_step\x18\x03 \x01(\x03\"\x82\x01\n\rRegisterReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\x0c\x12\x12\n\nstore_host\x18\x03 \x01(\t\x12\x12\n\nstore_port\x18\x04 \x01(\x05\x12\x0f\n\x07run_dir\x18\x05 \x01(\t\x12\x18\n\x10\x63heckpoint_every\x18\x06 \x01(\x03\"F\n\tHeartbeat\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x18\n\x10membership_epoch\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\"\x0c\n\nSessionEnd\"f\n\x0bPlanRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x18\n\x10membership_epoch\x18\x02 \x01(\x03\x12\x11\n\theld_step\x18\x03 \x01(\x03\x12\x17\n\x0f\x63heckpoint_step\x18\x04 \x01(\x03\"+\n\x06Member\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06vnodes\x18\x02 \x03(\x05\"\xea\x01\n\x04Plan\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.vnodes.v1.Plan.Kind\x12\x18\n\x10membership_epoch\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\"\n\x07members\x18\x04 \x03(\x0b\x32\x11.vnodes.v1.Member\x12\x18\n\x10sync_source_rank\x18\x05 \x01(\x05\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\x0e\n\x06losses\x18\x07 \x03(\x01\"3\n\x04Kind\x12\x07\n\x03RUN\x10\x00\x12\x08\n\x04WAIT\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x0e\n\nCHECKPOINT\x10\x03\"\x9f\x01\n\rCommitRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x18\n\x10membership_epoch\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x0e\n\x06vnodes\x18\x06 \x03(\x05\x12\x14\n\x0cvnode_losses\x18\x07 \x01(\x0c\x12\x13\n\x0bstep_time_s\x18\x08 \x01(\x01\"\x9c\x01\n\x0b\x43ommitReply\x12\x31\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x1f.vnodes.v1.CommitReply.Decision\x12\x18\n\x10membership_epoch\x18\x02 \x01(\x03\x12\x1d\n\x04next\x18\x03 \x01(\x0b\x32\x0f.vnodes.v1.Plan\"!\n\x08\x44\x65\x63ision\x12\n\n\x06\x43OMMIT\x10\x00\x12\t\n\x05\x41\x42ORT\x10\x01\"!\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x0c\n\nLeaveReply\"@\n\x0b\x46\x61ilRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\x0c\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x0b\n\tFailReply\"\x0f\n\rStatusRequest\"y\n\x0cWorkerStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0e\n\x06vnodes\x18\x05 \x03(\x05\x12\x13\n\x0bstep_time_s\x18\x06 \x01(\x01\x12\r\n\x05state\x18\x07 \x01(\t\"\x9c\x01\n\x0bStatusReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x18\n\x10membership_epoch\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x03\x12(\n\x07workers\x18\x05 \x03(\x0b\x32\x17.vnodes.v1.WorkerStatus\x12\r\n\x05state\x18\x06 \x01(\t\x12\x0e\n\x06losses\x18\x07 \x03(\x01\x32\x9f\x03\n\x06Master\x12@\n\x08Register\x12\x1a.vnodes.v1.RegisterRequest\x1a\x18.vnodes.v1.RegisterReply\x12\x38\n\x07Session\x12\x14.vnodes.v1.Heartbeat\x1a\x15.vnodes.v1.SessionEnd(\x01\x12\x32\n\x07GetPlan\x12\x16.vnodes.v1.PlanRequest\x1a\x0f.vnodes.v1.Plan\x12:\n\x06\x43ommit\x12\x18.vnodes.v1.CommitRequest\x1a\x16.vnodes.v1.CommitReply\x12\x37\n\x05Leave\x12\x17.vnodes.v1.LeaveRequest\x1a\x15.vnodes.v1.LeaveReply\x12\x34\n\x04\x46\x61il\x12\x16.vnodes.v1.FailRequest\x1a\x14.vnodes.v1.FailReply\x12:\n\x06Status\x12\x18.vnodes.v1.StatusRequest\x1a\x16.vnodes.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cvnodes.proto\x12\tvnodes.v1\"\x93\x01\n\x11WorkerDescription\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65vice_kind\x18\x04 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12\x12\n\nthroughput\x18\x06 \x01(\x01\x12\x14\n\x0claunch_index\x18\x07 \x01(\x05\"e\n\x0fRegisterRequest\x12,\n\x06worker\x18\x01 \x01(\x0b\x32\x1c.vnodes.v1.WorkerDescription\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x11\n\theld_step\x18\x03 \x01(\x03\"\x82\x01\n\rRegisterReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\x0c\x12\x12\n\nstore_host\x18\x03 \x01(\t\x12\x12\n\nstore_port\x18\x04 \x01(\x05\x12\x0f\n\x07run_dir\x18\x05 \x01(\t\x12\x18\n\x10\x63heckpoint_every\x18\x06 \x01(\x03\"F\n\tHeartbeat\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x18\n\x10membership_epoch\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\"\x0c\n\nSessionEnd\"f\n\x0bPlanRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x18\n\x10membership_epoch\x18\x02 \x01(\x03\x12\x11\n\theld_step\x18\x03 \x01(\x03\x12\x17\n\x0f\x63heckpoint_step\x18\x04 \x01(\x03\"+\n\x06Member\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06vnodes\x18\x02 \x03(\x05\"\x85\x02\n\x04Plan\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.vnodes.v1.Plan.Kind\x12\x18\n\x10membership_epoch\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\"\n\x07members\x18\x04 \x03(\x0b\x32\x11.vnodes.v1.Member\x12\x18\n\x10sync_source_rank\x18\x05 \x01(\x05\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\x0e\n\x06losses\x18\x07 \x03(\x01\x12\x19\n\x11members_unchanged\x18\x08 \x01(\x08\"3\n\x04Kind\x12\x07\n\x03RUN\x10\x00\x12\x08\n\x04WAIT\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x0e\n\nCHECKPOINT\x10\x03\"\x9f\x01\n\rCommitRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x18\n\x10membership_epoch\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x0e\n\x06vnodes\x18\x06 \x03(\x05\x12\x14\n\x0cvnode_losses\x18\x07 \x01(\x0c\x12\x13\n\x0bstep_time_s\x18\x08 \x01(\x01\"\x9c\x01\n\x0b\x43ommitReply\x12\x31\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x1f.vnodes.v1.CommitReply.Decision\x12\x18\n\x10membership_epoch\x18\x02 \x01(\x03\x12\x1d\n\x04next\x18\x03 \x01(\x0b\x32\x0f.vnodes.v1.Plan\"!\n\x08\x44\x65\x63ision\x12\n\n\x06\x43OMMIT\x10\x00\x12\t\n\x05\x41\x42ORT\x10\x01\"!\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x0c\n\nLeaveReply\"@\n\x0b\x46\x61ilRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\x0c\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x0b\n\tFailReply\"\x0f\n\rStatusRequest\"y\n\x0cWorkerStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0e\n\x06vnodes\x18\x05 \x03(\x05\x12\x13\n\x0bstep_time_s\x18\x06 \x01(\x01\x12\r\n\x05state\x18\x07 \x01(\t\"\x9c\x01\n\x0bStatusReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x18\n\x10membership_epoch\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x03\x12(\n\x07workers\x18\x05 \x03(\x0b\x32\x17.vnodes.v1.WorkerStatus\x12\r\n\x05state\x18\x06 \x01(\t\x12\x0e\n\x06losses\x18\x07 \x03(\x01\x32\x9f\x03\n\x06Master\x12@\n\x08Register\x12\x1a.vnodes.v1.RegisterRequest\x1a\x18.vnodes.v1.RegisterReply\x12\x38\n\x07Session\x12\x14.vnodes.v1.Heartbeat\x1a\x15.vnodes.v1.SessionEnd(\x01\x12\x32\n\x07GetPlan\x12\x16.vnodes.v1.PlanRequest\x1a\x0f.vnodes.v1.Plan\x12:\n\x06\x43ommit\x12\x18.vnodes.v1.CommitRequest\x1a\x16.vnodes.v1.CommitReply\x12\x37\n\x05Leave\x12\x17.vnodes.v1.LeaveRequest\x1a\x15.vnodes.v1.LeaveReply\x12\x34\n\x04\x46\x61il\x12\x16.vnodes.v1.FailRequest\x1a\x14.vnodes.v1.FailReply\x12:\n\x06Status\x12\x18.vnodes.v1.StatusRequest\x1a\x16.vnodes.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,29 +46,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEMBER']._serialized_start=603
   _globals['_MEMBER']._serialized_end=646
   _globals['_PLAN']._serialized_start=649
-  _globals['_PLAN']._serialized_end=883
-  _globals['_PLAN_KIND']._serialized_start=832
-  _globals['_PLAN_KIND']._serialized_end=883
-  _globals['_COMMITREQUEST']._serialized_start=886
-  _globals['_COMMITREQUEST']._serialized_end=1045
-  _globals['_COMMITREPLY']._serialized_start=1048
-  _globals['_COMMITREPLY']._serialized_end=1204
-  _globals['_COMMITREPLY_DECISION']._serialized_start=1171
-  _globals['_COMMITREPLY_DECISION']._serialized_end=1204
-  _globals['_LEAVEREQUEST']._serialized_start=1206
-  _globals['_LEAVEREQUEST']._serialized_end=1239
-  _globals['_LEAVEREPLY']._serialized_start=1241
-  _globals['_LEAVEREPLY']._serialized_end=1253
-  _globals['_FAILREQUEST']._serialized_start=1255
-  _globals['_FAILREQUEST']._serialized_end=1319
-  _globals['_FAILREPLY']._serialized_start=1321
-  _globals['_FAILREPLY']._serialized_end=1332
-  _globals['_STATUSREQUEST']._serialized_start=1334
-  _globals['_STATUSREQUEST']._serialized_end=1349
-  _globals['_WORKERSTATUS']._serialized_start=1351
-  _globals['_WORKERSTATUS']._serialized_end=1472
-  _globals['_STATUSREPLY']._serialized_start=1475
-  _globals['_STATUSREPLY']._serialized_end=1631
-  _globals['_MASTER']._serialized_start=1634
-  _globals['_MASTER']._serialized_end=2049
+  _globals['_PLAN']._serialized_end=910
+  _globals['_PLAN_KIND']._serialized_start=859
+  _globals['_PLAN_KIND']._serialized_end=910
+  _globals['_COMMITREQUEST']._serialized_start=913
+  _globals['_COMMITREQUEST']._serialized_end=1072
+  _globals['_COMMITREPLY']._serialized_start=1075
+  _globals['_COMMITREPLY']._serialized_end=1231
+  _globals['_COMMITREPLY_DECISION']._serialized_start=1198
+  _globals['_COMMITREPLY_DECISION']._serialized_end=1231
+  _globals['_LEAVEREQUEST']._serialized_start=1233
+  _globals['_LEAVEREQUEST']._serialized_end=1266
+  _globals['_LEAVEREPLY']._serialized_start=1268
+  _globals['_LEAVEREPLY']._serialized_end=1280
+  _globals['_FAILREQUEST']._serialized_start=1282
+  _globals['_FAILREQUEST']._serialized_end=1346
+  _globals['_FAILREPLY']._serialized_start=1348
+  _globals['_FAILREPLY']._serialized_end=1359
+  _globals['_STATUSREQUEST']._serialized_start=1361
+  _globals['_STATUSREQUEST']._serialized_end=1376
+  _globals['_WORKERSTATUS']._serialized_start=1378
+  _globals['_WORKERSTATUS']._serialized_end=1499
+  _globals['_STATUSREPLY']._serialized_start=1502
+  _globals['_STATUSREPLY']._serialized_end=1658
+  _globals['_MASTER']._serialized_start=1661
+  _globals['_MASTER']._serialized_end=2076
 # @@protoc_insertion_point(module_scope)

@@ -61,6 +61,7 @@ class MasterClient:
             self.channel = grpc.insecure_channel(address)
         self.stub = vnodes_pb2_grpc.MasterStub(self.channel)
         self.metadata = ((TOKEN_METADATA, token),) if token else ()
+        self._members: tuple[int, list] = (-1, [])  # the last full member list: (epoch, members)
         self._session: Optional[threading.Thread] = None
         self._stop_session = threading.Event()
 
@@ -123,8 +124,13 @@ class MasterClient:
         pb = self.pb
         kind = {pb.Plan.RUN: "run", pb.Plan.WAIT: "wait", pb.Plan.STOP: "stop",
                 pb.Plan.CHECKPOINT: "checkpoint"}[reply.kind]
-        return PlanView(kind, reply.membership_epoch, reply.step,
-                        [(m.worker_id, list(m.vnodes)) for m in reply.members], reply.sync_source_rank,
+        if reply.members_unchanged and self._members[0] == reply.membership_epoch:
+            members = self._members[1]
+        else:
+            members = [(m.worker_id, list(m.vnodes)) for m in reply.members]
+            if members:
+                self._members = (reply.membership_epoch, members)
+        return PlanView(kind, reply.membership_epoch, reply.step, members, reply.sync_source_rank,
                         reply.stop_reason, list(reply.losses))
 
     def commit(self, worker_id: str, epoch: int, step: int, ok: bool, loss: float,

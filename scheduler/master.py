@@ -169,6 +169,7 @@ class Master:
         self.reports: dict[str, Report] = {}  # for (membership.epoch, self.step)
         self.decisions: dict[tuple[int, int], Decision] = {}
         self._decided: dict[tuple[int, int], threading.Event] = {}
+        self._callbacks: dict[tuple[int, int], list[Callable[[], None]]] = {}
         self.committed: list[CommittedStep] = []
         self._needs_reform = True
         self._in_flight: Optional[tuple[int, int]] = None  # (epoch, step) handed out, maybe undecided
@@ -274,31 +275,52 @@ class Master:
         With ``want_next``, a COMMIT comes with the worker's next plan when it is already known
         (the common case: same membership, next step), saving one round trip per step.
         """
+        decided = self.submit(worker_id, epoch, step, report)
+        # Wait outside the lock on this step's own event: 256 waiters, one wake-up each.
+        if not decided.wait(timeout=timeout_s):
+            raise BadRequest(f"step {step} of epoch {epoch} undecided after {timeout_s} s")
+        return self.outcome(worker_id, epoch, step, want_next)
+
+    def submit(self, worker_id: str, epoch: int, step: int, report: Report,
+               on_decided: Optional[Callable[[], None]] = None) -> threading.Event:
+        """The non-blocking half of ``commit``: record the report, return the step's decision event.
+
+        ``on_decided`` runs once the step is decided (at once if it already is), on whichever thread
+        decides it, with the master's lock held: keep it tiny (e.g. ``loop.call_soon_threadsafe``).
+        """
         key = (epoch, step)
         with self._cond:
             info = self._get(worker_id)
+            decided = self._decided.setdefault(key, threading.Event())
             if self.membership is None or epoch != self.membership.epoch:
                 current = self.membership.epoch if self.membership else self.epoch_counter
-                if key in self.decisions:
-                    return self.decisions[key], None
-                raise StaleEpoch(epoch, current)
-            if worker_id not in self.membership.members:
+                if key not in self.decisions:
+                    raise StaleEpoch(epoch, current)
+            elif worker_id not in self.membership.members:
                 raise BadRequest(f"worker {worker_id} is not a member of epoch {epoch}")
-            if step != self.step and key not in self.decisions:
+            elif step != self.step and key not in self.decisions:
                 raise BadRequest(f"commit for step {step}, but the job is at step {self.step}")
-            if key not in self.decisions:
+            elif key not in self.decisions:
                 info.step_time_s = report.step_time_s
                 self.reports[worker_id] = report
+                if on_decided is not None:
+                    self._callbacks.setdefault(key, []).append(on_decided)
+                    on_decided = None
                 if not report.ok:
                     self._abort_current(f"worker {worker_id} could not reduce step {step}")
                 elif len(self.reports) == len(self.membership.members):
                     self._commit_current()
-            decided = self._decided.setdefault(key, threading.Event())
-        # Wait outside the lock on this step's own event: 256 waiters, one wake-up each.
-        if not decided.wait(timeout=timeout_s):
-            raise BadRequest(f"step {step} of epoch {epoch} undecided after {timeout_s} s")
+        if on_decided is not None:  # decided before this report arrived
+            on_decided()
+        return decided
+
+    def outcome(self, worker_id: str, epoch: int, step: int, want_next: bool) -> tuple[Decision, Optional[Plan]]:
+        """The decision of a decided step, and (with ``want_next``, on COMMIT) the worker's next plan."""
         with self._cond:
-            decision = self.decisions[key]
+            info = self._get(worker_id)
+            decision = self.decisions.get((epoch, step))
+            if decision is None:
+                raise BadRequest(f"step {step} of epoch {epoch} is not decided (or too old to remember)")
             if decision != Decision.COMMIT or not want_next or info.state == WorkerState.DEAD:
                 return decision, None
             info.held_step = step + 1
@@ -336,6 +358,8 @@ class Master:
     def _decide(self, key: tuple[int, int], decision: Decision) -> None:
         self.decisions.setdefault(key, decision)
         self._decided.setdefault(key, threading.Event()).set()
+        for callback in self._callbacks.pop(key, ()):
+            callback()
         self._cond.notify_all()
 
     def _commit_current(self) -> None:
@@ -354,6 +378,7 @@ class Master:
         for old in [k for k in self.decisions if k[1] < self.step - 8]:  # late callers of old steps: rare
             self.decisions.pop(old, None)
             self._decided.pop(old, None)
+            self._callbacks.pop(old, None)
         for w, vnodes, r in zip(m.members, m.vnodes, reports):
             info = self.workers[w]
             if info.state in (WorkerState.MEMBER, WorkerState.LEAVING):

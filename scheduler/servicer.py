@@ -14,9 +14,12 @@ Each error maps to exactly one status code:
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hmac
 import logging
 import struct
+import threading
 from concurrent import futures
 from typing import Optional
 
@@ -44,23 +47,25 @@ _PLAN_KINDS = {PlanKind.RUN: pb.Plan.RUN, PlanKind.WAIT: pb.Plan.WAIT, PlanKind.
 def _guard(method):
     """Run a handler; turn a master error into its one status code, never a silent default."""
 
-    def wrapper(self, request, context):
+    async def wrapper(self, request, context):
         try:
-            return method(self, request, context)
+            return await method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status, the server survives
             for kind, code in _CODES:
                 if isinstance(exc, kind):
-                    context.abort(code, str(exc))
-            if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortError":
+                    await context.abort(code, str(exc))
+            if isinstance(exc, (grpc.RpcError, asyncio.CancelledError)) or type(exc).__name__ == "AbortError":
                 raise
             log.exception("internal error in %s", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     wrapper.__name__ = method.__name__
     return wrapper
 
 
 class MasterServicer(pb_grpc.MasterServicer):
+    """Asyncio handlers over the thread-safe ``Master``: a waiting commit costs a future, not a thread."""
+
     def __init__(self, master: Master, job: bytes, store_host: str, store_port: int, run_dir: str,
                  checkpoint_every: int):
         self.master = master
@@ -69,9 +74,11 @@ class MasterServicer(pb_grpc.MasterServicer):
         self.store_port = store_port
         self.run_dir = run_dir
         self.checkpoint_every = checkpoint_every
+        self._pool = futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="vnodes-plan")
+        self._members_cache: tuple[int, list] = (-1, [])
 
     @_guard
-    def Register(self, request, context):
+    async def Register(self, request, context):
         w = request.worker
         info = WorkerInfo(worker_id=request.worker_id, host=w.host, pid=w.pid, device=w.device,
                           device_kind=w.device_kind, memory_bytes=w.memory_bytes, throughput=w.throughput,
@@ -83,18 +90,18 @@ class MasterServicer(pb_grpc.MasterServicer):
                                 store_port=self.store_port, run_dir=self.run_dir,
                                 checkpoint_every=self.checkpoint_every)
 
-    def Session(self, request_iterator, context):
+    async def Session(self, request_iterator, context):
         worker_id: Optional[str] = None
         reason = "session stream closed"
         try:
-            for beat in request_iterator:
+            async for beat in request_iterator:
                 if worker_id is None:
                     worker_id = beat.worker_id
                 try:
                     self.master.heartbeat(beat.worker_id)
                 except UnknownWorker as exc:
-                    context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except grpc.RpcError:
+                    await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except (grpc.RpcError, asyncio.CancelledError):
             reason = "session stream broke"
         finally:
             # A broken stream is a death at once: a crashed process cannot finish its step.
@@ -103,51 +110,73 @@ class MasterServicer(pb_grpc.MasterServicer):
         return pb.SessionEnd()
 
     @_guard
-    def GetPlan(self, request, context):
-        plan = self.master.plan(request.worker_id, request.held_step, request.checkpoint_step,
-                                timeout_s=min(5.0, max(0.1, (context.time_remaining() or 6.0) - 1.0)))
+    async def GetPlan(self, request, context):
+        # A long poll (up to 5 s): it waits in a thread so the event loop keeps serving.
+        timeout_s = min(5.0, max(0.1, (context.time_remaining() or 6.0) - 1.0))
+        plan = await asyncio.get_running_loop().run_in_executor(
+            self._pool, functools.partial(self.master.plan, request.worker_id, request.held_step,
+                                          request.checkpoint_step, timeout_s))
         return self._plan_message(plan)
 
-    def _plan_message(self, plan):
+    def _plan_message(self, plan, known_epoch: int = -1):
         reply = pb.Plan(kind=_PLAN_KINDS[plan.kind], step=plan.step, stop_reason=plan.stop_reason)
         if plan.membership is not None:
             m = plan.membership
             reply.membership_epoch = m.epoch
             reply.sync_source_rank = m.sync_source_rank
-            for worker_id, vnodes in zip(m.members, m.vnodes):
-                reply.members.add(worker_id=worker_id, vnodes=list(vnodes))
+            if m.epoch == known_epoch:
+                reply.members_unchanged = True
+            else:
+                reply.members.extend(self._members_message(m))
         if plan.kind == PlanKind.CHECKPOINT:
             reply.losses.extend(self.master.losses[:plan.step])
         return reply
 
     @_guard
-    def Commit(self, request, context):
+    async def Commit(self, request, context):
         if len(request.vnode_losses) != 8 * len(request.vnodes):
             raise BadRequest(f"vnode_losses holds {len(request.vnode_losses)} bytes for "
                              f"{len(request.vnodes)} virtual nodes (8 bytes each)")
         values = struct.unpack(f"<{len(request.vnodes)}d", request.vnode_losses)
         report = Report(ok=request.ok, loss=request.loss, vnode_losses=dict(zip(request.vnodes, values)),
                         step_time_s=request.step_time_s)
-        decision, next_plan = self.master.commit(request.worker_id, request.membership_epoch, request.step, report,
-                                                 want_next=True)
+        loop = asyncio.get_running_loop()
+        decided = loop.create_future()
+
+        def wake():  # called with the master's lock held, maybe from another thread
+            loop.call_soon_threadsafe(lambda: decided.done() or decided.set_result(None))
+
+        self.master.submit(request.worker_id, request.membership_epoch, request.step, report, on_decided=wake)
+        try:
+            await asyncio.wait_for(decided, timeout=120.0)
+        except asyncio.TimeoutError:
+            raise BadRequest(f"step {request.step} of epoch {request.membership_epoch} undecided after 120 s") from None
+        decision, next_plan = self.master.outcome(request.worker_id, request.membership_epoch, request.step,
+                                                  want_next=True)
         reply = pb.CommitReply(decision=pb.CommitReply.COMMIT if decision.value == "commit" else pb.CommitReply.ABORT,
                                membership_epoch=request.membership_epoch)
         if next_plan is not None:
-            reply.next.CopyFrom(self._plan_message(next_plan))
+            reply.next.CopyFrom(self._plan_message(next_plan, known_epoch=request.membership_epoch))
         return reply
 
+    def _members_message(self, m) -> list:
+        """The member list of an epoch, built once per epoch (every plan of the epoch repeats it)."""
+        if self._members_cache[0] != m.epoch:
+            self._members_cache = (m.epoch, [pb.Member(worker_id=w, vnodes=list(v)) for w, v in zip(m.members, m.vnodes)])
+        return self._members_cache[1]
+
     @_guard
-    def Leave(self, request, context):
+    async def Leave(self, request, context):
         self.master.leave(request.worker_id)
         return pb.LeaveReply()
 
     @_guard
-    def Fail(self, request, context):
+    async def Fail(self, request, context):
         self.master.fail(request.worker_id, request.message, request.error)
         return pb.FailReply()
 
     @_guard
-    def Status(self, request, context):
+    async def Status(self, request, context):
         m = self.master
         with m._cond:
             reply = pb.StatusReply(step=m.step, membership_epoch=m.membership.epoch if m.membership else 0,
@@ -163,22 +192,53 @@ class MasterServicer(pb_grpc.MasterServicer):
         return reply
 
 
-class _TokenInterceptor(grpc.ServerInterceptor):
+class _TokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str):
         self.token = token
 
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing or wrong token: pass the job's token (--token / VNODES_TOKEN)")
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong token: pass the job's token (--token / VNODES_TOKEN)")
 
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
         self._deny_stream = grpc.stream_unary_rpc_method_handler(deny)
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation, handler_call_details):
         given = dict(handler_call_details.invocation_metadata or ()).get(TOKEN_METADATA, "")
         if hmac.compare_digest(given.encode(), self.token.encode()):
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         return self._deny_stream if handler_call_details.method.endswith("/Session") else self._deny
+
+
+class MasterServer:
+    """A ``grpc.aio`` server on its own event-loop thread; ``stop`` may be called from any thread."""
+
+    def __init__(self, servicer: MasterServicer, address: str, interceptors: list,
+                 tls: Optional[tuple[bytes, bytes]]):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="vnodes-master-grpc", daemon=True)
+        self.thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._start(servicer, address, interceptors, tls),
+                                                     self.loop).result()
+
+    async def _start(self, servicer, address, interceptors, tls) -> int:
+        self.server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_MasterServicer_to_server(servicer, self.server)
+        if tls is not None:
+            bound = self.server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
+        else:
+            bound = self.server.add_insecure_port(address)
+        if bound == 0:
+            raise OSError(f"cannot listen on {address}")
+        await self.server.start()
+        return bound
+
+    def stop(self, grace: Optional[float] = None) -> None:
+        if not self.thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
 
 
 def is_loopback(host: str) -> bool:
@@ -186,27 +246,18 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(servicer: MasterServicer, host: str = "127.0.0.1", port: int = 0, token: Optional[str] = None,
-          tls: Optional[tuple[bytes, bytes]] = None, max_workers: int = 1024) -> tuple[grpc.Server, int]:
+          tls: Optional[tuple[bytes, bytes]] = None) -> tuple[MasterServer, int]:
     """Start the master's gRPC server; returns it and the bound port.
 
     Listening beyond loopback requires a shared ``token``; ``tls=(key_pem, cert_pem)`` adds TLS.
 
     Raises:
         ValueError: a non-loopback ``host`` without a token.
+        OSError: the address cannot be bound.
     """
     if not is_loopback(host) and not token:
         raise ValueError(f"listening on {host} needs a shared token (--token or VNODES_TOKEN); "
                          "without one, listen on 127.0.0.1")
     interceptors = [_TokenInterceptor(token)] if token else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors,
-                         options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_MasterServicer_to_server(servicer, server)
-    address = f"{host}:{port}"
-    if tls is not None:
-        bound = server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
-    else:
-        bound = server.add_insecure_port(address)
-    if bound == 0:
-        raise OSError(f"cannot listen on {address}")
-    server.start()
-    return server, bound
+    server = MasterServer(servicer, f"{host}:{port}", interceptors, tls)
+    return server, server.port
