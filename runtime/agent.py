@@ -35,7 +35,7 @@ import torch
 from .checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from .collectives import EpochGroup
 from .engine import StepEngine, resolve_device
-from .errors import VnodesError
+from .errors import StaleEpoch, VnodesError
 from .faults import maybe_fail
 from .master_client import MasterClient, MasterUnavailable, PlanView
 from .train import execution_context
@@ -200,7 +200,10 @@ class WorkerAgent:
                 except RuntimeError as exc:  # a peer vanished during the rendezvous or the broadcast
                     log.warning("epoch %d could not form: %s", plan.membership_epoch, exc)
                     group.destroy()
-                    client.commit(worker_id, plan.membership_epoch, plan.step, False, 0.0, {}, 0.0)
+                    try:
+                        client.commit(worker_id, plan.membership_epoch, plan.step, False, 0.0, {}, 0.0)
+                    except StaleEpoch:
+                        pass  # the master has moved on already: ask for the new plan
                     continue
                 except VnodesError:
                     group.destroy()
@@ -226,8 +229,11 @@ class WorkerAgent:
                 group.destroy()
                 ok, loss = False, 0.0
             maybe_fail("commit", step)
-            decision, self._next_plan = client.commit(worker_id, plan.membership_epoch, step, ok, loss,
-                                                      partial.vnode_losses, compute_s)  # SYNC: the master decides
+            try:
+                decision, self._next_plan = client.commit(worker_id, plan.membership_epoch, step, ok, loss,
+                                                          partial.vnode_losses, compute_s)  # SYNC: the master decides
+            except StaleEpoch:  # superseded and forgotten: the step did not commit here
+                decision, self._next_plan = "abort", None
             if decision == "commit":
                 engine.apply(total, used)
                 self.held_step = step + 1

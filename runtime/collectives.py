@@ -8,6 +8,7 @@ join a new one. Gradients travel here (gloo on CPU, NCCL on GPU), never over gRP
 from __future__ import annotations
 
 import datetime
+import time
 from typing import Any, Optional
 
 import torch
@@ -16,6 +17,15 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .engine import StepPartial
 from .reduction import Block, Payload, canonical_sum
+
+
+EPOCH_PREFIX = "epoch/"
+ARRIVED_KEY = "vnodes-arrived"
+ABORT_KEY = "vnodes-abort"  # set by the master when it moves on from an epoch
+
+
+class EpochSuperseded(RuntimeError):
+    """The master formed a newer epoch while this one was still gathering its members."""
 
 
 class EpochGroup:
@@ -38,7 +48,18 @@ class EpochGroup:
             RuntimeError: a peer did not arrive within the timeout.
         """
         self.destroy()
-        store = dist.PrefixStore(f"epoch/{epoch}/", self.store)
+        prefix = f"{EPOCH_PREFIX}{epoch}/"
+        # Gather every member first, polling the master's abort key: a member that died before
+        # arriving must not hold the survivors for the whole store timeout.
+        self.store.add(prefix + ARRIVED_KEY, 1)
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        while self.store.add(prefix + ARRIVED_KEY, 0) < world_size:
+            if self.store.check([prefix + ABORT_KEY]):
+                raise EpochSuperseded(f"epoch {epoch} was superseded before all {world_size} members arrived")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"epoch {epoch}: members missing after {self.timeout.total_seconds():.0f} s")
+            time.sleep(0.02)
+        store = dist.PrefixStore(prefix, self.store)
         dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size, timeout=self.timeout)
         self.epoch, self.rank, self.world_size = epoch, rank, world_size
 

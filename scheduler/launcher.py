@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch.distributed as dist
 
 from vnodes.runtime.errors import CheckpointMismatch
+from vnodes.runtime.collectives import ABORT_KEY, EPOCH_PREFIX
 from vnodes.runtime.checkpoint import check_checkpoint_dir, latest_checkpoint, list_checkpoints
 from vnodes.runtime.events import Callback, Event, RunState, fire
 from vnodes.runtime.sampler import VNodeSampler
@@ -103,6 +104,7 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
     # Fresh workers hold step 0; when start > 0 the master has them load the checkpoint.
     store_host = "127.0.0.1" if host in ("127.0.0.1", "localhost") else host
     store = dist.TCPStore(store_host, 0, is_master=True, wait_for_workers=False)
+    master.on_epoch_superseded = lambda epoch: store.set(f"{EPOCH_PREFIX}{epoch}/{ABORT_KEY}", "1")
     servicer = MasterServicer(master, pickle.dumps(spec), store_host, store.port, str(run_dir),
                               checkpoint_every or 0)
     server, bound = serve(servicer, host=host, port=port, token=token)

@@ -140,6 +140,7 @@ class Master:
                  start_grace_s: float = 30.0, heartbeat_timeout_s: float = 10.0, placement_policy: str = "throughput",
                  can_resume_from_checkpoint: Callable[[], Optional[int]] = lambda: None,
                  durable: Optional[DurableState] = None, restored: bool = False, epoch_counter: int = 0,
+                 on_epoch_superseded: Callable[[int], None] = lambda epoch: None,
                  clock: Callable[[], float] = time.monotonic):
         self.virtual_nodes = virtual_nodes
         self.steps = steps
@@ -162,6 +163,8 @@ class Master:
         self.membership: Optional[Membership] = None
         self.epoch_counter = epoch_counter
         self.durable = durable  # None: state in memory only
+        # Tells members still waiting to rendezvous in an old epoch to give up (see collectives.py).
+        self.on_epoch_superseded = on_epoch_superseded
         # Restarted from durable state: the last commit may have reached no worker (all hold step-1).
         self._restored = restored
         self.state = JobState.WAITING
@@ -449,6 +452,8 @@ class Master:
         if self.epoch_counter == 0 and len(candidates) < self.expected_workers and self.clock() < self.start_deadline_s:
             return  # first formation: give the launcher's workers a moment to arrive
         self._needs_reform = False
+        if self.membership is not None:
+            self.on_epoch_superseded(self.membership.epoch)
         for w in candidates[self.virtual_nodes:]:
             w.state = WorkerState.READY  # more workers than VNs: the rest stand by
         candidates = candidates[:self.virtual_nodes]
