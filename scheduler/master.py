@@ -136,7 +136,7 @@ class Master:
 
     def __init__(self, virtual_nodes: int, steps: int, *, start_step: int = 0, losses: Optional[list] = None,
                  checkpoint_every: int = 0, checkpoint_step: int = -1, expected_workers: int = 1,
-                 steps_per_epoch: int = 0, vnode_batch_size: int = 1, rebalance_every: int = 2,
+                 steps_per_epoch: int = 0, vnode_batch_size: int = 1, rebalance_every: int = 3,
                  start_grace_s: float = 30.0, heartbeat_timeout_s: float = 10.0, placement_policy: str = "throughput",
                  can_resume_from_checkpoint: Callable[[], Optional[int]] = lambda: None,
                  durable: Optional[DurableState] = None, restored: bool = False, epoch_counter: int = 0,
@@ -388,7 +388,7 @@ class Master:
                 info.held_step = self.step
             if r.step_time_s > 0:
                 rate = len(vnodes) / r.step_time_s
-                info.vnode_rate = rate if info.vnode_rate == 0 else 0.5 * info.vnode_rate + 0.5 * rate
+                info.vnode_rate = rate if info.vnode_rate == 0 else 0.7 * info.vnode_rate + 0.3 * rate
         if any(self.workers[w].state != WorkerState.MEMBER for w in m.members) or any(
                 w.state == WorkerState.READY for w in self.workers.values()):
             self._needs_reform = True  # joins and leaves take effect at this boundary

@@ -62,7 +62,7 @@ def estimated_step_s(counts: Sequence[int], speeds: Sequence[float]) -> float:
     return max(c / s for c, s in zip(counts, speeds))
 
 
-def rebalance(counts: Sequence[int], speeds: Sequence[float], min_gain: float = 0.05) -> Optional[list[int]]:
+def rebalance(counts: Sequence[int], speeds: Sequence[float], min_gain: float = 0.10) -> Optional[list[int]]:
     """New counts if measured speeds promise a step at least ``min_gain`` faster; else ``None``.
 
     ``speeds`` are measured virtual nodes per second of compute (all known, > 0).
