@@ -23,6 +23,15 @@ class MasterUnavailable(VnodesError):
         return f"cannot reach the master at {self.address}: {self.detail}"
 
 
+class MasterRefused(VnodesError):
+    def __init__(self, address: str, detail: str):
+        super().__init__(address, detail)
+        self.address, self.detail = address, detail
+
+    def __str__(self) -> str:
+        return f"the master at {self.address} refused this worker: {self.detail}"
+
+
 @dataclasses.dataclass
 class Registration:
     worker_id: str
@@ -74,6 +83,8 @@ class MasterClient:
                 raise StaleEpoch(-1, -1) from exc
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise MasterUnavailable(self.address, exc.details() or code.name) from exc
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise MasterRefused(self.address, exc.details() or code.name) from exc
             if code == grpc.StatusCode.NOT_FOUND:  # a restarted master does not know us yet
                 raise MasterUnavailable(self.address, f"master forgot this worker: {exc.details()}") from exc
             raise

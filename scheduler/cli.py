@@ -122,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     master.add_argument("--steps", type=int, required=True, help="total global steps")
     master.add_argument("--port", type=int, default=29400, help="gRPC port (default 29400; 0 picks one)")
     master.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    master.add_argument("--advertise-host", help="address workers use to reach this machine's rendezvous "
+                        "store (default: --host, or this host's address when --host is 0.0.0.0)")
     master.add_argument("--token", default=os.environ.get("VNODES_TOKEN"),
                         help="shared token that workers must present (env VNODES_TOKEN)")
     master.add_argument("--run-dir", required=True, metavar="D", help="checkpoints and resumable state")
@@ -179,7 +181,7 @@ def _master(args: argparse.Namespace) -> int:
     spec = load_job(args.job)
     handle = start_master(spec, args.steps, check_checkpoint_dir(args.run_dir), checkpoint_every=args.checkpoint_every,
                           expected_workers=args.min_workers, host=args.host, port=args.port, token=args.token,
-                          placement=args.placement)
+                          placement=args.placement, advertise_host=args.advertise_host)
     print(f"vnodes master listening on {handle.address} (run dir {args.run_dir})", flush=True)
     try:
         handle.master.wait(lambda m: m.done, timeout_s=float("inf"))

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import tempfile
@@ -64,7 +65,8 @@ class MasterHandle:
 def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: int = 0,
                  expected_workers: int = 1, host: str = "127.0.0.1", port: int = 0,
                  token: Optional[str] = None, placement: str = "throughput",
-                 heartbeat_timeout_s: float = 10.0, start_grace_s: float = 60.0) -> MasterHandle:
+                 heartbeat_timeout_s: float = 10.0, start_grace_s: float = 60.0,
+                 advertise_host: Optional[str] = None) -> MasterHandle:
     """Validate the job, resume from ``run_dir`` if it holds a checkpoint, and serve the master.
 
     Raises:
@@ -104,8 +106,11 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
     # Fresh workers hold step 0; when start > 0 the master has them load the checkpoint.
     store_host = "127.0.0.1" if host in ("127.0.0.1", "localhost") else host
     store = dist.TCPStore(store_host, 0, is_master=True, wait_for_workers=False)
+    # Workers dial the store at an address they can reach: not a wildcard like 0.0.0.0.
+    advertised = advertise_host or (store_host if store_host not in ("0.0.0.0", "::", "") else
+                                    socket.gethostbyname(socket.gethostname()))
     master.on_epoch_superseded = lambda epoch: store.set(f"{EPOCH_PREFIX}{epoch}/{ABORT_KEY}", "1")
-    servicer = MasterServicer(master, pickle.dumps(spec), store_host, store.port, str(run_dir),
+    servicer = MasterServicer(master, pickle.dumps(spec), advertised, store.port, str(run_dir),
                               checkpoint_every or 0)
     server, bound = serve(servicer, host=host, port=port, token=token)
     handle = MasterHandle(master, server, store, f"{host}:{bound}")

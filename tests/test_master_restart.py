@@ -74,3 +74,30 @@ def test_master_killed_and_restarted_resumes_bitwise(tmp_path):
     for k, v in reference.items():
         assert torch.equal(final["model"][k], v), k
     assert len(final["losses"]) == STEPS
+
+
+def test_master_beyond_loopback_needs_the_token_and_advertises_a_reachable_store(tmp_path):
+    port = free_port()
+    master = vnodes("master", JOB, "--steps", "4", "--port", str(port), "--run-dir", str(tmp_path),
+                    "--host", "0.0.0.0", "--token", "s3cret")
+    try:
+        wait_for(lambda: _listening(port), timeout_s=60)
+        intruder = vnodes("worker", "--master", f"127.0.0.1:{port}", stderr=subprocess.PIPE, text=True)
+        _, err = intruder.communicate(timeout=60)
+        assert intruder.returncode == 2 and "refused" in err and "token" in err
+        worker = vnodes("worker", "--master", f"127.0.0.1:{port}", "--token", "s3cret")
+        assert worker.wait(timeout=120) == 0
+        assert master.wait(timeout=60) == 0
+    finally:
+        for p in (master,):
+            if p.poll() is None:
+                p.kill()
+    assert load_checkpoint(tmp_path)["step"] == 4
+
+
+def _listening(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
