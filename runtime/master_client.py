@@ -83,6 +83,8 @@ class MasterClient:
                 raise StaleEpoch(-1, -1) from exc
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise MasterUnavailable(self.address, exc.details() or code.name) from exc
+            if code == grpc.StatusCode.ALREADY_EXISTS:  # our old session is not yet seen as closed
+                raise MasterUnavailable(self.address, f"still registered: {exc.details()}") from exc
             if code == grpc.StatusCode.UNAUTHENTICATED:
                 raise MasterRefused(self.address, exc.details() or code.name) from exc
             if code == grpc.StatusCode.NOT_FOUND:  # a restarted master does not know us yet
