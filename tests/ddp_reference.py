@@ -72,6 +72,9 @@ def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out:
             epoch += 1
         if rank == 0:
             torch.save({"model": model.state_dict(), "losses": losses}, out)
+        # Every rank leaves together: gloo can abort a process that tears its group down while a
+        # peer is still using its connections ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
