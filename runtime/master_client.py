@@ -14,19 +14,21 @@ from .errors import StaleEpoch, VnodesError
 TOKEN_METADATA = "vnodes-token"
 
 
-class MasterUnavailable(VnodesError):
+class _MasterCallError(VnodesError):
     def __init__(self, address: str, detail: str):
         super().__init__(address, detail)
         self.address, self.detail = address, detail
+
+
+class MasterUnavailable(_MasterCallError):
+    """Recoverable: the master is down or restarting; the worker retries."""
 
     def __str__(self) -> str:
         return f"cannot reach the master at {self.address}: {self.detail}"
 
 
-class MasterRefused(VnodesError):
-    def __init__(self, address: str, detail: str):
-        super().__init__(address, detail)
-        self.address, self.detail = address, detail
+class MasterRefused(_MasterCallError):
+    """Fatal: the master rejects this worker (e.g. a missing or wrong token)."""
 
     def __str__(self) -> str:
         return f"the master at {self.address} refused this worker: {self.detail}"
