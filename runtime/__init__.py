@@ -5,8 +5,7 @@
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .engine import StepEngine
-from .errors import (CheckpointMismatch, InvalidJobSpec, MembershipChanged, NonFiniteLoss, StaleEpoch,
-                     VnodesError, WorkerLost)
+from .errors import CheckpointMismatch, InvalidJobSpec, NonFiniteLoss, StaleEpoch, VnodesError
 from .events import Callback, Event, RunState
 from .sampler import VNodeSampler
 from .seeding import vnode_seed
@@ -15,6 +14,6 @@ from .train import TrainResult, train
 
 __all__ = [
     "Callback", "Checkpoint", "CheckpointMismatch", "Event", "InvalidJobSpec", "JobSpec",
-    "MembershipChanged", "NonFiniteLoss", "RunState", "StaleEpoch", "StepEngine", "TrainResult",
-    "VNodeSampler", "VnodesError", "WorkerLost", "load_checkpoint", "train", "vnode_seed",
+    "NonFiniteLoss", "RunState", "StaleEpoch", "StepEngine", "TrainResult",
+    "VNodeSampler", "VnodesError", "load_checkpoint", "train", "vnode_seed",
 ]

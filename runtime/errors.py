@@ -1,11 +1,9 @@
 """Errors raised beside a device.
 
-Three families, so callers can decide without parsing messages:
-
-- recoverable (``WorkerLost``): a peer vanished mid-step; the step is redone in the new membership.
-- interrupts (``MembershipChanged``): the membership moved on at a step boundary; re-form, no rollback.
-- fatal (``InvalidJobSpec``, ``CheckpointMismatch``, ``NonFiniteLoss``, ``StaleEpoch``): stop and tell
-  the user what to change.
+Fatal errors a user acts on (``InvalidJobSpec``, ``CheckpointMismatch``, ``NonFiniteLoss``,
+``StaleEpoch``). Recoverable events (a lost peer: the step is redone; a membership change: the group
+is re-formed) are not exceptions that reach the user: the worker agent handles them in its loop
+(``runtime/agent.py``), and a lost master is ``master_client.MasterUnavailable`` (retried).
 
 Every exception pickles (its constructor arguments are kept in ``args``) so it can cross a process
 boundary unchanged.
@@ -16,9 +14,6 @@ from __future__ import annotations
 
 class VnodesError(Exception):
     """Base class of every error this package raises on purpose."""
-
-
-# -- fatal ------------------------------------------------------------------------------------
 
 
 class InvalidJobSpec(VnodesError, ValueError):
@@ -80,29 +75,3 @@ class StaleEpoch(VnodesError):
 
     def __str__(self) -> str:
         return f"membership epoch {self.got} is stale (current is {self.current}); re-register"
-
-
-# -- recoverable and interrupts ----------------------------------------------------------------
-
-
-class WorkerLost(VnodesError):
-    """A peer was lost during a step: the step is redone by the survivors."""
-
-    def __init__(self, step: int, detail: str = ""):
-        super().__init__(step, detail)
-        self.step = step
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"a worker was lost during step {self.step}: {self.detail}"
-
-
-class MembershipChanged(VnodesError):
-    """The membership changed at a step boundary: re-form the process group, nothing to redo."""
-
-    def __init__(self, epoch: int):
-        super().__init__(epoch)
-        self.epoch = epoch
-
-    def __str__(self) -> str:
-        return f"membership changed to epoch {self.epoch}"

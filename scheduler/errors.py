@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vnodes.runtime.errors import StaleEpoch, VnodesError
 
-__all__ = ["MasterError", "UnknownWorker", "DuplicateRegistration", "BadRequest", "StaleEpoch", "JobFailed"]
+__all__ = ["MasterError", "UnknownWorker", "DuplicateRegistration", "BadRequest", "StaleEpoch"]
 
 
 class MasterError(VnodesError):
@@ -36,12 +36,3 @@ class BadRequest(MasterError):
 
     def __str__(self) -> str:
         return self.message
-
-
-class JobFailed(MasterError):
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"the job failed: {self.message}"

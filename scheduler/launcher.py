@@ -187,7 +187,7 @@ def run_until_done(handle: MasterHandle, processes: list[subprocess.Popen], call
 def train_local(spec: JobSpec, steps: int, workers: int, checkpoint_dir: Optional[Path],
                 checkpoint_every: Optional[int], callbacks: Sequence[Callback] = (),
                 worker_env: Optional[dict] = None, placement: str = "throughput",
-                slowdowns: Optional[Sequence[float]] = None, master_port: int = 0) -> TrainResult:
+                master_port: int = 0) -> TrainResult:
     """Train with a master in this process and ``workers`` local worker processes."""
     with contextlib.ExitStack() as stack:
         run_dir = open_run_dir(stack, checkpoint_dir)
@@ -202,8 +202,7 @@ def train_local(spec: JobSpec, steps: int, workers: int, checkpoint_dir: Optiona
         stack.callback(_reap, processes)
         if steps > start:
             for i in range(workers):
-                extra = ["--slowdown", str(slowdowns[i])] if slowdowns and slowdowns[i] != 1.0 else []
-                processes.append(spawn_worker(handle.address, i, worker_env, extra))
+                processes.append(spawn_worker(handle.address, i, worker_env))
             fire(list(callbacks), Event.FIT_START, state)
             try:
                 run_until_done(handle, processes, callbacks, state)

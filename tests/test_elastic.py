@@ -36,6 +36,13 @@ def reference():
     return train(f32_spec(), steps=STEPS)
 
 
+def stop_all(procs, handle):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    handle.stop()
+
+
 def assert_bitwise(state, ref):
     assert state.keys() == ref.keys()
     for k in ref:
@@ -92,10 +99,7 @@ def test_grow_1_to_4_shrink_to_2_status_and_drain(tmp_path):
         assert master.state.value == "done" and grown_at < steps
         assert master.epoch_counter >= 3  # 1 worker, then 4, then 2
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        handle.stop()
+        stop_all(procs, handle)
     assert_bitwise(load_checkpoint(tmp_path)["model"], reference.model_state_dict)
 
 
@@ -133,8 +137,5 @@ def test_sigkill_at_a_random_time(tmp_path, reference):
         procs[victim].send_signal(signal.SIGKILL)
         assert handle.master.wait(lambda m: m.done, timeout_s=120), f"seed {seed}"
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        handle.stop()
+        stop_all(procs, handle)
     assert_bitwise(load_checkpoint(tmp_path)["model"], reference.model_state_dict)
