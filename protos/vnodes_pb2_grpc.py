@@ -39,20 +39,15 @@ class MasterStub:
                 request_serializer=vnodes__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=vnodes__pb2.RegisterReply.FromString,
                 _registered_method=True)
-        self.Session = channel.stream_unary(
+        self.Session = channel.stream_stream(
                 '/vnodes.v1.Master/Session',
-                request_serializer=vnodes__pb2.Heartbeat.SerializeToString,
-                response_deserializer=vnodes__pb2.SessionEnd.FromString,
+                request_serializer=vnodes__pb2.WorkerMessage.SerializeToString,
+                response_deserializer=vnodes__pb2.MasterMessage.FromString,
                 _registered_method=True)
         self.GetPlan = channel.unary_unary(
                 '/vnodes.v1.Master/GetPlan',
                 request_serializer=vnodes__pb2.PlanRequest.SerializeToString,
                 response_deserializer=vnodes__pb2.Plan.FromString,
-                _registered_method=True)
-        self.Commit = channel.unary_unary(
-                '/vnodes.v1.Master/Commit',
-                request_serializer=vnodes__pb2.CommitRequest.SerializeToString,
-                response_deserializer=vnodes__pb2.CommitReply.FromString,
                 _registered_method=True)
         self.Leave = channel.unary_unary(
                 '/vnodes.v1.Master/Leave',
@@ -82,22 +77,20 @@ class MasterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Session(self, request_iterator, context):
-        """Liveness: the worker streams heartbeats; a broken stream is a death at once.
+        """One long-lived stream per worker, for liveness and the per-step traffic. The worker sends
+        heartbeats and step commits; the master answers each commit once every member of the epoch
+        reported (COMMIT) or the epoch was superseded (ABORT: redo the step in the new epoch).
+        Every message counts as a sign of life; a broken stream is a death at once. Messages on an
+        open stream cost a fraction of a unary call, which is what lets one master keep up with
+        hundreds of workers (benchmarks/control_plane.py).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetPlan(self, request, context):
-        """Long-poll for what to do next: run a step in some membership epoch, wait, or stop.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Commit(self, request, context):
-        """Report a reduced step; blocks until every member of the epoch reported (COMMIT) or the epoch
-        was superseded (ABORT: redo the step in the new epoch).
+        """Long-poll for what to do next: run a step in some membership epoch, wait, or stop. In steady
+        state the next plan rides on the commit reply instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,20 +124,15 @@ def add_MasterServicer_to_server(servicer, server):
                     request_deserializer=vnodes__pb2.RegisterRequest.FromString,
                     response_serializer=vnodes__pb2.RegisterReply.SerializeToString,
             ),
-            'Session': grpc.stream_unary_rpc_method_handler(
+            'Session': grpc.stream_stream_rpc_method_handler(
                     servicer.Session,
-                    request_deserializer=vnodes__pb2.Heartbeat.FromString,
-                    response_serializer=vnodes__pb2.SessionEnd.SerializeToString,
+                    request_deserializer=vnodes__pb2.WorkerMessage.FromString,
+                    response_serializer=vnodes__pb2.MasterMessage.SerializeToString,
             ),
             'GetPlan': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPlan,
                     request_deserializer=vnodes__pb2.PlanRequest.FromString,
                     response_serializer=vnodes__pb2.Plan.SerializeToString,
-            ),
-            'Commit': grpc.unary_unary_rpc_method_handler(
-                    servicer.Commit,
-                    request_deserializer=vnodes__pb2.CommitRequest.FromString,
-                    response_serializer=vnodes__pb2.CommitReply.SerializeToString,
             ),
             'Leave': grpc.unary_unary_rpc_method_handler(
                     servicer.Leave,
@@ -210,12 +198,12 @@ class Master:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
+        return grpc.experimental.stream_stream(
             request_iterator,
             target,
             '/vnodes.v1.Master/Session',
-            vnodes__pb2.Heartbeat.SerializeToString,
-            vnodes__pb2.SessionEnd.FromString,
+            vnodes__pb2.WorkerMessage.SerializeToString,
+            vnodes__pb2.MasterMessage.FromString,
             options,
             channel_credentials,
             insecure,
@@ -243,33 +231,6 @@ class Master:
             '/vnodes.v1.Master/GetPlan',
             vnodes__pb2.PlanRequest.SerializeToString,
             vnodes__pb2.Plan.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Commit(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/vnodes.v1.Master/Commit',
-            vnodes__pb2.CommitRequest.SerializeToString,
-            vnodes__pb2.CommitReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import queue
 import struct
 import threading
-from typing import Callable, Optional
+from typing import Optional
 
 import grpc
 
@@ -32,6 +33,14 @@ class MasterRefused(_MasterCallError):
 
     def __str__(self) -> str:
         return f"the master at {self.address} refused this worker: {self.detail}"
+
+
+_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+@dataclasses.dataclass
+class _SessionEnded:
+    reason: str
 
 
 @dataclasses.dataclass
@@ -74,24 +83,32 @@ class MasterClient:
         self.metadata = ((TOKEN_METADATA, token),) if token else ()
         self._members: tuple[int, list] = (-1, [])  # the last full member list: (epoch, members)
         self._session: Optional[threading.Thread] = None
+        self._session_stream = None
         self._stop_session = threading.Event()
+        self._outbox: queue.Queue = queue.Queue()  # messages for the session stream (None: end it)
+        self._replies: queue.Queue = queue.Queue()  # commit replies, or a _SessionEnded
 
     def _call(self, method, request, timeout: float = 30.0):
         try:
             return method(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.FAILED_PRECONDITION:
-                raise StaleEpoch(-1, -1) from exc
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise MasterUnavailable(self.address, exc.details() or code.name) from exc
-            if code == grpc.StatusCode.ALREADY_EXISTS:  # our old session is not yet seen as closed
-                raise MasterUnavailable(self.address, f"still registered: {exc.details()}") from exc
-            if code == grpc.StatusCode.UNAUTHENTICATED:
-                raise MasterRefused(self.address, exc.details() or code.name) from exc
-            if code == grpc.StatusCode.NOT_FOUND:  # a restarted master does not know us yet
-                raise MasterUnavailable(self.address, f"master forgot this worker: {exc.details()}") from exc
-            raise
+            self._raise_for(exc.code(), exc.details() or exc.code().name, exc)
+
+    def _raise_for(self, code: grpc.StatusCode, details: str, cause: Optional[BaseException] = None):
+        """One meaning per status code, for unary calls and for refusals on the session stream."""
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            raise StaleEpoch(-1, -1) from cause
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise MasterUnavailable(self.address, details) from cause
+        if code == grpc.StatusCode.ALREADY_EXISTS:  # our old session is not yet seen as closed
+            raise MasterUnavailable(self.address, f"still registered: {details}") from cause
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            raise MasterRefused(self.address, details) from cause
+        if code == grpc.StatusCode.NOT_FOUND:  # a restarted master does not know us yet
+            raise MasterUnavailable(self.address, f"master forgot this worker: {details}") from cause
+        if cause is not None:
+            raise cause
+        raise VnodesError(f"the master refused a request ({code.name}): {details}")
 
     def register(self, *, host: str, pid: int, device: str, device_kind: str, memory_bytes: int,
                  throughput: float, launch_index: int, worker_id: str = "", held_step: int = -1,
@@ -109,24 +126,34 @@ class MasterClient:
         return Registration(reply.worker_id, reply.job, reply.store_host, reply.store_port, reply.run_dir,
                             reply.checkpoint_every)
 
-    def start_session(self, worker_id: str, interval_s: float = 1.0,
-                      on_broken: Optional[Callable[[], None]] = None) -> None:
-        """Stream heartbeats in the background; the master declares us dead when it breaks."""
+    def start_session(self, worker_id: str, interval_s: float = 1.0) -> None:
+        """Open the session stream: heartbeats (background) and commits go out on it, commit
+        replies come back on it. The master declares this worker dead when it breaks."""
         pb = self.pb
+        outbox, replies, stopping = self._outbox, self._replies, self._stop_session
 
-        def beats():
-            while not self._stop_session.is_set():
-                yield pb.Heartbeat(worker_id=worker_id)
-                self._stop_session.wait(interval_s)
+        def messages():
+            yield pb.WorkerMessage(worker_id=worker_id, heartbeat=pb.Heartbeat())  # names us at once
+            while not stopping.is_set():
+                try:
+                    message = outbox.get(timeout=interval_s)
+                except queue.Empty:
+                    message = pb.WorkerMessage(heartbeat=pb.Heartbeat())
+                if message is None:
+                    return
+                yield message
 
-        def run():
+        def read(stream):
             try:
-                self.stub.Session(beats(), metadata=self.metadata)
-            except grpc.RpcError:
-                if not self._stop_session.is_set() and on_broken is not None:
-                    on_broken()
+                for message in stream:
+                    replies.put(message.commit_reply)
+                replies.put(_SessionEnded("the master closed the session"))
+            except grpc.RpcError as exc:
+                replies.put(_SessionEnded(exc.details() or exc.code().name))
 
-        self._session = threading.Thread(target=run, name="vnodes-heartbeat", daemon=True)
+        stream = self.stub.Session(messages(), metadata=self.metadata)
+        self._session_stream = stream
+        self._session = threading.Thread(target=read, args=(stream,), name="vnodes-session", daemon=True)
         self._session.start()
 
     def plan(self, worker_id: str, held_step: int, checkpoint_step: int) -> PlanView:
@@ -149,14 +176,33 @@ class MasterClient:
                         reply.stop_reason, list(reply.losses))
 
     def commit(self, worker_id: str, epoch: int, step: int, ok: bool, loss: float,
-               vnode_losses: dict[int, float], step_time_s: float) -> tuple[str, Optional[PlanView]]:
-        """``("commit" | "abort", the next plan if the master already knows it)``."""
+               vnode_losses: dict[int, float], step_time_s: float,
+               timeout_s: float = 150.0) -> tuple[str, Optional[PlanView]]:
+        """Send a commit on the session stream and wait for its decision.
+
+        Returns ``("commit" | "abort", the next plan if the master already knows it)``.
+
+        Raises:
+            MasterUnavailable: the session broke or no decision came within ``timeout_s``.
+            StaleEpoch: the master no longer knows this epoch.
+        """
         pb = self.pb
+        if self._session is None:
+            raise VnodesError("commit() before start_session(): the session stream carries commits")
         vnodes = sorted(vnode_losses)
         packed = struct.pack(f"<{len(vnodes)}d", *(vnode_losses[v] for v in vnodes))
-        reply = self._call(self.stub.Commit, pb.CommitRequest(
-            worker_id=worker_id, membership_epoch=epoch, step=step, ok=ok, loss=loss, vnodes=vnodes,
-            vnode_losses=packed, step_time_s=step_time_s), timeout=120.0)
+        self._outbox.put(pb.WorkerMessage(commit=pb.CommitRequest(
+            membership_epoch=epoch, step=step, ok=ok, loss=loss, vnodes=vnodes, vnode_losses=packed,
+            step_time_s=step_time_s)))
+        try:
+            reply = self._replies.get(timeout=timeout_s)
+        except queue.Empty:
+            raise MasterUnavailable(self.address, f"no decision on step {step} within {timeout_s:.0f} s") from None
+        if isinstance(reply, _SessionEnded):
+            self._replies.put(reply)  # the session stays ended for later calls too
+            raise MasterUnavailable(self.address, f"session ended: {reply.reason}")
+        if reply.decision == pb.CommitReply.REFUSED:
+            self._raise_for(grpc.StatusCode[_STATUS_NAMES[reply.error_code]], reply.error)
         decision = "commit" if reply.decision == pb.CommitReply.COMMIT else "abort"
         return decision, self._plan_view(reply.next) if reply.HasField("next") else None
 
@@ -181,6 +227,7 @@ class MasterClient:
 
     def close(self) -> None:
         self._stop_session.set()
+        self._outbox.put(None)
         if self._session is not None:
             self._session.join(timeout=2.0)
         self.channel.close()

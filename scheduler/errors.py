@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vnodes.runtime.errors import StaleEpoch, VnodesError
 
-__all__ = ["MasterError", "UnknownWorker", "DuplicateRegistration", "BadRequest", "StaleEpoch"]
+__all__ = ["MasterError", "UnknownWorker", "DuplicateRegistration", "BadRequest", "StaleEpoch", "Undecided"]
 
 
 class MasterError(VnodesError):
@@ -36,3 +36,7 @@ class BadRequest(MasterError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class Undecided(MasterError):
+    """A commit waited too long for its step to be decided (a peer neither committed nor died)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import threading
 import time
 import uuid
@@ -88,7 +89,14 @@ class Membership:
     sync_source_rank: int
 
     def rank_of(self, worker_id: str) -> int:
-        return self.members.index(worker_id)
+        return self._ranks[worker_id]
+
+    def __contains__(self, worker_id: str) -> bool:
+        return worker_id in self._ranks
+
+    @functools.cached_property
+    def _ranks(self) -> dict[str, int]:  # O(1) lookups: every commit of every member asks
+        return {w: r for r, w in enumerate(self.members)}
 
 
 class PlanKind(str, enum.Enum):
@@ -171,7 +179,6 @@ class Master:
         self.failure: Optional[tuple[str, bytes]] = None  # (message, pickled exception)
         self.reports: dict[str, Report] = {}  # for (membership.epoch, self.step)
         self.decisions: dict[tuple[int, int], Decision] = {}
-        self._decided: dict[tuple[int, int], threading.Event] = {}
         self._callbacks: dict[tuple[int, int], list[Callable[[], None]]] = {}
         self.committed: list[CommittedStep] = []
         self._needs_reform = True
@@ -208,7 +215,7 @@ class Master:
             info = self.workers.get(worker_id)
             if info is None or info.state in (WorkerState.DEAD, WorkerState.LEFT):
                 return
-            was_member = self.membership is not None and worker_id in self.membership.members
+            was_member = self.membership is not None and worker_id in self.membership
             info.state = WorkerState.DEAD
             if was_member and self.state == JobState.RUNNING:
                 self._abort_current(f"worker {worker_id} lost: {reason}")
@@ -278,44 +285,40 @@ class Master:
         With ``want_next``, a COMMIT comes with the worker's next plan when it is already known
         (the common case: same membership, next step), saving one round trip per step.
         """
-        decided = self.submit(worker_id, epoch, step, report)
-        # Wait outside the lock on this step's own event: 256 waiters, one wake-up each.
-        if not decided.wait(timeout=timeout_s):
+        decided = threading.Event()
+        self.submit(worker_id, epoch, step, report, on_decided=decided.set)
+        if not decided.wait(timeout=timeout_s):  # outside the lock: one wake-up per waiter
             raise BadRequest(f"step {step} of epoch {epoch} undecided after {timeout_s} s")
         return self.outcome(worker_id, epoch, step, want_next)
 
     def submit(self, worker_id: str, epoch: int, step: int, report: Report,
-               on_decided: Optional[Callable[[], None]] = None) -> threading.Event:
-        """The non-blocking half of ``commit``: record the report, return the step's decision event.
-
-        ``on_decided`` runs once the step is decided (at once if it already is), on whichever thread
-        decides it, with the master's lock held: keep it tiny (e.g. ``loop.call_soon_threadsafe``).
+               on_decided: Callable[[], None]) -> None:
+        """The non-blocking half of ``commit``: record the report; ``on_decided`` runs once the step
+        is decided (at once if it already is), on whichever thread decides it, with the master's
+        lock held: keep it tiny (e.g. ``loop.call_soon_threadsafe``). ``outcome`` then tells how.
         """
         key = (epoch, step)
         with self._cond:
             info = self._get(worker_id)
-            decided = self._decided.setdefault(key, threading.Event())
             if self.membership is None or epoch != self.membership.epoch:
                 current = self.membership.epoch if self.membership else self.epoch_counter
                 if key not in self.decisions:
                     raise StaleEpoch(epoch, current)
-            elif worker_id not in self.membership.members:
+            elif worker_id not in self.membership:
                 raise BadRequest(f"worker {worker_id} is not a member of epoch {epoch}")
             elif step != self.step and key not in self.decisions:
                 raise BadRequest(f"commit for step {step}, but the job is at step {self.step}")
             elif key not in self.decisions:
                 info.step_time_s = report.step_time_s
                 self.reports[worker_id] = report
-                if on_decided is not None:
-                    self._callbacks.setdefault(key, []).append(on_decided)
-                    on_decided = None
+                self._callbacks.setdefault(key, []).append(on_decided)
+                on_decided = None
                 if not report.ok:
                     self._abort_current(f"worker {worker_id} could not reduce step {step}")
                 elif len(self.reports) == len(self.membership.members):
                     self._commit_current()
         if on_decided is not None:  # decided before this report arrived
             on_decided()
-        return decided
 
     def outcome(self, worker_id: str, epoch: int, step: int, want_next: bool) -> tuple[Decision, Optional[Plan]]:
         """The decision of a decided step, and (with ``want_next``, on COMMIT) the worker's next plan."""
@@ -360,7 +363,6 @@ class Master:
 
     def _decide(self, key: tuple[int, int], decision: Decision) -> None:
         self.decisions.setdefault(key, decision)
-        self._decided.setdefault(key, threading.Event()).set()
         for callback in self._callbacks.pop(key, ()):
             callback()
         self._cond.notify_all()
@@ -380,7 +382,6 @@ class Master:
         self._persist()
         for old in [k for k in self.decisions if k[1] < self.step - 8]:  # late callers of old steps: rare
             self.decisions.pop(old, None)
-            self._decided.pop(old, None)
             self._callbacks.pop(old, None)
         for w, vnodes, r in zip(m.members, m.vnodes, reports):
             info = self.workers[w]
@@ -419,7 +420,7 @@ class Master:
         if self._needs_reform:
             self._reform()
         m = self.membership
-        if m is None or info.worker_id not in m.members:
+        if m is None or info.worker_id not in m:
             if self.state == JobState.DONE:
                 return Plan(PlanKind.STOP, stop_reason="job finished")
             return Plan(PlanKind.WAIT)

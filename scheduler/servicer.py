@@ -8,6 +8,7 @@ Each error maps to exactly one status code:
 | DuplicateRegistration  | ALREADY_EXISTS       |
 | StaleEpoch             | FAILED_PRECONDITION  |
 | BadRequest             | INVALID_ARGUMENT     |
+| Undecided              | DEADLINE_EXCEEDED    |
 | missing/wrong token    | UNAUTHENTICATED      |
 | anything else          | INTERNAL (logged)    |
 """
@@ -28,7 +29,7 @@ import grpc
 from vnodes.protos import vnodes_pb2 as pb
 from vnodes.protos import vnodes_pb2_grpc as pb_grpc
 
-from .errors import BadRequest, DuplicateRegistration, StaleEpoch, UnknownWorker
+from .errors import BadRequest, DuplicateRegistration, StaleEpoch, Undecided, UnknownWorker
 from .master import Master, PlanKind, Report, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,24 @@ _CODES = [
     (DuplicateRegistration, grpc.StatusCode.ALREADY_EXISTS),
     (StaleEpoch, grpc.StatusCode.FAILED_PRECONDITION),
     (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (Undecided, grpc.StatusCode.DEADLINE_EXCEEDED),
 ]
 _PLAN_KINDS = {PlanKind.RUN: pb.Plan.RUN, PlanKind.WAIT: pb.Plan.WAIT, PlanKind.STOP: pb.Plan.STOP,
                PlanKind.CHECKPOINT: pb.Plan.CHECKPOINT}
+
+
+COMMIT_WAIT_S = 120.0
+
+
+def _code_of(exc: BaseException) -> grpc.StatusCode:
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _message_of(exc: BaseException) -> str:
+    return str(exc) if _code_of(exc) != grpc.StatusCode.INTERNAL else f"{type(exc).__name__}: {exc}"
 
 
 def _guard(method):
@@ -51,16 +67,45 @@ def _guard(method):
         try:
             return await method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status, the server survives
-            for kind, code in _CODES:
-                if isinstance(exc, kind):
-                    await context.abort(code, str(exc))
             if isinstance(exc, (grpc.RpcError, asyncio.CancelledError)) or type(exc).__name__ == "AbortError":
                 raise
-            log.exception("internal error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            code = _code_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("internal error in %s", method.__name__)
+            await context.abort(code, _message_of(exc))
 
     wrapper.__name__ = method.__name__
     return wrapper
+
+
+class _Decided:
+    """The asyncio side of one step's decision, shared by every member waiting on it.
+
+    ``wake`` may be called from any thread. One timer per step (not per waiter) ends the wait after
+    ``COMMIT_WAIT_S``. In steady state every member gets the same reply (COMMIT, and the next step
+    in the same membership), so it is built once, in ``reply``.
+    """
+
+    __slots__ = ("loop", "future", "table", "key", "loop_thread", "timer", "reply")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, table: dict, key: tuple[int, int]):
+        self.loop, self.future, self.table, self.key = loop, loop.create_future(), table, key
+        self.loop_thread = threading.get_ident()
+        self.timer = loop.call_later(COMMIT_WAIT_S, self._set, True)
+        self.reply = None
+
+    def wake(self) -> None:  # runs with the master's lock held: only schedules
+        if threading.get_ident() == self.loop_thread:
+            self._set()
+        else:
+            self.loop.call_soon_threadsafe(self._set)
+
+    def _set(self, timed_out: bool = False) -> None:
+        if not self.future.done():
+            self.future.set_result(timed_out)
+            self.timer.cancel()
+            if self.table.get(self.key) is self:
+                del self.table[self.key]
 
 
 class MasterServicer(pb_grpc.MasterServicer):
@@ -76,6 +121,7 @@ class MasterServicer(pb_grpc.MasterServicer):
         self.checkpoint_every = checkpoint_every
         self._pool = futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="vnodes-plan")
         self._members_cache: tuple[int, list] = (-1, [])
+        self._decided: dict[tuple[int, int], _Decided] = {}
 
     @_guard
     async def Register(self, request, context):
@@ -91,23 +137,52 @@ class MasterServicer(pb_grpc.MasterServicer):
                                 checkpoint_every=self.checkpoint_every)
 
     async def Session(self, request_iterator, context):
+        """The worker's stream: heartbeats and commits in, one reply per commit out.
+
+        Reading never stops while a commit waits for its peers (the wait runs in its own task), so
+        heartbeats keep counting during a long step. When the stream ends or breaks, the worker is
+        lost at once: a crashed process cannot finish its step.
+        """
         worker_id: Optional[str] = None
         reason = "session stream closed"
+        answering: Optional[asyncio.Task] = None
         try:
-            async for beat in request_iterator:
+            async for message in request_iterator:
                 if worker_id is None:
-                    worker_id = beat.worker_id
+                    worker_id = message.worker_id
+                elif message.worker_id and message.worker_id != worker_id:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"this session belongs to worker {worker_id}, not {message.worker_id}")
                 try:
-                    self.master.heartbeat(beat.worker_id)
+                    self.master.heartbeat(worker_id)  # every message is a sign of life
                 except UnknownWorker as exc:
+                    worker_id = None  # not ours to declare lost
                     await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+                if message.WhichOneof("body") == "commit":
+                    if answering is not None:
+                        await answering  # one commit at a time per worker: replies stay in order
+                    answering = asyncio.ensure_future(self._answer_commit(worker_id, message.commit, context))
         except (grpc.RpcError, asyncio.CancelledError):
             reason = "session stream broke"
         finally:
-            # A broken stream is a death at once: a crashed process cannot finish its step.
+            if answering is not None and not answering.done():
+                answering.cancel()
             if worker_id is not None:
                 self.master.lost(worker_id, reason)
-        return pb.SessionEnd()
+
+    async def _answer_commit(self, worker_id: str, request, context) -> None:
+        try:
+            reply = await self._commit(worker_id, request)
+        except Exception as exc:  # noqa: BLE001 - a wrong commit is refused; the stream stays open
+            code = _code_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("internal error answering a commit of %s", worker_id)
+            reply = pb.CommitReply(decision=pb.CommitReply.REFUSED, membership_epoch=request.membership_epoch,
+                                   step=request.step, error_code=code.value[0], error=_message_of(exc))
+        try:
+            await context.write(pb.MasterMessage(commit_reply=reply))
+        except (grpc.RpcError, RuntimeError):  # the stream is gone: its reader declares the loss
+            pass
 
     @_guard
     async def GetPlan(self, request, context):
@@ -132,32 +207,41 @@ class MasterServicer(pb_grpc.MasterServicer):
             reply.losses.extend(self.master.losses[:plan.step])
         return reply
 
-    @_guard
-    async def Commit(self, request, context):
+    async def _commit(self, worker_id: str, request):
+        """Record one commit; wait (without a thread) until its step is decided; build the reply."""
         if len(request.vnode_losses) != 8 * len(request.vnodes):
             raise BadRequest(f"vnode_losses holds {len(request.vnode_losses)} bytes for "
                              f"{len(request.vnodes)} virtual nodes (8 bytes each)")
         values = struct.unpack(f"<{len(request.vnodes)}d", request.vnode_losses)
         report = Report(ok=request.ok, loss=request.loss, vnode_losses=dict(zip(request.vnodes, values)),
                         step_time_s=request.step_time_s)
-        loop = asyncio.get_running_loop()
-        decided = loop.create_future()
-
-        def wake():  # called with the master's lock held, maybe from another thread
-            loop.call_soon_threadsafe(lambda: decided.done() or decided.set_result(None))
-
-        self.master.submit(request.worker_id, request.membership_epoch, request.step, report, on_decided=wake)
-        try:
-            await asyncio.wait_for(decided, timeout=120.0)
-        except asyncio.TimeoutError:
-            raise BadRequest(f"step {request.step} of epoch {request.membership_epoch} undecided after 120 s") from None
-        decision, next_plan = self.master.outcome(request.worker_id, request.membership_epoch, request.step,
-                                                  want_next=True)
+        epoch, step = request.membership_epoch, request.step
+        decided = self._decision_future((epoch, step))
+        self.master.submit(worker_id, epoch, step, report, on_decided=decided.wake)
+        # shield: a waiter whose stream breaks must not cancel the future its peers wait on
+        if await asyncio.shield(decided.future):
+            raise Undecided(f"step {step} of epoch {epoch} undecided after {COMMIT_WAIT_S:.0f} s: "
+                            "a peer neither committed nor was declared lost")
+        if decided.reply is not None:
+            return decided.reply
+        decision, next_plan = self.master.outcome(worker_id, epoch, step, want_next=True)
         reply = pb.CommitReply(decision=pb.CommitReply.COMMIT if decision.value == "commit" else pb.CommitReply.ABORT,
-                               membership_epoch=request.membership_epoch)
+                               membership_epoch=epoch, step=step)
         if next_plan is not None:
-            reply.next.CopyFrom(self._plan_message(next_plan, known_epoch=request.membership_epoch))
+            reply.next.CopyFrom(self._plan_message(next_plan, known_epoch=epoch))
+            if next_plan.membership.epoch == epoch:  # the same for every member: share it
+                decided.reply = reply
         return reply
+
+    def _decision_future(self, key: tuple[int, int]) -> "_Decided":
+        """One future per (epoch, step), shared by every member waiting on it: one wake-up per step."""
+        decided = self._decided.get(key)
+        if decided is None or decided.future.done():
+            if len(self._decided) > 64:  # refused (stale) commits leave undecided keys behind
+                for old in [k for k in self._decided if k[1] < key[1] - 8]:
+                    del self._decided[old]
+            decided = self._decided[key] = _Decided(asyncio.get_running_loop(), self._decided, key)
+        return decided
 
     def _members_message(self, m) -> list:
         """The member list of an epoch, built once per epoch (every plan of the epoch repeats it)."""
@@ -201,7 +285,7 @@ class _TokenInterceptor(grpc.aio.ServerInterceptor):
                                 "missing or wrong token: pass the job's token (--token / VNODES_TOKEN)")
 
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.stream_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
 
     async def intercept_service(self, continuation, handler_call_details):
         given = dict(handler_call_details.invocation_metadata or ()).get(TOKEN_METADATA, "")

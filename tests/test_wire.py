@@ -2,6 +2,7 @@
 
 import importlib.util
 import pathlib
+import queue
 
 import grpc
 import pytest
@@ -53,19 +54,35 @@ def test_bad_messages_get_one_clear_status_and_the_master_survives(server):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "-1" in details
     plan = stub.GetPlan(pb.PlanRequest(worker_id=wid, held_step=0), timeout=10)
     assert plan.kind == pb.Plan.RUN
-    code, details = code_of(lambda: stub.Commit(pb.CommitRequest(
-        worker_id=wid, membership_epoch=plan.membership_epoch, step=0, ok=True, vnodes=[0, 1],
-        vnode_losses=b"\x00" * 3), timeout=5))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "8 bytes each" in details
-    code, details = code_of(lambda: stub.Commit(pb.CommitRequest(
-        worker_id=wid, membership_epoch=plan.membership_epoch + 3, step=0, ok=True), timeout=5))
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and "stale" in details
-    # Still healthy: the right commit goes through.
-    reply = stub.Commit(pb.CommitRequest(worker_id=wid, membership_epoch=plan.membership_epoch, step=0, ok=True,
-                                         loss=0.5), timeout=5)
+    # Commits travel on the session stream: a wrong one is refused in-band, the stream stays open.
+    outbox = queue.Queue()
+    outbox.put(pb.WorkerMessage(worker_id=wid, heartbeat=pb.Heartbeat()))
+    replies = stub.Session(iter(outbox.get, None), timeout=20)
+
+    def commit(**fields):
+        outbox.put(pb.WorkerMessage(commit=pb.CommitRequest(**fields)))
+        return next(replies).commit_reply
+
+    reply = commit(membership_epoch=plan.membership_epoch, step=0, ok=True, vnodes=[0, 1], vnode_losses=b"\x00" * 3)
+    assert reply.decision == pb.CommitReply.REFUSED and "8 bytes each" in reply.error
+    assert reply.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    reply = commit(membership_epoch=plan.membership_epoch + 3, step=0, ok=True)
+    assert reply.decision == pb.CommitReply.REFUSED and "stale" in reply.error
+    assert reply.error_code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    # Still healthy: the right commit goes through, and the next plan rides on its reply.
+    reply = commit(membership_epoch=plan.membership_epoch, step=0, ok=True, loss=0.5)
     assert reply.decision == pb.CommitReply.COMMIT and master.step == 1
+    assert reply.next.kind == pb.Plan.RUN and reply.next.step == 1 and reply.next.members_unchanged
+    # A session cannot speak for another worker.
+    outbox.put(pb.WorkerMessage(worker_id="someone-else", heartbeat=pb.Heartbeat()))
+    with pytest.raises(grpc.RpcError) as err:
+        next(replies)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "someone-else" in err.value.details()
+    outbox.put(None)
+    # Closing the session is a loss for the master: the worker is gone from the status.
+    assert master.wait(lambda m: m.workers[wid].state.value == "dead", timeout_s=10)
     status = stub.Status(pb.StatusRequest(), timeout=5)
-    assert status.step == 1 and [w.pid for w in status.workers] == [1]
+    assert status.step == 1 and status.workers == []
 
 
 @pytest.mark.parametrize("server", ["s3cret"], indirect=True)
