@@ -39,6 +39,7 @@ from .errors import StaleEpoch, VnodesError
 from .faults import maybe_fail
 from .master_client import MasterClient, MasterUnavailable, PlanView
 from .train import execution_context
+from .watchdog import DEFAULT_HANG_TIMEOUT_S, Watchdog, hang_timeout_from_env
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,10 @@ def _describe_device(device: torch.device) -> tuple[str, int]:
 class WorkerAgent:
     def __init__(self, master: str, device: Optional[str] = None, token: Optional[str] = None,
                  launch_index: int = -1, throughput: float = 0.0, slowdown: float = 1.0,
-                 reconnect_timeout_s: float = 60.0):
+                 reconnect_timeout_s: float = 60.0, hang_timeout_s: Optional[float] = None):
+        """``hang_timeout_s``: end this process (see ``watchdog.py``) when its main thread is stuck
+        that long outside of waits on peers or the master. Only for a process of its own (the
+        ``vnodes worker`` command, spawned workers, Ray actors); None: no watchdog."""
         self.master_address = master
         self.device = resolve_device(device)
         if self.device.type == "cuda":
@@ -101,6 +105,11 @@ class WorkerAgent:
         self._draining = False
         self._left = False
         self._next_plan: Optional[PlanView] = None
+        self.watchdog = Watchdog(hang_timeout_s) if hang_timeout_s else None
+
+    def _phase(self, name: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.enter(name)
 
     def _on_sigterm(self, signum, frame) -> None:
         self._draining = True
@@ -118,11 +127,16 @@ class WorkerAgent:
         self.held_step, self.checkpoint_step = 0, -1
         reg = self._connect(worker_id="", timeout_s=30.0)
         spec = load_job(reg.job)
+        if self.watchdog is not None:
+            self.watchdog.start()
         try:
             with execution_context(spec):
+                self._phase("build")
                 engine = StepEngine.build(spec, self.device)
                 self._loop(engine, reg.run_dir)
         finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
             self.group.destroy()
             self.client.close()
         return 0
@@ -171,6 +185,7 @@ class WorkerAgent:
                     return
             except MasterUnavailable as exc:
                 self._next_plan = None
+                self._phase("join")
                 self._reconnect(exc)
 
     def _iterate(self, engine: StepEngine, run_dir: str) -> bool:
@@ -182,6 +197,7 @@ class WorkerAgent:
             if self._draining and not self._left:
                 client.leave(worker_id)
                 self._left, self._next_plan = True, None
+            self._phase("plan")
             plan = self._next_plan or client.plan(worker_id, self.held_step, self.checkpoint_step)
             self._next_plan = None
             if plan.kind == "stop":
@@ -190,11 +206,13 @@ class WorkerAgent:
             if plan.kind == "wait":
                 continue
             if plan.kind == "checkpoint":  # this worker holds the state: no group needed
+                self._phase("checkpoint")
                 self._checkpoint(engine, run_dir, plan, self.held_step, plan.membership_epoch)
                 self.checkpoint_step = self.held_step
                 continue
             rank = plan.rank_of(worker_id)
             if plan.membership_epoch != group.epoch:
+                self._phase("join")
                 try:
                     self.held_step = self._join_epoch(plan, rank, engine, group, self.held_step, run_dir)
                 except RuntimeError as exc:  # a peer vanished during the rendezvous or the broadcast
@@ -210,6 +228,7 @@ class WorkerAgent:
                     raise
 
             step = plan.step
+            self._phase("compute")
             t0 = time.perf_counter()
             vnodes = plan.members[rank][1]
             try:
@@ -221,6 +240,7 @@ class WorkerAgent:
                 time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
             compute_s = time.perf_counter() - t0
             maybe_fail("reduce", step)
+            self._phase("reduce")
             try:
                 total, used = group.reduce(partial, deterministic)  # SYNC: every member of the epoch
                 ok, loss = True, float(total[-1].item())
@@ -229,12 +249,14 @@ class WorkerAgent:
                 group.destroy()
                 ok, loss = False, 0.0
             maybe_fail("commit", step)
+            self._phase("commit")
             try:
                 decision, self._next_plan = client.commit(worker_id, plan.membership_epoch, step, ok, loss,
                                                           partial.vnode_losses, compute_s)  # SYNC: the master decides
             except StaleEpoch:  # superseded and forgotten: the step did not commit here
                 decision, self._next_plan = "abort", None
             if decision == "commit":
+                self._phase("apply")
                 engine.apply(total, used)
                 self.held_step = step + 1
 
@@ -281,6 +303,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--launch-index", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--throughput", type=float, default=0.0,
                         help="samples/s of this device, for throughput-proportional placement")
+    parser.add_argument("--hang-timeout", type=float, metavar="SECONDS", default=None,
+                        help="exit (code 3, stacks on stderr) when stuck this long outside of waits on "
+                             "peers or the master, so the job goes on without this worker; at least 10x "
+                             "the longest local phase seen; 0: never (default: env VNODES_HANG_TIMEOUT, "
+                             f"else {DEFAULT_HANG_TIMEOUT_S:.0f})")
     parser.add_argument("--slowdown", type=float, default=1.0,
                         help="test knob: stretch each step by this factor (simulates a slower device)")
 
@@ -289,8 +316,11 @@ def run_worker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=os.environ.get("VNODES_LOG", "WARNING"),
                         format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
     try:
+        hang_timeout = hang_timeout_from_env() if args.hang_timeout is None else args.hang_timeout
+        if hang_timeout is not None and hang_timeout < 0:
+            raise VnodesError(f"--hang-timeout {args.hang_timeout} is negative; use 0 to turn the watchdog off")
         return WorkerAgent(args.master, args.device, args.token, args.launch_index, args.throughput,
-                           args.slowdown).run()
+                           args.slowdown, hang_timeout_s=hang_timeout).run()
     except VnodesError as exc:
         print(f"vnodes worker: error: {exc}", file=sys.stderr)
         return 2

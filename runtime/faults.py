@@ -1,26 +1,31 @@
-"""Deterministic fault injection for tests: SIGKILL this process at a chosen phase of a chosen step.
+"""Deterministic fault injection for tests: SIGKILL (or hang) this process at a chosen phase of a step.
 
-Set ``VNODES_FAULT="phase:step"`` (several separated by commas; ``phase:step:index`` to target the
-worker whose ``VNODES_LAUNCH_INDEX`` is ``index``) in a process's environment. Phases, in step order: ``load``, ``forward``, ``backward``,
-``reduce``, ``commit``, ``checkpoint_write`` (after the temporary file is written, before the rename).
-Unset (the normal case) costs one dictionary lookup per phase.
+Set ``VNODES_FAULT="phase:step"`` in a process's environment; several faults are separated by
+commas. ``phase:step:index`` targets the worker whose ``VNODES_LAUNCH_INDEX`` is ``index``, and a
+trailing ``:hang`` makes the main thread block forever instead of dying (its other threads, such as
+heartbeats, go on: a hung worker). Phases, in step order: ``load``, ``forward``, ``backward``,
+``reduce``, ``commit``, ``checkpoint_write`` (after the temporary file is written, before the
+rename). Unset (the normal case) costs one dictionary lookup per phase.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 
 PHASES = ("load", "forward", "backward", "reduce", "commit", "checkpoint_write")
 
 
-def _parse(text: str) -> set[tuple[str, int, int | None]]:
-    faults = set()
+def _parse(text: str) -> dict[tuple[str, int, int | None], str]:
+    faults = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         parts = item.split(":")
+        action = parts.pop() if parts[-1] in ("kill", "hang") else "kill"
         if len(parts) not in (2, 3) or parts[0] not in PHASES:
-            raise ValueError(f"VNODES_FAULT item {item!r}: expected phase:step[:worker] with phase in {PHASES}")
-        faults.add((parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None))
+            raise ValueError(f"VNODES_FAULT item {item!r}: expected phase:step[:worker][:kill|hang] "
+                             f"with phase in {PHASES}")
+        faults[(parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None)] = action
     return faults
 
 
@@ -29,6 +34,11 @@ _INDEX = int(os.environ.get("VNODES_LAUNCH_INDEX", "-1"))
 
 
 def maybe_fail(phase: str, step: int) -> None:
-    """SIGKILL this process if a fault is armed for ``(phase, step)`` here."""
-    if _FAULTS and ((phase, step, None) in _FAULTS or (phase, step, _INDEX) in _FAULTS):
+    """SIGKILL this process (or block this thread forever) if a fault is armed for ``(phase, step)``."""
+    if not _FAULTS:
+        return
+    action = _FAULTS.get((phase, step, None)) or _FAULTS.get((phase, step, _INDEX))
+    if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "hang":
+        threading.Event().wait()

@@ -119,8 +119,9 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
 
 
 def spawn_worker(address: str, launch_index: int, env: Optional[dict] = None,
-                 extra_args: Sequence[str] = ()) -> subprocess.Popen:
-    """Start ``python -m vnodes.runtime.agent`` with this process's import path."""
+                 extra_args: Sequence[str] = (), stderr=None) -> subprocess.Popen:
+    """Start ``python -m vnodes.runtime.agent`` with this process's import path (``stderr``: as
+    for ``subprocess.Popen``)."""
     child_env = dict(os.environ)
     child_env.update(env or {})
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -129,7 +130,7 @@ def spawn_worker(address: str, launch_index: int, env: Optional[dict] = None,
     if main_file:  # builders defined in the launching script pickle as __main__.name
         child_env["VNODES_MAIN_FILE"] = os.path.abspath(main_file)
     return subprocess.Popen([sys.executable, "-m", "vnodes.runtime.agent", "--master", address,
-                             "--launch-index", str(launch_index), *extra_args], env=child_env)
+                             "--launch-index", str(launch_index), *extra_args], env=child_env, stderr=stderr)
 
 
 def open_run_dir(stack: contextlib.ExitStack, checkpoint_dir: Optional[Path]) -> Path:

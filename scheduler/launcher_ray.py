@@ -63,12 +63,14 @@ class WorkerActorBody:
             if path and path not in sys.path:
                 sys.path.append(path)
         from vnodes.runtime.agent import WorkerAgent
+        from vnodes.runtime.watchdog import hang_timeout_from_env
 
         device = None
         gpu_ids = _gpu_ids()
         if gpu_ids:
             device = "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
-        return WorkerAgent(master, device=device, token=token, launch_index=launch_index, slowdown=slowdown).run()
+        return WorkerAgent(master, device=device, token=token, launch_index=launch_index, slowdown=slowdown,
+                           hang_timeout_s=hang_timeout_from_env()).run()
 
     def node_id(self) -> str:
         import ray

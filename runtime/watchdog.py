@@ -1,0 +1,107 @@
+"""Self-fencing of a hung worker.
+
+Heartbeats come from a background thread, so on their own they prove that the process lives, not
+that it works: a main thread stuck in a deadlocked data loader or a wedged driver call would keep
+heartbeating while every peer waits for it in the all-reduce. The agent therefore tells the
+watchdog which phase its main thread is in. Waiting on peers or on the master (plan, rendezvous,
+reduce, commit) may take as long as they need; a *local* phase (compute, apply, checkpoint write)
+that makes no progress for ``timeout_s`` means the worker is hung. The watchdog then dumps every
+thread's stack to stderr and ends the process with ``EXIT_HUNG``. Its session stream and its
+sockets close, so the master declares it lost at once and the survivors' collective fails instead of
+waiting: they redo the step without it, exactly as after a crash.
+
+The timeout adapts: it is at least ``slack`` times the longest local phase seen so far, so a job
+whose steps legitimately take long never fences itself after its first step.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Callable, Optional
+
+from .errors import VnodesError
+
+log = logging.getLogger(__name__)
+
+EXIT_HUNG = 3
+DEFAULT_HANG_TIMEOUT_S = 300.0
+WAITING_PHASES = frozenset({"plan", "join", "reduce", "commit", "idle"})
+ONE_OFF_PHASES = frozenset({"build"})  # local, but not a measure of how long a step takes
+
+
+class Watchdog:
+    """Tracks the main thread's phase; fences the process when a local phase outlives its budget."""
+
+    def __init__(self, timeout_s: float, slack: float = 10.0, poll_s: float = 0.5,
+                 on_hang: Optional[Callable[[str, float], None]] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if timeout_s <= 0:
+            raise ValueError(f"hang timeout {timeout_s} s must be > 0 (leave the watchdog off instead)")
+        self.timeout_s = timeout_s
+        self.slack = slack
+        self.poll_s = poll_s
+        self.clock = clock
+        self.on_hang = on_hang or _fence
+        self._phase, self._since = "idle", clock()
+        self._longest_local_s = 0.0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def enter(self, phase: str) -> None:
+        """The main thread starts ``phase`` (cheap: two assignments and a clock read)."""
+        now = self.clock()
+        if self._phase not in WAITING_PHASES and self._phase not in ONE_OFF_PHASES:
+            self._longest_local_s = max(self._longest_local_s, now - self._since)
+        self._phase, self._since = phase, now
+
+    def budget_s(self) -> float:
+        return max(self.timeout_s, self.slack * self._longest_local_s)
+
+    def check(self) -> bool:
+        """Fence (``on_hang``) if the current local phase is over budget; True if it fired."""
+        phase, since = self._phase, self._since
+        stuck_s = self.clock() - since
+        if phase in WAITING_PHASES or stuck_s <= self.budget_s():
+            return False
+        self.on_hang(phase, stuck_s)
+        return True
+
+    def start(self) -> "Watchdog":
+        def run():
+            while not self._stop.wait(self.poll_s):
+                if self.check():
+                    return
+
+        self._thread = threading.Thread(target=run, name="vnodes-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+
+
+def hang_timeout_from_env() -> Optional[float]:
+    """``VNODES_HANG_TIMEOUT`` seconds (0: no watchdog), else ``DEFAULT_HANG_TIMEOUT_S``."""
+    text = os.environ.get("VNODES_HANG_TIMEOUT", "")
+    try:
+        value = float(text) if text else DEFAULT_HANG_TIMEOUT_S
+    except ValueError:
+        raise VnodesError(f"VNODES_HANG_TIMEOUT={text!r} is not a number of seconds (0 turns the watchdog off)") from None
+    if value < 0:
+        raise VnodesError(f"VNODES_HANG_TIMEOUT={text!r} is negative; use 0 to turn the watchdog off")
+    return value or None
+
+
+def _fence(phase: str, stuck_s: float) -> None:
+    print(f"vnodes worker {os.getpid()}: hung in phase {phase!r} for {stuck_s:.1f} s; dumping stacks "
+          f"and exiting with code {EXIT_HUNG} so that the job goes on without this worker", file=sys.stderr)
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    sys.stderr.flush()
+    os._exit(EXIT_HUNG)

@@ -1,0 +1,100 @@
+"""The hang watchdog: pure logic on a fake clock, and a real hung worker process."""
+
+import pytest
+
+from vnodes.runtime.watchdog import Watchdog
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def make(timeout_s=5.0):
+    clock, fired = Clock(), []
+    dog = Watchdog(timeout_s, slack=10.0, clock=clock, on_hang=lambda phase, s: fired.append((phase, s)))
+    return dog, clock, fired
+
+
+def test_waiting_on_peers_or_the_master_never_fires():
+    dog, clock, fired = make()
+    for phase in ("plan", "join", "reduce", "commit"):
+        dog.enter(phase)
+        clock.now += 1000.0
+        assert not dog.check()
+    assert fired == []
+
+
+def test_a_stuck_local_phase_fires_once_over_budget():
+    dog, clock, fired = make(timeout_s=5.0)
+    dog.enter("compute")
+    clock.now += 4.9
+    assert not dog.check()
+    clock.now += 0.2
+    assert dog.check()
+    assert fired[0][0] == "compute" and fired[0][1] == pytest.approx(5.1)
+
+
+def test_the_budget_grows_with_the_longest_local_phase_seen():
+    dog, clock, fired = make(timeout_s=5.0)
+    dog.enter("compute")
+    clock.now += 3.0  # a legitimately long step
+    dog.enter("reduce")
+    assert dog.budget_s() == pytest.approx(30.0)
+    dog.enter("compute")
+    clock.now += 20.0
+    assert not dog.check()  # 20 s < 10 x 3 s
+    clock.now += 11.0
+    assert dog.check() and fired[0][0] == "compute"
+
+
+def test_bad_timeout_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="leave the watchdog off"):
+        Watchdog(0)
+
+
+def test_bad_environment_value_names_it(monkeypatch):
+    from vnodes.runtime.errors import VnodesError
+    from vnodes.runtime.watchdog import hang_timeout_from_env
+
+    monkeypatch.setenv("VNODES_HANG_TIMEOUT", "soon")
+    with pytest.raises(VnodesError, match="'soon'"):
+        hang_timeout_from_env()
+    monkeypatch.setenv("VNODES_HANG_TIMEOUT", "0")
+    assert hang_timeout_from_env() is None
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_hung_worker_fences_itself_and_the_survivors_redo_the_step(tmp_path):
+    """Worker 1's main thread blocks forever in step 3's forward while its heartbeat thread lives.
+    Its watchdog ends it (exit 3, stacks on stderr); worker 0, blocked in the all-reduce, sees the
+    peer gone and redoes step 3 alone. The result is bitwise that of a fault-free run."""
+    from vnodes.runtime import load_checkpoint, train
+    from vnodes.runtime.checkpoint import check_checkpoint_dir
+    from vnodes.scheduler.launcher import spawn_worker, start_master
+
+    from test_elastic import STEPS, assert_bitwise, f32_spec
+
+    reference = train(f32_spec(), steps=STEPS)
+    handle = start_master(f32_spec(), STEPS, check_checkpoint_dir(tmp_path), expected_workers=2, start_grace_s=60)
+    env = {"VNODES_FAULT": "forward:3:1:hang", "VNODES_HANG_TIMEOUT": "2"}
+    stderr = tmp_path / "hung.stderr"
+    with open(stderr, "w") as err:
+        procs = [spawn_worker(handle.address, 0, env=env), spawn_worker(handle.address, 1, env=env, stderr=err)]
+    try:
+        assert procs[1].wait(timeout=90) == 3
+        assert handle.master.wait(lambda m: m.done, timeout_s=120)
+        assert procs[0].wait(timeout=30) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        handle.stop()
+    text = stderr.read_text()
+    assert "hung in phase 'compute'" in text and "maybe_fail" in text  # the stack of the stuck thread
+    assert_bitwise(load_checkpoint(tmp_path)["model"], reference.model_state_dict)
+    assert handle.master.losses == reference.losses
