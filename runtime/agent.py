@@ -168,7 +168,7 @@ class WorkerAgent:
                 time.sleep(0.5)
         self.client, self.worker_id = client, reg.worker_id
         client.start_session(reg.worker_id)
-        self.group = EpochGroup(reg.store_host, reg.store_port, self.device)
+        self.group = EpochGroup(reg.store_host, reg.store_port, self.device, reg.store_namespace)
         return reg
 
     def _reconnect(self, reason: Exception) -> None:

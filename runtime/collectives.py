@@ -1,8 +1,9 @@
 """The gradient path: a torch.distributed process group per membership epoch.
 
 The master hosts one long-lived ``TCPStore``; epoch ``e`` rendezvouses under the key prefix
-``epoch/e/``, so re-forming a group takes milliseconds and a stale member of an old epoch can never
-join a new one. Gradients travel here (gloo on CPU, NCCL on GPU), never over gRPC.
+``<namespace>/epoch/e/``, so re-forming a group takes milliseconds and a stale member of an old epoch
+can never join a new one. The namespace is a per-job secret that the master hands only to workers
+it admitted (token), so a stranger who reaches the store's port cannot find or join a rendezvous. Gradients travel here (gloo on CPU, NCCL on GPU), never over gRPC.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from .engine import StepPartial
 from .reduction import Block, Payload, canonical_sum
 
 
-EPOCH_PREFIX = "epoch/"
 ARRIVED_KEY = "vnodes-arrived"
 ABORT_KEY = "vnodes-abort"  # set by the master when it moves on from an epoch
+
+
+def epoch_prefix(namespace: str, epoch: int) -> str:
+    """Where epoch ``epoch`` of the job with store namespace ``namespace`` rendezvouses."""
+    return f"{namespace}/epoch/{epoch}/"
 
 
 class EpochSuperseded(RuntimeError):
@@ -31,7 +36,9 @@ class EpochSuperseded(RuntimeError):
 class EpochGroup:
     """This worker's membership in the current epoch's process group."""
 
-    def __init__(self, store_host: str, store_port: int, device: torch.device, timeout_s: float = 60.0):
+    def __init__(self, store_host: str, store_port: int, device: torch.device, namespace: str,
+                 timeout_s: float = 60.0):
+        self.namespace = namespace
         self.store = dist.TCPStore(store_host, store_port, is_master=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
         self.backend = "nccl" if device.type == "cuda" else "gloo"
@@ -48,7 +55,7 @@ class EpochGroup:
             RuntimeError: a peer did not arrive within the timeout.
         """
         self.destroy()
-        prefix = f"{EPOCH_PREFIX}{epoch}/"
+        prefix = epoch_prefix(self.namespace, epoch)
         # Gather every member first, polling the master's abort key: a member that died before
         # arriving must not hold the survivors for the whole store timeout.
         self.store.add(prefix + ARRIVED_KEY, 1)

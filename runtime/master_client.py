@@ -49,6 +49,7 @@ class Registration:
     job: bytes
     store_host: str
     store_port: int
+    store_namespace: str
     run_dir: str
     checkpoint_every: int
 
@@ -123,7 +124,8 @@ class MasterClient:
                                         memory_bytes=memory_bytes, throughput=throughput,
                                         launch_index=launch_index),
             worker_id=worker_id, held_step=held_step))
-        return Registration(reply.worker_id, reply.job, reply.store_host, reply.store_port, reply.run_dir,
+        return Registration(reply.worker_id, reply.job, reply.store_host, reply.store_port, reply.store_namespace,
+                            reply.run_dir,
                             reply.checkpoint_every)
 
     def start_session(self, worker_id: str, interval_s: float = 1.0) -> None:

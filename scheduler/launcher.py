@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import secrets
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from typing import Optional, Sequence
 import torch.distributed as dist
 
 from vnodes.runtime.errors import CheckpointMismatch
-from vnodes.runtime.collectives import ABORT_KEY, EPOCH_PREFIX
+from vnodes.runtime.collectives import ABORT_KEY, epoch_prefix
 from vnodes.runtime.checkpoint import check_checkpoint_dir, latest_checkpoint, list_checkpoints
 from vnodes.runtime.events import Callback, Event, RunState, fire
 from vnodes.runtime.sampler import VNodeSampler
@@ -46,6 +47,7 @@ class MasterHandle:
     server: object
     store: dist.TCPStore
     address: str
+    store_namespace: str  # secret prefix of the rendezvous keys (see runtime/collectives.py)
     _stopped: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def stop(self) -> None:
@@ -109,11 +111,12 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
     # Workers dial the store at an address they can reach: not a wildcard like 0.0.0.0.
     advertised = advertise_host or (store_host if store_host not in ("0.0.0.0", "::", "") else
                                     socket.gethostbyname(socket.gethostname()))
-    master.on_epoch_superseded = lambda epoch: store.set(f"{EPOCH_PREFIX}{epoch}/{ABORT_KEY}", "1")
+    namespace = secrets.token_hex(16)  # a fresh one per master: a restarted master re-admits everyone
+    master.on_epoch_superseded = lambda epoch: store.set(epoch_prefix(namespace, epoch) + ABORT_KEY, "1")
     servicer = MasterServicer(master, pickle.dumps(spec), advertised, store.port, str(run_dir),
-                              checkpoint_every or 0)
+                              checkpoint_every or 0, store_namespace=namespace)
     server, bound = serve(servicer, host=host, port=port, token=token)
-    handle = MasterHandle(master, server, store, f"{host}:{bound}")
+    handle = MasterHandle(master, server, store, f"{host}:{bound}", namespace)
     handle.start_reaper()
     return handle
 

@@ -112,8 +112,9 @@ class MasterServicer(pb_grpc.MasterServicer):
     """Asyncio handlers over the thread-safe ``Master``: a waiting commit costs a future, not a thread."""
 
     def __init__(self, master: Master, job: bytes, store_host: str, store_port: int, run_dir: str,
-                 checkpoint_every: int):
+                 checkpoint_every: int, store_namespace: str = "vnodes"):
         self.master = master
+        self.store_namespace = store_namespace
         self.job = job
         self.store_host = store_host
         self.store_port = store_port
@@ -134,7 +135,7 @@ class MasterServicer(pb_grpc.MasterServicer):
         worker_id = self.master.register(info)
         return pb.RegisterReply(worker_id=worker_id, job=self.job, store_host=self.store_host,
                                 store_port=self.store_port, run_dir=self.run_dir,
-                                checkpoint_every=self.checkpoint_every)
+                                checkpoint_every=self.checkpoint_every, store_namespace=self.store_namespace)
 
     async def Session(self, request_iterator, context):
         """The worker's stream: heartbeats and commits in, one reply per commit out.

@@ -124,6 +124,22 @@ def test_losing_every_worker_waits_then_resumes_from_checkpoint(tmp_path, refere
     assert_bitwise(load_checkpoint(tmp_path)["model"], reference.model_state_dict)
 
 
+def test_rendezvous_keys_live_under_a_secret_namespace(tmp_path):
+    """Only admitted workers learn where epochs rendezvous: a stranger on the store's port finds nothing."""
+    handles = [start_master(f32_spec(), 2, check_checkpoint_dir(tmp_path / str(i)), start_grace_s=0) for i in range(2)]
+    try:
+        worker = spawn_worker(handles[0].address, 0)
+        assert worker.wait(timeout=90) == 0
+        ns = handles[0].store_namespace
+        assert len(ns) == 32 and ns != handles[1].store_namespace
+        store = handles[0].store
+        assert store.check([f"{ns}/epoch/1/vnodes-arrived"])
+        assert not store.check(["epoch/1/vnodes-arrived"]) and not store.check(["vnodes/epoch/1/vnodes-arrived"])
+    finally:
+        for h in handles:
+            h.stop()
+
+
 def test_sigkill_at_a_random_time(tmp_path, reference):
     seed = int(os.environ.get("VNODES_TEST_SEED", time.time_ns()))
     rng = random.Random(seed)
