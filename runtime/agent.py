@@ -37,7 +37,7 @@ from .collectives import EpochGroup
 from .engine import StepEngine, resolve_device
 from .errors import StaleEpoch, VnodesError
 from .faults import maybe_fail
-from .master_client import MasterClient, MasterUnavailable, PlanView
+from .master_client import MasterClient, MasterUnavailable, PlanView, read_pem
 from .train import execution_context
 from .watchdog import DEFAULT_HANG_TIMEOUT_S, Watchdog, hang_timeout_from_env
 
@@ -89,7 +89,8 @@ def _describe_device(device: torch.device) -> tuple[str, int]:
 class WorkerAgent:
     def __init__(self, master: str, device: Optional[str] = None, token: Optional[str] = None,
                  launch_index: int = -1, throughput: float = 0.0, slowdown: float = 1.0,
-                 reconnect_timeout_s: float = 60.0, hang_timeout_s: Optional[float] = None):
+                 reconnect_timeout_s: float = 60.0, hang_timeout_s: Optional[float] = None,
+                 tls_root_cert: Optional[bytes] = None):
         """``hang_timeout_s``: end this process (see ``watchdog.py``) when its main thread is stuck
         that long outside of waits on peers or the master. Only for a process of its own (the
         ``vnodes worker`` command, spawned workers, Ray actors); None: no watchdog."""
@@ -98,6 +99,7 @@ class WorkerAgent:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.token = token
+        self.tls_root_cert = tls_root_cert  # PEM of the CA that signed the master's certificate
         self.launch_index = launch_index
         self.throughput = throughput
         self.slowdown = slowdown  # test knob: >1 simulates a slower device (sleeps in proportion)
@@ -153,7 +155,7 @@ class WorkerAgent:
         kind, memory = _describe_device(self.device)
         deadline = time.monotonic() + timeout_s
         while True:
-            client = MasterClient(self.master_address, self.token)
+            client = MasterClient(self.master_address, self.token, self.tls_root_cert)
             try:
                 reg = client.register(host=socket.gethostname(), pid=os.getpid(), device=str(self.device),
                                       device_kind=kind, memory_bytes=memory, throughput=self.throughput,
@@ -300,6 +302,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--token", default=os.environ.get("VNODES_TOKEN"),
                         help="shared token when the master listens beyond loopback (env VNODES_TOKEN)")
+    parser.add_argument("--tls-ca", metavar="PEM", default=os.environ.get("VNODES_TLS_CA"),
+                        help="trust this CA certificate and speak TLS to a master started with --tls-cert "
+                             "(env VNODES_TLS_CA)")
     parser.add_argument("--launch-index", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--throughput", type=float, default=0.0,
                         help="samples/s of this device, for throughput-proportional placement")
@@ -319,8 +324,9 @@ def run_worker(args: argparse.Namespace) -> int:
         hang_timeout = hang_timeout_from_env() if args.hang_timeout is None else args.hang_timeout
         if hang_timeout is not None and hang_timeout < 0:
             raise VnodesError(f"--hang-timeout {args.hang_timeout} is negative; use 0 to turn the watchdog off")
+        tls_root_cert = read_pem(args.tls_ca, "--tls-ca") if args.tls_ca else None
         return WorkerAgent(args.master, args.device, args.token, args.launch_index, args.throughput,
-                           args.slowdown, hang_timeout_s=hang_timeout).run()
+                           args.slowdown, hang_timeout_s=hang_timeout, tls_root_cert=tls_root_cert).run()
     except VnodesError as exc:
         print(f"vnodes worker: error: {exc}", file=sys.stderr)
         return 2

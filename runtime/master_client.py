@@ -35,6 +35,17 @@ class MasterRefused(_MasterCallError):
         return f"the master at {self.address} refused this worker: {self.detail}"
 
 
+def read_pem(path: str, flag: str) -> bytes:
+    """The PEM file given to ``flag``, or a clear error naming both."""
+    try:
+        data = open(path, "rb").read()
+    except OSError as exc:
+        raise VnodesError(f"{flag} {path}: cannot read it ({exc.strerror})") from None
+    if b"-----BEGIN" not in data:
+        raise VnodesError(f"{flag} {path}: not a PEM file (expected a '-----BEGIN ...' block)")
+    return data
+
+
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 

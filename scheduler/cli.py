@@ -126,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
                         "store (default: --host, or this host's address when --host is 0.0.0.0)")
     master.add_argument("--token", default=os.environ.get("VNODES_TOKEN"),
                         help="shared token that workers must present (env VNODES_TOKEN)")
+    master.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (needs --tls-key); "
+                        "workers then pass --tls-ca")
+    master.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     master.add_argument("--run-dir", required=True, metavar="D", help="checkpoints and resumable state")
     master.add_argument("--checkpoint-every", type=int, default=0, metavar="N")
     master.add_argument("--placement", choices=("throughput", "even"), default="throughput")
@@ -140,6 +143,8 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show a running job's status")
     status.add_argument("--master", required=True, metavar="HOST:PORT")
     status.add_argument("--token", default=os.environ.get("VNODES_TOKEN"))
+    status.add_argument("--tls-ca", metavar="PEM", default=os.environ.get("VNODES_TLS_CA"),
+                        help="CA certificate of a master started with --tls-cert (env VNODES_TLS_CA)")
     status.add_argument("--json", action="store_true",
                         help="JSON with step, epoch, workers[{id, pid, host, device, vnodes, step_time_s}]")
     return parser
@@ -178,10 +183,16 @@ def _master(args: argparse.Namespace) -> int:
     from .launcher import start_master
     from vnodes.runtime.checkpoint import check_checkpoint_dir
 
+    from vnodes.runtime.master_client import read_pem
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise VnodesError("TLS needs both --tls-cert and --tls-key (got only "
+                          f"{'--tls-cert' if args.tls_cert else '--tls-key'})")
+    tls = (read_pem(args.tls_key, "--tls-key"), read_pem(args.tls_cert, "--tls-cert")) if args.tls_cert else None
     spec = load_job(args.job)
     handle = start_master(spec, args.steps, check_checkpoint_dir(args.run_dir), checkpoint_every=args.checkpoint_every,
                           expected_workers=args.min_workers, host=args.host, port=args.port, token=args.token,
-                          placement=args.placement, advertise_host=args.advertise_host)
+                          placement=args.placement, advertise_host=args.advertise_host, tls=tls)
     print(f"vnodes master listening on {handle.address} (run dir {args.run_dir})", flush=True)
     try:
         handle.master.wait(lambda m: m.done, timeout_s=float("inf"))
@@ -204,9 +215,9 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from vnodes.runtime.master_client import MasterClient
+    from vnodes.runtime.master_client import MasterClient, read_pem
 
-    client = MasterClient(args.master, args.token)
+    client = MasterClient(args.master, args.token, read_pem(args.tls_ca, "--tls-ca") if args.tls_ca else None)
     try:
         status = client.status()
     finally:

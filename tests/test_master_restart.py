@@ -101,3 +101,62 @@ def _listening(port):
         return True
     except OSError:
         return False
+
+
+def _self_signed(tmp_path):
+    """A CA-less self-signed certificate for 127.0.0.1 (generated here: nothing downloaded)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vnodes-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_file, cert_file = tmp_path / "key.pem", tmp_path / "cert.pem"
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_file, cert_file
+
+
+def test_tls_master_with_token_serves_tls_workers_and_status(tmp_path):
+    key_file, cert_file = _self_signed(tmp_path)
+    run_dir = tmp_path / "run"
+    half = vnodes("master", JOB, "--steps", "3", "--run-dir", str(run_dir), "--tls-cert", str(cert_file),
+                  stderr=subprocess.PIPE, text=True)
+    _, err = half.communicate(timeout=60)
+    assert half.returncode == 2 and "--tls-key" in err
+    port = free_port()
+    master = vnodes("master", JOB, "--steps", "3", "--port", str(port), "--run-dir", str(run_dir),
+                    "--host", "0.0.0.0", "--token", "s3cret", "--tls-cert", str(cert_file), "--tls-key", str(key_file),
+                    "--min-workers", "1")
+    try:
+        wait_for(lambda: _listening(port), timeout_s=60)
+        status = vnodes("status", "--master", f"127.0.0.1:{port}", "--token", "s3cret", "--tls-ca", str(cert_file),
+                        "--json", stdout=subprocess.PIPE, text=True)
+        out, _ = status.communicate(timeout=60)
+        assert status.returncode == 0 and json.loads(out)["steps"] == 3
+        (tmp_path / "notes.txt").write_text("not a certificate")
+        not_pem = vnodes("worker", "--master", f"127.0.0.1:{port}", "--tls-ca", str(tmp_path / "notes.txt"),
+                         stderr=subprocess.PIPE, text=True)
+        _, err = not_pem.communicate(timeout=60)
+        assert not_pem.returncode == 2 and "--tls-ca" in err and "PEM" in err
+        worker = vnodes("worker", "--master", f"127.0.0.1:{port}", "--token", "s3cret", "--tls-ca", str(cert_file))
+        assert worker.wait(timeout=120) == 0
+        assert master.wait(timeout=60) == 0
+    finally:
+        for p in (master,):
+            if p.poll() is None:
+                p.kill()
+    assert load_checkpoint(run_dir)["step"] == 3
