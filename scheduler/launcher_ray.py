@@ -99,10 +99,26 @@ class RayFleet:
         self._next_index = 0
         self._actor_class = self.ray.remote(WorkerActorBody)
         self.failures: list[str] = []  # errors of actors that ended, newest last
+        # Actors Ray has not placed on a node yet: launch index -> ref of their node_id()
+        self._unplaced: dict[int, Any] = {}
 
     def _fits(self, available: dict[str, float]) -> bool:
         need = {"CPU": self.options.num_cpus, "GPU": self.options.num_gpus, **self.options.resources}
         return all(available.get(k, 0.0) >= v for k, v in need.items() if v > 0)
+
+    def unplaced(self, wait_s: float = 0.0) -> int:
+        """Actors Ray has not placed on a node yet (waiting up to ``wait_s`` for them).
+
+        Free resources are summed over the cluster, so they may fit no single node (two half-free
+        nodes are not one free node). Every actor of a job asks for the same resources, so while one
+        waits for room no more are started: at most one actor is ever left waiting.
+        """
+        if self._unplaced:
+            refs = {ref: i for i, ref in self._unplaced.items()}
+            placed, _ = self.ray.wait(list(refs), num_returns=len(refs), timeout=wait_s)
+            for ref in placed:
+                self._unplaced.pop(refs[ref], None)
+        return len(self._unplaced)
 
     def reap(self) -> None:
         """Forget actors whose ``run`` ended (normally, or because the actor or its node died)."""
@@ -118,20 +134,23 @@ class RayFleet:
                 log.warning("worker actor %d ended: %s", index, type(exc).__name__)
                 self.failures.append(str(exc)[-2000:])
             self.actors.pop(index, None)
+            self._unplaced.pop(index, None)
 
     def grow(self) -> int:
         """Start workers wherever the cluster has room for one; returns how many were started."""
         started = 0
-        while len(self.actors) < self.max_workers and self._fits(self.ray.available_resources()):
+        while len(self.actors) < self.max_workers and not self.unplaced() and \
+                self._fits(self.ray.available_resources()):
             index = self._next_index
             self._next_index += 1
             actor = self._actor_class.options(num_cpus=self.options.num_cpus, num_gpus=self.options.num_gpus,
                                               resources=self.options.resources or None,
                                               max_restarts=0).remote()
+            self._unplaced[index] = actor.node_id.remote()
             self.actors[index] = (actor, actor.run.remote(self.address, self.token, index, self.env,
                                                           self.options.slowdown))
             started += 1
-            time.sleep(0.2)  # let Ray account for the reservation before looking again
+            self.unplaced(wait_s=5.0)  # placed (resources reserved) before looking again, or left waiting
         return started
 
     def kill_all(self) -> None:
@@ -139,6 +158,7 @@ class RayFleet:
             with contextlib.suppress(Exception):
                 self.ray.kill(actor)
         self.actors.clear()
+        self._unplaced.clear()
 
 
 def train_ray(spec: JobSpec, steps: int, checkpoint_dir: Optional[Path], checkpoint_every: Optional[int],

@@ -65,3 +65,22 @@ def test_follows_the_cluster_and_matches_local_bitwise(cluster, tmp_path):
     for k, v in reference.items():
         assert torch.equal(result.model_state_dict[k], v), k
     assert len(result.losses) == STEPS
+
+
+def test_free_resources_split_over_nodes_start_one_waiting_actor_not_many(cluster, tmp_path):
+    """Two nodes with 1 free CPU each add up to 2, but an actor needing 1.5 fits neither: one actor
+    waits for room (no pile of unplaceable actors), and runs once a node with room joins."""
+    c, tmp = cluster
+    c.add_node(num_cpus=1, temp_dir=tmp)
+    seen = []
+
+    def hook(fleet, master):
+        seen.append(len(fleet.actors))
+        if len(seen) == 12:
+            c.add_node(num_cpus=2, temp_dir=tmp)
+
+    result = train(det_f32_spec(), steps=3, launcher="ray",
+                   launch_options={"worker_options": RayWorkerOptions(num_cpus=1.5), "fleet_hook": hook,
+                                   "poll_s": 0.5})
+    assert len(result.losses) == 3
+    assert len(seen) > 12 and max(seen[:12]) == 1, seen
