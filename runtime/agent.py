@@ -9,7 +9,7 @@ One step, seen from a worker (every point where processes synchronise is marked)
                  receive state if told to      # SYNC (broadcast from sync_source_rank)
     partial = engine.compute(s, my vnodes)
     total = group.reduce(partial)              # SYNC (all-reduce / all-gather); a lost peer raises
-    decision = master.commit(e, s, ok)         # SYNC (master): every member reported -> COMMIT
+    decision = commit(e, s, ok)                # SYNC (master, on the session stream): all reported -> COMMIT
     if COMMIT: engine.apply(total); held = s+1 # else ABORT: keep the state of s, redo it in e+1
 
 ``vnode_id`` survives every remap; ``worker_rank`` changes with every membership epoch.
@@ -221,7 +221,7 @@ class WorkerAgent:
                     log.warning("epoch %d could not form: %s", plan.membership_epoch, exc)
                     group.destroy()
                     try:
-                        client.commit(worker_id, plan.membership_epoch, plan.step, False, 0.0, {}, 0.0)
+                        client.commit(plan.membership_epoch, plan.step, False, 0.0, {}, 0.0)
                     except StaleEpoch:
                         pass  # the master has moved on already: ask for the new plan
                     continue
@@ -253,8 +253,8 @@ class WorkerAgent:
             maybe_fail("commit", step)
             self._phase("commit")
             try:
-                decision, self._next_plan = client.commit(worker_id, plan.membership_epoch, step, ok, loss,
-                                                          partial.vnode_losses, compute_s)  # SYNC: the master decides
+                decision, self._next_plan = client.commit(plan.membership_epoch, step, ok, loss,
+                                                          partial.vnode_losses, compute_s)  # SYNC: master decides
             except StaleEpoch:  # superseded and forgotten: the step did not commit here
                 decision, self._next_plan = "abort", None
             if decision == "commit":

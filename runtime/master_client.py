@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import queue
 import struct
 import threading
+import time
 from typing import Optional
 
 import grpc
 
 from .errors import StaleEpoch, VnodesError
+
+log = logging.getLogger(__name__)
 
 TOKEN_METADATA = "vnodes-token"
 
@@ -46,7 +50,7 @@ def read_pem(path: str, flag: str) -> bytes:
     return data
 
 
-_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 @dataclasses.dataclass
@@ -95,7 +99,6 @@ class MasterClient:
         self.metadata = ((TOKEN_METADATA, token),) if token else ()
         self._members: tuple[int, list] = (-1, [])  # the last full member list: (epoch, members)
         self._session: Optional[threading.Thread] = None
-        self._session_stream = None
         self._stop_session = threading.Event()
         self._outbox: queue.Queue = queue.Queue()  # messages for the session stream (None: end it)
         self._replies: queue.Queue = queue.Queue()  # commit replies, or a _SessionEnded
@@ -165,7 +168,6 @@ class MasterClient:
                 replies.put(_SessionEnded(exc.details() or exc.code().name))
 
         stream = self.stub.Session(messages(), metadata=self.metadata)
-        self._session_stream = stream
         self._session = threading.Thread(target=read, args=(stream,), name="vnodes-session", daemon=True)
         self._session.start()
 
@@ -188,7 +190,7 @@ class MasterClient:
         return PlanView(kind, reply.membership_epoch, reply.step, members, reply.sync_source_rank,
                         reply.stop_reason, list(reply.losses))
 
-    def commit(self, worker_id: str, epoch: int, step: int, ok: bool, loss: float,
+    def commit(self, epoch: int, step: int, ok: bool, loss: float,
                vnode_losses: dict[int, float], step_time_s: float,
                timeout_s: float = 150.0) -> tuple[str, Optional[PlanView]]:
         """Send a commit on the session stream and wait for its decision.
@@ -207,15 +209,21 @@ class MasterClient:
         self._outbox.put(pb.WorkerMessage(commit=pb.CommitRequest(
             membership_epoch=epoch, step=step, ok=ok, loss=loss, vnodes=vnodes, vnode_losses=packed,
             step_time_s=step_time_s)))
-        try:
-            reply = self._replies.get(timeout=timeout_s)
-        except queue.Empty:
-            raise MasterUnavailable(self.address, f"no decision on step {step} within {timeout_s:.0f} s") from None
-        if isinstance(reply, _SessionEnded):
-            self._replies.put(reply)  # the session stays ended for later calls too
-            raise MasterUnavailable(self.address, f"session ended: {reply.reason}")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                reply = self._replies.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise MasterUnavailable(self.address, f"no decision on step {step} within {timeout_s:.0f} s") from None
+            if isinstance(reply, _SessionEnded):
+                self._replies.put(reply)  # the session stays ended for later calls too
+                raise MasterUnavailable(self.address, f"session ended: {reply.reason}")
+            if (reply.membership_epoch, reply.step) == (epoch, step):
+                break
+            log.warning("dropping a reply for step %d of epoch %d while waiting for step %d of epoch %d",
+                        reply.step, reply.membership_epoch, step, epoch)
         if reply.decision == pb.CommitReply.REFUSED:
-            self._raise_for(grpc.StatusCode[_STATUS_NAMES[reply.error_code]], reply.error)
+            self._raise_for(_STATUS_CODES.get(reply.error_code, grpc.StatusCode.UNKNOWN), reply.error)
         decision = "commit" if reply.decision == pb.CommitReply.COMMIT else "abort"
         return decision, self._plan_view(reply.next) if reply.HasField("next") else None
 

@@ -10,8 +10,9 @@ thread's stack to stderr and ends the process with ``EXIT_HUNG``. Its session st
 sockets close, so the master declares it lost at once and the survivors' collective fails instead of
 waiting: they redo the step without it, exactly as after a crash.
 
-The timeout adapts: it is at least ``slack`` times the longest local phase seen so far, so a job
-whose steps legitimately take long never fences itself after its first step.
+The timeout adapts: a phase may take ``slack`` times its longest completed run, so a job whose
+steps legitimately take long never fences itself; a phase is not judged before it has completed
+once.
 """
 
 from __future__ import annotations
@@ -30,12 +31,17 @@ log = logging.getLogger(__name__)
 
 EXIT_HUNG = 3
 DEFAULT_HANG_TIMEOUT_S = 300.0
-WAITING_PHASES = frozenset({"plan", "join", "reduce", "commit", "idle"})
-ONE_OFF_PHASES = frozenset({"build"})  # local, but not a measure of how long a step takes
+WAITING_PHASES = frozenset({"plan", "join", "reduce", "commit", "idle", "build"})
 
 
 class Watchdog:
-    """Tracks the main thread's phase; fences the process when a local phase outlives its budget."""
+    """Tracks the main thread's phase; fences the process when a local phase outlives its budget.
+
+    A local phase is judged only once it has completed before: its budget is
+    ``max(timeout_s, slack * its longest completed run)``. So the first step (compilation,
+    autotuning, warm-up) and the first checkpoint write are never fenced, and neither is building
+    the job (``build``: a dataset may take long to prepare), which counts as waiting.
+    """
 
     def __init__(self, timeout_s: float, slack: float = 10.0, poll_s: float = 0.5,
                  on_hang: Optional[Callable[[str, float], None]] = None,
@@ -47,26 +53,30 @@ class Watchdog:
         self.poll_s = poll_s
         self.clock = clock
         self.on_hang = on_hang or _fence
-        self._phase, self._since = "idle", clock()
-        self._longest_local_s = 0.0
+        self._current = ("idle", clock())  # (phase, since): one attribute, read and written whole
+        self._longest_s: dict[str, float] = {}  # local phase -> its longest completed run
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     def enter(self, phase: str) -> None:
-        """The main thread starts ``phase`` (cheap: two assignments and a clock read)."""
+        """The main thread starts ``phase`` (cheap: a clock read and a few assignments)."""
         now = self.clock()
-        if self._phase not in WAITING_PHASES and self._phase not in ONE_OFF_PHASES:
-            self._longest_local_s = max(self._longest_local_s, now - self._since)
-        self._phase, self._since = phase, now
+        previous, since = self._current
+        if previous not in WAITING_PHASES:
+            self._longest_s[previous] = max(self._longest_s.get(previous, 0.0), now - since)
+        self._current = (phase, now)
 
-    def budget_s(self) -> float:
-        return max(self.timeout_s, self.slack * self._longest_local_s)
+    def budget_s(self, phase: str) -> Optional[float]:
+        """Seconds ``phase`` may run before the worker counts as hung; None: not judged (yet)."""
+        if phase in WAITING_PHASES or phase not in self._longest_s:
+            return None
+        return max(self.timeout_s, self.slack * self._longest_s[phase])
 
     def check(self) -> bool:
         """Fence (``on_hang``) if the current local phase is over budget; True if it fired."""
-        phase, since = self._phase, self._since
-        stuck_s = self.clock() - since
-        if phase in WAITING_PHASES or stuck_s <= self.budget_s():
+        phase, since = self._current
+        budget, stuck_s = self.budget_s(phase), self.clock() - since
+        if budget is None or stuck_s <= budget:
             return False
         self.on_hang(phase, stuck_s)
         return True

@@ -69,7 +69,7 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
                  token: Optional[str] = None, placement: str = "throughput",
                  heartbeat_timeout_s: float = 10.0, start_grace_s: float = 60.0,
                  advertise_host: Optional[str] = None,
-                 tls: Optional[tuple[bytes, bytes]] = None) -> MasterHandle:
+                 tls: Optional[tuple[bytes, bytes]] = None, commit_timeout_s: float = 120.0) -> MasterHandle:
     """Validate the job, resume from ``run_dir`` if it holds a checkpoint, and serve the master.
 
     Raises:
@@ -115,7 +115,7 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
     namespace = secrets.token_hex(16)  # a fresh one per master: a restarted master re-admits everyone
     master.on_epoch_superseded = lambda epoch: store.set(epoch_prefix(namespace, epoch) + ABORT_KEY, "1")
     servicer = MasterServicer(master, pickle.dumps(spec), advertised, store.port, str(run_dir),
-                              checkpoint_every or 0, store_namespace=namespace)
+                              checkpoint_every or 0, store_namespace=namespace, commit_timeout_s=commit_timeout_s)
     server, bound = serve(servicer, host=host, port=port, token=token, tls=tls)
     handle = MasterHandle(master, server, store, f"{host}:{bound}", namespace)
     handle.start_reaper()

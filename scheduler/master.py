@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 from . import placement
 from .durable import DurableState
-from .errors import BadRequest, DuplicateRegistration, StaleEpoch, UnknownWorker
+from .errors import BadRequest, DuplicateRegistration, StaleEpoch, Undecided, UnknownWorker
 
 SYNC_NONE = -1  # every member holds the state of the step
 SYNC_CHECKPOINT = -2  # nobody does: every member loads the latest checkpoint
@@ -288,7 +288,7 @@ class Master:
         decided = threading.Event()
         self.submit(worker_id, epoch, step, report, on_decided=decided.set)
         if not decided.wait(timeout=timeout_s):  # outside the lock: one wake-up per waiter
-            raise BadRequest(f"step {step} of epoch {epoch} undecided after {timeout_s} s")
+            raise Undecided(f"step {step} of epoch {epoch} undecided after {timeout_s} s")
         return self.outcome(worker_id, epoch, step, want_next)
 
     def submit(self, worker_id: str, epoch: int, step: int, report: Report,
@@ -332,6 +332,21 @@ class Master:
             info.held_step = step + 1
             plan = self._plan_for(info)
             return decision, plan if plan.kind == PlanKind.RUN else None
+
+    def expire(self, epoch: int, step: int, waited_s: float) -> list[str]:
+        """Step ``step`` of ``epoch`` has had reports for ``waited_s`` seconds but not from every
+        member. After a successful reduce all members commit within moments, so the silent ones are
+        stuck (hung after the reduce): they are declared lost, which aborts the step and re-forms
+        the epoch without them. Returns their ids (none if the step is decided or not current)."""
+        with self._cond:
+            m = self.membership
+            if m is None or m.epoch != epoch or step != self.step or (epoch, step) in self.decisions \
+                    or not self.reports:
+                return []
+            silent = [w for w in m.members if w not in self.reports]
+        for worker_id in silent:
+            self.lost(worker_id, f"no commit for step {step} {waited_s:.0f} s after its peers committed")
+        return silent
 
     def wait(self, predicate: Callable[["Master"], bool], timeout_s: float) -> bool:
         deadline = self.clock() + timeout_s

@@ -81,18 +81,26 @@ def _guard(method):
 class _Decided:
     """The asyncio side of one step's decision, shared by every member waiting on it.
 
-    ``wake`` may be called from any thread. One timer per step (not per waiter) ends the wait after
-    ``COMMIT_WAIT_S``. In steady state every member gets the same reply (COMMIT, and the next step
-    in the same membership), so it is built once, in ``reply``.
+    ``wake`` may be called from any thread. One timer per step (not per waiter) runs ``expire``
+    ``timeout_s`` after the first report: the master then declares the silent members lost, which
+    decides the step (ABORT). In steady state every member gets the same reply (COMMIT, and the next
+    step in the same membership), so it is built once, in ``reply``.
     """
 
-    __slots__ = ("loop", "future", "table", "key", "loop_thread", "timer", "reply")
+    __slots__ = ("loop", "future", "table", "key", "loop_thread", "timer", "reply", "expire")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, table: dict, key: tuple[int, int]):
+    def __init__(self, loop: asyncio.AbstractEventLoop, table: dict, key: tuple[int, int], timeout_s: float,
+                 expire):
         self.loop, self.future, self.table, self.key = loop, loop.create_future(), table, key
         self.loop_thread = threading.get_ident()
-        self.timer = loop.call_later(COMMIT_WAIT_S, self._set, True)
+        self.expire = expire
+        self.timer = loop.call_later(timeout_s, self._expired)
         self.reply = None
+
+    def _expired(self) -> None:
+        if not self.future.done():
+            self.expire()  # decides the step (its callbacks call wake) unless there is nothing to expire
+            self._set(timed_out=True)  # a no-op when the step was just decided
 
     def wake(self) -> None:  # runs with the master's lock held: only schedules
         if threading.get_ident() == self.loop_thread:
@@ -112,8 +120,9 @@ class MasterServicer(pb_grpc.MasterServicer):
     """Asyncio handlers over the thread-safe ``Master``: a waiting commit costs a future, not a thread."""
 
     def __init__(self, master: Master, job: bytes, store_host: str, store_port: int, run_dir: str,
-                 checkpoint_every: int, store_namespace: str = "vnodes"):
+                 checkpoint_every: int, store_namespace: str = "vnodes", commit_timeout_s: float = COMMIT_WAIT_S):
         self.master = master
+        self.commit_timeout_s = commit_timeout_s  # first report -> silent members declared lost
         self.store_namespace = store_namespace
         self.job = job
         self.store_host = store_host
@@ -160,9 +169,9 @@ class MasterServicer(pb_grpc.MasterServicer):
                     worker_id = None  # not ours to declare lost
                     await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
                 if message.WhichOneof("body") == "commit":
-                    if answering is not None:
-                        await answering  # one commit at a time per worker: replies stay in order
-                    answering = asyncio.ensure_future(self._answer_commit(worker_id, message.commit, context))
+                    # Answered in its own task; each answer waits for the one before: replies in order.
+                    answering = asyncio.ensure_future(
+                        self._answer_commit(worker_id, message.commit, context, after=answering))
         except (grpc.RpcError, asyncio.CancelledError):
             reason = "session stream broke"
         finally:
@@ -171,7 +180,7 @@ class MasterServicer(pb_grpc.MasterServicer):
             if worker_id is not None:
                 self.master.lost(worker_id, reason)
 
-    async def _answer_commit(self, worker_id: str, request, context) -> None:
+    async def _answer_commit(self, worker_id: str, request, context, after: Optional[asyncio.Task]) -> None:
         try:
             reply = await self._commit(worker_id, request)
         except Exception as exc:  # noqa: BLE001 - a wrong commit is refused; the stream stays open
@@ -180,6 +189,8 @@ class MasterServicer(pb_grpc.MasterServicer):
                 log.exception("internal error answering a commit of %s", worker_id)
             reply = pb.CommitReply(decision=pb.CommitReply.REFUSED, membership_epoch=request.membership_epoch,
                                    step=request.step, error_code=code.value[0], error=_message_of(exc))
+        if after is not None and not after.done():
+            await asyncio.wait((after,))
         try:
             await context.write(pb.MasterMessage(commit_reply=reply))
         except (grpc.RpcError, RuntimeError):  # the stream is gone: its reader declares the loss
@@ -221,7 +232,7 @@ class MasterServicer(pb_grpc.MasterServicer):
         self.master.submit(worker_id, epoch, step, report, on_decided=decided.wake)
         # shield: a waiter whose stream breaks must not cancel the future its peers wait on
         if await asyncio.shield(decided.future):
-            raise Undecided(f"step {step} of epoch {epoch} undecided after {COMMIT_WAIT_S:.0f} s: "
+            raise Undecided(f"step {step} of epoch {epoch} undecided after {self.commit_timeout_s:.0f} s: "
                             "a peer neither committed nor was declared lost")
         if decided.reply is not None:
             return decided.reply
@@ -241,7 +252,9 @@ class MasterServicer(pb_grpc.MasterServicer):
             if len(self._decided) > 64:  # refused (stale) commits leave undecided keys behind
                 for old in [k for k in self._decided if k[1] < key[1] - 8]:
                     del self._decided[old]
-            decided = self._decided[key] = _Decided(asyncio.get_running_loop(), self._decided, key)
+            decided = self._decided[key] = _Decided(
+                asyncio.get_running_loop(), self._decided, key, self.commit_timeout_s,
+                functools.partial(self.master.expire, key[0], key[1], self.commit_timeout_s))
         return decided
 
     def _members_message(self, m) -> list:
