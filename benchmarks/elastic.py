@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import signal
 import statistics
@@ -52,10 +53,32 @@ SPEC = JobSpec(model=model, dataset=dataset, optimizer=functools.partial(torch.o
                virtual_nodes=12, vnode_batch_size=48, seed=0, num_threads=1, device="cpu")
 
 
+class DeviceTime(nn.Module):
+    """A model whose forward also takes ``seconds`` of simulated device time (a sleep: no CPU used)."""
+
+    def __init__(self, inner: nn.Module, seconds: float):
+        super().__init__()
+        self.inner, self.seconds = inner, seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return self.inner(x)
+
+
+def device_time_model():
+    return DeviceTime(model(), 0.02)
+
+
+# The straggler rows judge placement, so compute must not depend on who else shares the 2 cores:
+# each VN costs 20 ms of simulated device time (the half-speed worker's knob doubles it) on top of
+# a little real compute.
+STRAGGLER_SPEC = dataclasses.replace(SPEC, model=device_time_model)
+
+
 class Job:
-    def __init__(self, steps: int, workers: int, placement: str = "throughput", slowdowns=None):
+    def __init__(self, steps: int, workers: int, placement: str = "throughput", slowdowns=None, spec=SPEC):
         self.tmp = tempfile.TemporaryDirectory()
-        self.handle = start_master(SPEC, steps, Path(self.tmp.name), expected_workers=workers,
+        self.handle = start_master(spec, steps, Path(self.tmp.name), expected_workers=workers,
                                    placement=placement, start_grace_s=120)
         self.master = self.handle.master
         slowdowns = slowdowns or [1.0] * workers
@@ -130,7 +153,7 @@ def resize_and_crash() -> list[tuple[str, float, float, str]]:
 def straggler() -> list[tuple[str, float, float, str]]:
     runs, ideal = [], None
     for placement in ("even", "throughput"):
-        job = Job(steps=10_000, workers=2, placement=placement, slowdowns=[1.0, 2.0])
+        job = Job(steps=10_000, workers=2, placement=placement, slowdowns=[1.0, 2.0], spec=STRAGGLER_SPEC)
         try:
             job.wait_step(60)
             step_s = median_step(job.times(), 30, 59)
