@@ -142,7 +142,7 @@ def resize_and_crash() -> list[tuple[str, float, float, str]]:
         victim.send_signal(signal.SIGKILL)
         victim.wait()
         n = len(job.times())
-        job.master.wait(lambda m: len(m.committed) > n, timeout_s=120)
+        job.master.wait(lambda m: m.committed_count > n, timeout_s=120)
         recovered = [c for c in job.times() if c > t_kill][0]
         rows.append(("SIGKILL -> next committed step", recovered - t_kill, base, "<= 3 s"))
     finally:

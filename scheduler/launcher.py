@@ -146,12 +146,11 @@ def open_run_dir(stack: contextlib.ExitStack, checkpoint_dir: Optional[Path]) ->
 
 def fire_commits(master: Master, seen: int, callbacks: Sequence[Callback], state: RunState) -> int:
     """Fire ``on_step_end`` for every step committed since the first ``seen``; return the new count."""
-    with master._cond:
-        new = master.committed[seen:]
+    new, count = master.committed_since(seen)
     for c in new:
         state.step, state.loss, state.step_time_s = c.step + 1, c.loss, c.step_time_s
         fire(list(callbacks), Event.STEP_END, state)
-    return seen + len(new)
+    return count
 
 
 def job_result(master: Master, spec: JobSpec, run_dir: Path, keep_dir: bool, start: int, steps: int,
@@ -178,7 +177,7 @@ def run_until_done(handle: MasterHandle, processes: list[subprocess.Popen], call
     """
     master, seen, all_dead_since = handle.master, 0, None
     while not master.done:
-        master.wait(lambda m: m.done or len(m.committed) > seen, timeout_s=0.2)
+        master.wait(lambda m: m.done or m.committed_count > seen, timeout_s=0.2)
         seen = fire_commits(master, seen, callbacks, state)
         if all(p.poll() is not None for p in processes):
             all_dead_since = all_dead_since or time.monotonic()

@@ -208,7 +208,7 @@ def train_ray(spec: JobSpec, steps: int, checkpoint_dir: Optional[Path], checkpo
                     if fleet_hook is not None:
                         fleet_hook(fleet, master)
                     next_poll = time.monotonic() + poll_s
-                master.wait(lambda m: m.done or len(m.committed) > seen, timeout_s=0.2)
+                master.wait(lambda m: m.done or m.committed_count > seen, timeout_s=0.2)
                 seen = fire_commits(master, seen, callbacks, state)
         finally:
             fire(list(callbacks), Event.FIT_END, state)

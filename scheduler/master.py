@@ -19,6 +19,7 @@ members do not all hold the current step names a ``sync_source_rank`` that broad
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import functools
@@ -31,6 +32,7 @@ from . import placement
 from .durable import DurableState
 from .errors import BadRequest, DuplicateRegistration, StaleEpoch, Undecided, UnknownWorker
 
+COMMITTED_KEPT = 4096  # committed steps kept for observers that poll (progress, callbacks)
 SYNC_NONE = -1  # every member holds the state of the step
 SYNC_CHECKPOINT = -2  # nobody does: every member loads the latest checkpoint
 
@@ -180,7 +182,10 @@ class Master:
         self.reports: dict[str, Report] = {}  # for (membership.epoch, self.step)
         self.decisions: dict[tuple[int, int], Decision] = {}
         self._callbacks: dict[tuple[int, int], list[Callable[[], None]]] = {}
-        self.committed: list[CommittedStep] = []
+        # The newest committed steps, for observers; bounded, so a job of millions of steps does not
+        # keep every step's per-VN losses. ``committed_count`` counts them all.
+        self.committed: collections.deque[CommittedStep] = collections.deque(maxlen=COMMITTED_KEPT)
+        self.committed_count = 0
         self._needs_reform = True
         self._in_flight: Optional[tuple[int, int]] = None  # (epoch, step) handed out, maybe undecided
         self._joined = 0
@@ -348,6 +353,13 @@ class Master:
             self.lost(worker_id, f"no commit for step {step} {waited_s:.0f} s after its peers committed")
         return silent
 
+    def committed_since(self, count: int) -> tuple[list[CommittedStep], int]:
+        """The steps committed after the first ``count``, and the count to pass next time. Only the
+        newest ``COMMITTED_KEPT`` are kept, so an observer further behind misses the oldest."""
+        with self._cond:
+            new = self.committed_count - count
+            return (list(self.committed)[-new:] if new > 0 else []), self.committed_count
+
     def wait(self, predicate: Callable[["Master"], bool], timeout_s: float) -> bool:
         deadline = self.clock() + timeout_s
         with self._cond:
@@ -389,6 +401,7 @@ class Master:
         for r in reports:
             vnode_losses.update(r.vnode_losses)
         self._decide((m.epoch, self.step), Decision.COMMIT)
+        self.committed_count += 1
         self.committed.append(CommittedStep(self.step, reports[0].loss, vnode_losses,
                                             max(r.step_time_s for r in reports), m.epoch, self.clock()))
         self.losses.append(reports[0].loss)

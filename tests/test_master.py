@@ -194,3 +194,18 @@ def test_members_silent_after_their_peers_committed_are_declared_lost():
     again = m.plan(ids[0], 0, timeout_s=0)
     assert again.kind == PlanKind.RUN and again.step == 0 and set(again.membership.members) == set(ids[:2])
     assert m.expire(epoch, 0, 120.0) == []  # decided already
+
+
+def test_the_committed_history_is_bounded_and_observers_resume_by_count():
+    import collections
+
+    m, ids, clock = make(workers=1, steps=10)
+    m.committed = collections.deque(maxlen=3)  # COMMITTED_KEPT, made small
+    [m.plan(i, 0, timeout_s=0) for i in ids]
+    epoch = m.plan(ids[0], 0, timeout_s=0).membership.epoch
+    for step in range(5):
+        assert commit_all(m, ids, epoch, step) == [Decision.COMMIT]
+    assert m.committed_count == 5 and [c.step for c in m.committed] == [2, 3, 4]
+    new, seen = m.committed_since(3)
+    assert [c.step for c in new] == [3, 4] and seen == 5
+    assert m.committed_since(seen) == ([], 5)
