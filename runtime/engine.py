@@ -30,6 +30,7 @@ from .data import BatchKey, BatchLoader, move_batch
 from .errors import InvalidJobSpec, NonFiniteLoss
 from .faults import maybe_fail
 from .fused import FusionContext, check_fusable, concat_batches, is_out_of_memory, patch_model
+from .graphs import GroupGraphs, unsupported_reason
 from .reduction import Block, Payload, TreeReducer
 from .sampler import VNodeSampler
 from .seeding import MODEL_STREAM, seed_generators, vnode_seed
@@ -78,15 +79,24 @@ class StepEngine:
                                 torch.get_default_dtype())
         self._loss_checked = False
         self.fusion: Optional[FusionContext] = None
+        self.graphs: Optional[GroupGraphs] = None
         self.group_size: Optional[int] = spec.fused_group_size  # None: all of a worker's nodes
         if spec.execution == "fused":
             unknown = check_fusable(model)
+            if unknown and spec.cuda_graphs:
+                raise InvalidJobSpec("cuda_graphs", "replays fused groups, but these modules may mix samples "
+                                     "across virtual nodes: " + "; ".join(unknown) + "; set cuda_graphs=False")
             if unknown:
                 warnings.warn("fused execution falls back to sequential: these modules may mix samples "
                               "across virtual nodes: " + "; ".join(unknown), stacklevel=2)
             else:
                 self.fusion = FusionContext()
                 patch_model(model, self.fusion)
+        if spec.cuda_graphs:
+            reason = unsupported_reason(model, device)
+            if reason is not None:
+                raise InvalidJobSpec("cuda_graphs", reason)
+            self.graphs = GroupGraphs(model, self.params, self.fusion, self._group_forward_backward)
 
     @classmethod
     def build(cls, spec: JobSpec, device: Optional[torch.device] = None) -> "StepEngine":
@@ -201,6 +211,8 @@ class StepEngine:
                 if not is_out_of_memory(exc) or size == 1:
                     raise
                 self.group_size = max(1, size // 2)
+                if self.graphs is not None:
+                    self.graphs.clear()
                 log.warning("out of memory with %d virtual nodes per group; retrying step %d with %d",
                             size, step, self.group_size)
                 for p in self.params:
@@ -214,6 +226,7 @@ class StepEngine:
         buffer_sum: Optional[list[torch.Tensor]] = None
         loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
         vnode_losses: dict[int, torch.Tensor] = {}
+        grad_sum: Optional[list[Optional[torch.Tensor]]] = None  # CUDA graphs: the groups' gradients
         for p in self.params:
             p.grad = None
         self.stats.begin_step()
@@ -228,20 +241,22 @@ class StepEngine:
             ctx.groups = len(group)
             ctx.weights = torch.tensor([self.stats.weight(v) for v in vnode_ids], dtype=torch.float64,
                                        device=self.device)
-            ctx.generators = [torch.Generator(self.device).manual_seed(vnode_seed(spec.seed, step, v, MODEL_STREAM))
-                              for v in vnode_ids]
             ctx.stat_sums = {}
             try:
                 maybe_fail("forward", step)
-                per_sample = spec.loss(self.model(inputs), targets)
-                if not self._loss_checked:
-                    self._check_per_sample(per_sample, targets)
-                means = per_sample.reshape(len(group), -1).mean(dim=1)  # each node's mean loss
-                maybe_fail("backward", step)
-                (means.sum() / n).backward()
+                if self.graphs is not None:
+                    maybe_fail("backward", step)
+                    means, grads, ctx.stat_sums = self.graphs.run(inputs, targets, ctx.weights, len(group),
+                                                                  self.stats.restore)
+                    means = means.clone()  # the graph's memory: the next replay overwrites it
+                    grad_sum = _add_grads(grad_sum, grads)
+                else:
+                    ctx.generators = [torch.Generator(self.device).manual_seed(
+                        vnode_seed(spec.seed, step, v, MODEL_STREAM)) for v in vnode_ids]
+                    means = self._group_forward_backward(inputs, targets, len(group), step)
             finally:
                 ctx.groups = 0
-            for v, m in zip(vnode_ids, means.detach()):
+            for v, m in zip(vnode_ids, means):
                 vnode_losses[v] = m
             loss_sum += (means.detach().to(torch.float64).sum() / n).reshape(1)
             # A BatchNorm the forward pass did not use keeps its buffers, weighted like any node's.
@@ -250,10 +265,24 @@ class StepEngine:
                 id(module), (module.running_mean * w_sum, module.running_var * w_sum))]
             if contribution:
                 if buffer_sum is None:
-                    buffer_sum = contribution
+                    buffer_sum = [t.clone() for t in contribution] if self.graphs is not None else contribution
                 else:
                     torch._foreach_add_(buffer_sum, contribution)
+        if grad_sum is not None:
+            for p, g in zip(self.params, grad_sum):
+                p.grad = g
         return self._finish(step, vnode_losses, buffer_sum, loss_sum, [False] * len(self.params), TreeReducer())
+
+    def _group_forward_backward(self, inputs: Any, targets: Any, groups: int, step: int = -1) -> torch.Tensor:
+        """Forward, loss and backward of one fused group; returns each node's mean loss. Also what a
+        CUDA graph captures (``graphs.py``)."""
+        per_sample = self.spec.loss(self.model(inputs), targets)
+        if not self._loss_checked:
+            self._check_per_sample(per_sample, targets)
+        means = per_sample.reshape(groups, -1).mean(dim=1)  # each node's mean loss
+        maybe_fail("backward", step)
+        (means.sum() / self.spec.virtual_nodes).backward()
+        return means.detach()
 
     def apply(self, total: Payload, used: list[bool]) -> float:
         """Install the reduced gradients and running stats, step the optimizer; return the loss."""
@@ -305,3 +334,17 @@ class StepEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+
+
+def _add_grads(total: Optional[list[Optional[torch.Tensor]]],
+               grads: list[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
+    """``total + grads`` per parameter (None: no gradient yet), copying out of graph memory."""
+    if total is None:
+        return [g.clone() if g is not None else None for g in grads]
+    for i, g in enumerate(grads):
+        if g is not None:
+            if total[i] is None:
+                total[i] = g.clone()
+            else:
+                total[i].add_(g)
+    return total

@@ -54,6 +54,9 @@ class JobSpec:
             within float rounding, fewer kernel launches; batch dimension first; fast mode only).
         fused_group_size: virtual nodes per fused batch; ``None``: all of a worker's, halved (and
             remembered) on out-of-memory.
+        cuda_graphs: replay each fused group's forward and backward from a CUDA graph captured once
+            per group shape (``execution="fused"`` on a CUDA device; ``fused_group_size=1`` replays
+            one node at a time). Same math; see ``runtime/graphs.py`` for what cannot be captured.
     """
 
     model: Callable[[], Any]
@@ -72,6 +75,7 @@ class JobSpec:
     running_stats: str = "mean"
     execution: str = "sequential"
     fused_group_size: Optional[int] = None
+    cuda_graphs: bool = False
 
     @property
     def global_batch_size(self) -> int:
@@ -132,6 +136,10 @@ class JobSpec:
                 "execution", "'fused' sums a group's gradients inside one backward pass, so its bits depend "
                 "on the grouping; deterministic=True needs execution='sequential'"
             )
+        if self.cuda_graphs and self.execution != "fused":
+            raise InvalidJobSpec(
+                "cuda_graphs", "replays fused groups: set execution='fused' (with fused_group_size=1 to replay "
+                "one virtual node at a time)")
         if self.fused_group_size is not None and (not isinstance(self.fused_group_size, int)
                                                   or self.fused_group_size < 1):
             raise InvalidJobSpec("fused_group_size", f"must be None or an integer >= 1, got {self.fused_group_size!r}")

@@ -137,3 +137,98 @@ def test_fused_with_an_unused_batchnorm_equals_sequential():
     seq = train(cnn_spec(model=model), steps=4)
     fused = train(cnn_spec(model=model, execution="fused"), steps=4)
     assert rel_err(fused.model_state_dict, seq.model_state_dict) <= 1e-9
+
+
+def test_cuda_graphs_are_refused_where_they_cannot_apply():
+    """CUDA-graph replay is checked before any work: it needs fused execution and a CUDA device,
+    and each refusal names the setting and the fix."""
+    with pytest.raises(InvalidJobSpec, match="cuda_graphs.*execution='fused'"):
+        cnn_spec(cuda_graphs=True).validate()
+    with pytest.raises(InvalidJobSpec, match="cuda_graphs.*CUDA device.*cuda_graphs=False"):
+        StepEngine.build(cnn_spec(execution="fused", cuda_graphs=True, device="cpu"))
+
+
+def test_what_a_graph_cannot_capture_is_named():
+    from vnodes.runtime.graphs import unsupported_reason
+
+    cuda = torch.device("cuda")
+    assert unsupported_reason(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), cuda) is None
+    reason = unsupported_reason(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)), cuda)
+    assert "'1'" in reason and "Dropout(p=0.1)" in reason
+    assert unsupported_reason(nn.Sequential(nn.Dropout(0.0)), cuda) is None
+    reason = unsupported_reason(nn.Sequential(nn.BatchNorm2d(3, momentum=None)), cuda)
+    assert "momentum=None" in reason
+
+
+def _cnn_without_dropout():
+    from jobs import small_cnn
+
+    model = small_cnn()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0  # graphs refuse per-node random streams
+    return model
+
+
+class _ReplayOnCPU:
+    """Stands in for a captured CUDA graph on the CPU, for the bookkeeping around it: like a real
+    replay, it rewrites the captured output tensors in place and changes no Python state (``p.grad``
+    stays None, the fusion context keeps the captured sums). The real thing runs in benchmarks/gpu.py."""
+
+    def __init__(self, graphs, args):
+        self.graphs, self.args = graphs, args
+        self.outputs = None
+
+    def replay(self):
+        g = self.graphs
+        g._reset()
+        means = g.forward_backward(*self.args)
+        fresh = [means] + [p.grad for p in g.params] + [t for v in g.ctx.stat_sums.values() for t in v]
+        captured_means, captured_grads, captured_sums = self.outputs
+        targets = [captured_means] + list(captured_grads) + [t for v in captured_sums.values() for t in v]
+        for dst, src in zip(targets, fresh):
+            if dst is not None:
+                dst.copy_(src)
+        g._reset()
+        g.ctx.stat_sums = captured_sums
+
+
+def test_graph_replay_bookkeeping_equals_eager_fused(monkeypatch):
+    """Static inputs copied in, outputs copied (and gradients added) out of graph memory, buffers
+    restored after the warm-up: with a replay stand-in on the CPU, fused + graphs equals fused."""
+    from vnodes.runtime import graphs as graphs_module
+
+    def capture_on_cpu(self, inputs, targets, weights, groups):
+        static_in, static_t, static_w = inputs.clone(), targets.clone(), weights.clone()
+        self.ctx.weights, self.ctx.groups = static_w, groups
+        for _ in range(graphs_module.WARMUP_ITERATIONS):  # mutates the running buffers, like a real warm-up
+            self._reset()
+            self.forward_backward(static_in, static_t, groups)
+        self._reset()
+        graph = _ReplayOnCPU(self, (static_in, static_t, groups))
+        means = self.forward_backward(static_in, static_t, groups)
+        captured = self._captured(graph, static_in, static_t, static_w, means)
+        graph.outputs = (captured.means, captured.grads, captured.stat_sums)
+        return captured
+
+    monkeypatch.setattr(graphs_module.GroupGraphs, "_capture", capture_on_cpu)
+    monkeypatch.setattr(graphs_module, "unsupported_reason", lambda model, device: None)
+    monkeypatch.setattr("vnodes.runtime.engine.unsupported_reason", lambda model, device: None)
+    # 5 nodes in groups of 2: two graph shapes, the second captured in a step's last group.
+    engines = [StepEngine.build(cnn_spec(model=_cnn_without_dropout, execution="fused", fused_group_size=2,
+                                         virtual_nodes=5, cuda_graphs=graphs)) for graphs in (False, True)]
+    assert engines[1].graphs is not None and engines[0].graphs is None
+    for step in range(3):
+        partials = []
+        for e in engines:
+            batches = list(e.loader.iterate((step, v) for v in range(e.spec.virtual_nodes)))
+            partials.append(e.compute(step, batches))
+        eager, graphed = partials
+        assert graphed.vnode_losses == pytest.approx(eager.vnode_losses, rel=1e-12)  # every group's, not the last
+        for a, b in zip(graphed.payload, eager.payload):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
+        for e, p in zip(engines, partials):
+            e.apply(p.payload, p.used)
+    states = [e.model.state_dict() for e in engines]
+    for k, v in states[0].items():  # num_batches_tracked too: warm-ups must leave no trace
+        assert torch.equal(states[1][k], v) if not v.is_floating_point() else torch.allclose(states[1][k], v, rtol=1e-12)
