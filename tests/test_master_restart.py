@@ -85,14 +85,22 @@ def test_master_beyond_loopback_needs_the_token_and_advertises_a_reachable_store
         intruder = vnodes("worker", "--master", f"127.0.0.1:{port}", stderr=subprocess.PIPE, text=True)
         _, err = intruder.communicate(timeout=60)
         assert intruder.returncode == 2 and "refused" in err and "token" in err
-        worker = vnodes("worker", "--master", f"127.0.0.1:{port}", "--token", "s3cret")
-        assert worker.wait(timeout=120) == 0
-        assert master.wait(timeout=60) == 0
+        finish_with_a_worker(master, "--master", f"127.0.0.1:{port}", "--token", "s3cret")
     finally:
-        for p in (master,):
-            if p.poll() is None:
-                p.kill()
+        kill_if_running(master)
     assert load_checkpoint(tmp_path)["step"] == 4
+
+
+def finish_with_a_worker(master, *worker_args):
+    """A worker with these arguments runs the job to its end; both exit 0."""
+    worker = vnodes("worker", *worker_args)
+    assert worker.wait(timeout=120) == 0
+    assert master.wait(timeout=60) == 0
+
+
+def kill_if_running(process):
+    if process.poll() is None:
+        process.kill()
 
 
 def _listening(port):
@@ -152,11 +160,7 @@ def test_tls_master_with_token_serves_tls_workers_and_status(tmp_path):
                          stderr=subprocess.PIPE, text=True)
         _, err = not_pem.communicate(timeout=60)
         assert not_pem.returncode == 2 and "--tls-ca" in err and "PEM" in err
-        worker = vnodes("worker", "--master", f"127.0.0.1:{port}", "--token", "s3cret", "--tls-ca", str(cert_file))
-        assert worker.wait(timeout=120) == 0
-        assert master.wait(timeout=60) == 0
+        finish_with_a_worker(master, "--master", f"127.0.0.1:{port}", "--token", "s3cret", "--tls-ca", str(cert_file))
     finally:
-        for p in (master,):
-            if p.poll() is None:
-                p.kill()
+        kill_if_running(master)
     assert load_checkpoint(run_dir)["step"] == 3
