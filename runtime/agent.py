@@ -109,9 +109,9 @@ class WorkerAgent:
         self._next_plan: Optional[PlanView] = None
         self.watchdog = Watchdog(hang_timeout_s) if hang_timeout_s else None
 
-    def _phase(self, name: str) -> None:
+    def _phase(self, name: str, work: int = 1) -> None:
         if self.watchdog is not None:
-            self.watchdog.enter(name)
+            self.watchdog.enter(name, work)
 
     def _on_sigterm(self, signum, frame) -> None:
         self._draining = True
@@ -230,9 +230,9 @@ class WorkerAgent:
                     raise
 
             step = plan.step
-            self._phase("compute")
-            t0 = time.perf_counter()
             vnodes = plan.members[rank][1]
+            self._phase("compute", len(vnodes))
+            t0 = time.perf_counter()
             try:
                 partial = engine.compute(step, engine.loader.iterate((step, v) for v in vnodes))
             except VnodesError as exc:  # NaN loss, a loss that is not per-sample...: fatal for the job

@@ -239,8 +239,8 @@ class StepEngine:
             self.stats.restore()
             inputs, targets = move_batch(concat_batches([b for _, b in group]), self.device, self.float_dtype)
             ctx.groups = len(group)
-            ctx.weights = torch.tensor([self.stats.weight(v) for v in vnode_ids], dtype=torch.float64,
-                                       device=self.device)
+            weights = [self.stats.weight(v) for v in vnode_ids]
+            ctx.weights = torch.tensor(weights, dtype=torch.float64).to(self.device, non_blocking=True)
             ctx.stat_sums = {}
             try:
                 maybe_fail("forward", step)
@@ -260,7 +260,7 @@ class StepEngine:
                 vnode_losses[v] = m
             loss_sum += (means.detach().to(torch.float64).sum() / n).reshape(1)
             # A BatchNorm the forward pass did not use keeps its buffers, weighted like any node's.
-            w_sum = float(ctx.weights.sum())
+            w_sum = sum(weights)  # on the host: no device sync per group
             contribution = [t for module in self.stats.modules for t in ctx.stat_sums.get(
                 id(module), (module.running_mean * w_sum, module.running_var * w_sum))]
             if contribution:
@@ -341,10 +341,10 @@ def _add_grads(total: Optional[list[Optional[torch.Tensor]]],
     """``total + grads`` per parameter (None: no gradient yet), copying out of graph memory."""
     if total is None:
         return [g.clone() if g is not None else None for g in grads]
+    both = [i for i, g in enumerate(grads) if g is not None and total[i] is not None]
+    if both:
+        torch._foreach_add_([total[i] for i in both], [grads[i] for i in both])  # one launch, not one per tensor
     for i, g in enumerate(grads):
-        if g is not None:
-            if total[i] is None:
-                total[i] = g.clone()
-            else:
-                total[i].add_(g)
+        if g is not None and total[i] is None:
+            total[i] = g.clone()
     return total

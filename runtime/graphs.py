@@ -23,6 +23,7 @@ losses, buffers) before timing it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Callable, Optional
 
@@ -33,6 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .fused import FusionContext
 
 WARMUP_ITERATIONS = 3
+GRAPHS_KEPT = 3  # shapes change when a re-form changes a worker's node count: keep the newest few
 
 
 def unsupported_reason(model: nn.Module, device: torch.device) -> Optional[str]:
@@ -69,7 +71,7 @@ class GroupGraphs:
         self.params = params
         self.ctx = ctx
         self.forward_backward = forward_backward  # (inputs, targets, groups) -> per-node means
-        self._graphs: dict[tuple, _Captured] = {}
+        self._graphs: collections.OrderedDict[tuple, _Captured] = collections.OrderedDict()  # LRU
         self._pool = None
 
     def clear(self) -> None:
@@ -88,8 +90,11 @@ class GroupGraphs:
         key = (groups, tuple(inputs.shape), inputs.dtype, tuple(targets.shape), targets.dtype)
         entry = self._graphs.get(key)
         if entry is None:
+            while len(self._graphs) >= GRAPHS_KEPT:
+                self._graphs.popitem(last=False)
             entry = self._graphs[key] = self._capture(inputs, targets, weights, groups)
             restore()
+        self._graphs.move_to_end(key)
         entry.inputs.copy_(inputs)
         entry.targets.copy_(targets)
         entry.weights.copy_(weights)
@@ -112,7 +117,9 @@ class GroupGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: CUDA calls of other threads (a pin-memory thread of the data loader) do not
+        # break this capture.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             means = self.forward_backward(static_in, static_t, groups)
         return self._captured(graph, static_in, static_t, static_w, means)
 

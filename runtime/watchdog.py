@@ -38,7 +38,9 @@ class Watchdog:
     """Tracks the main thread's phase; fences the process when a local phase outlives its budget.
 
     A local phase is judged only once it has completed before: its budget is
-    ``max(timeout_s, slack * its longest completed run)``. So the first step (compilation,
+    ``max(timeout_s, slack * its slowest completed run per unit of work * this run's work)``, the
+    work being e.g. the virtual nodes a compute phase runs (a worker that takes over its peers'
+    nodes gets a budget to match). So the first step (compilation,
     autotuning, warm-up) and the first checkpoint write are never fenced, and neither is building
     the job (``build``: a dataset may take long to prepare), which counts as waiting.
     """
@@ -53,29 +55,31 @@ class Watchdog:
         self.poll_s = poll_s
         self.clock = clock
         self.on_hang = on_hang or _fence
-        self._current = ("idle", clock())  # (phase, since): one attribute, read and written whole
-        self._longest_s: dict[str, float] = {}  # local phase -> its longest completed run
+        self._current = ("idle", clock(), 1)  # (phase, since, work): one attribute, read and written whole
+        self._longest_s: dict[str, float] = {}  # local phase -> its slowest completed run, per unit of work
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def enter(self, phase: str) -> None:
-        """The main thread starts ``phase`` (cheap: a clock read and a few assignments)."""
+    def enter(self, phase: str, work: int = 1) -> None:
+        """The main thread starts ``phase`` of ``work`` units (cheap: a clock read, a few assignments)."""
         now = self.clock()
-        previous, since = self._current
+        previous, since, previous_work = self._current
         if previous not in WAITING_PHASES:
-            self._longest_s[previous] = max(self._longest_s.get(previous, 0.0), now - since)
-        self._current = (phase, now)
+            per_unit = (now - since) / max(1, previous_work)
+            self._longest_s[previous] = max(self._longest_s.get(previous, 0.0), per_unit)
+        self._current = (phase, now, work)
 
-    def budget_s(self, phase: str) -> Optional[float]:
-        """Seconds ``phase`` may run before the worker counts as hung; None: not judged (yet)."""
+    def budget_s(self, phase: str, work: int = 1) -> Optional[float]:
+        """Seconds ``phase`` of ``work`` units may run before the worker counts as hung; None: not
+        judged (yet)."""
         if phase in WAITING_PHASES or phase not in self._longest_s:
             return None
-        return max(self.timeout_s, self.slack * self._longest_s[phase])
+        return max(self.timeout_s, self.slack * self._longest_s[phase] * max(1, work))
 
     def check(self) -> bool:
         """Fence (``on_hang``) if the current local phase is over budget; True if it fired."""
-        phase, since = self._current
-        budget, stuck_s = self.budget_s(phase), self.clock() - since
+        phase, since, work = self._current
+        budget, stuck_s = self.budget_s(phase, work), self.clock() - since
         if budget is None or stuck_s <= budget:
             return False
         self.on_hang(phase, stuck_s)

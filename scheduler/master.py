@@ -216,16 +216,23 @@ class Master:
 
     def lost(self, worker_id: str, reason: str) -> None:
         """A worker is gone (broken stream, missed heartbeats). A member's loss aborts the step."""
+        self._lose([worker_id], reason)
+
+    def _lose(self, worker_ids: list[str], reason: str) -> None:
+        """Declare these workers dead at once: one abort and one re-form, however many they are."""
         with self._cond:
-            info = self.workers.get(worker_id)
-            if info is None or info.state in (WorkerState.DEAD, WorkerState.LEFT):
-                return
-            was_member = self.membership is not None and worker_id in self.membership
-            info.state = WorkerState.DEAD
-            if was_member and self.state == JobState.RUNNING:
-                self._abort_current(f"worker {worker_id} lost: {reason}")
+            members_lost = False
+            for worker_id in worker_ids:
+                info = self.workers.get(worker_id)
+                if info is None or info.state in (WorkerState.DEAD, WorkerState.LEFT):
+                    continue
+                was_member = self.membership is not None and worker_id in self.membership
+                info.state = WorkerState.DEAD
+                members_lost = members_lost or was_member
+                self._needs_reform = self._needs_reform or not was_member
+            if members_lost and self.state == JobState.RUNNING:
+                self._abort_current(f"lost {', '.join(worker_ids)}: {reason}")
                 self._reform()  # at a boundary now: the survivors (or nobody: WAITING) form the next epoch
-            self._needs_reform = self._needs_reform or not was_member
             self._cond.notify_all()
 
     def leave(self, worker_id: str) -> None:
@@ -343,15 +350,18 @@ class Master:
         member. After a successful reduce all members commit within moments, so the silent ones are
         stuck (hung after the reduce): they are declared lost, which aborts the step and re-forms
         the epoch without them. Returns their ids (none if the step is decided or not current)."""
-        with self._cond:
+        with self._cond:  # one critical section: nothing changes between the judgement and the verdict
             m = self.membership
             if m is None or m.epoch != epoch or step != self.step or (epoch, step) in self.decisions \
                     or not self.reports:
                 return []
             silent = [w for w in m.members if w not in self.reports]
-        for worker_id in silent:
-            self.lost(worker_id, f"no commit for step {step} {waited_s:.0f} s after its peers committed")
-        return silent
+            self._lose(silent, f"no commit for step {step} {waited_s:.0f} s after their peers committed")
+            return silent
+
+    def is_decided(self, epoch: int, step: int) -> bool:
+        with self._cond:
+            return (epoch, step) in self.decisions
 
     def committed_since(self, count: int) -> tuple[list[CommittedStep], int]:
         """The steps committed after the first ``count``, and the count to pass next time. Only the

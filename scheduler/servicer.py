@@ -87,20 +87,21 @@ class _Decided:
     step in the same membership), so it is built once, in ``reply``.
     """
 
-    __slots__ = ("loop", "future", "table", "key", "loop_thread", "timer", "reply", "expire")
+    __slots__ = ("loop", "future", "table", "key", "loop_thread", "timer", "reply", "expire", "is_decided")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, table: dict, key: tuple[int, int], timeout_s: float,
-                 expire):
+                 expire, is_decided):
         self.loop, self.future, self.table, self.key = loop, loop.create_future(), table, key
         self.loop_thread = threading.get_ident()
-        self.expire = expire
+        self.expire, self.is_decided = expire, is_decided
         self.timer = loop.call_later(timeout_s, self._expired)
         self.reply = None
 
     def _expired(self) -> None:
         if not self.future.done():
             self.expire()  # decides the step (its callbacks call wake) unless there is nothing to expire
-            self._set(timed_out=True)  # a no-op when the step was just decided
+            # Decided here or (its wake still queued) on another thread: not a timeout.
+            self._set(timed_out=not self.is_decided())
 
     def wake(self) -> None:  # runs with the master's lock held: only schedules
         if threading.get_ident() == self.loop_thread:
@@ -254,7 +255,8 @@ class MasterServicer(pb_grpc.MasterServicer):
                     del self._decided[old]
             decided = self._decided[key] = _Decided(
                 asyncio.get_running_loop(), self._decided, key, self.commit_timeout_s,
-                functools.partial(self.master.expire, key[0], key[1], self.commit_timeout_s))
+                functools.partial(self.master.expire, key[0], key[1], self.commit_timeout_s),
+                functools.partial(self.master.is_decided, key[0], key[1]))
         return decided
 
     def _members_message(self, m) -> list:

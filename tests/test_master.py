@@ -178,8 +178,9 @@ def test_worker_lost_after_writing_an_unreported_checkpoint_does_not_stall_the_j
 
 
 def test_members_silent_after_their_peers_committed_are_declared_lost():
-    """After a reduce every member commits within moments; one that stays silent is hung."""
-    m, ids, clock = make(workers=3)
+    """After a reduce every member commits within moments; those that stay silent are hung. They are
+    declared lost together: one abort, one re-form."""
+    m, ids, clock = make(workers=4)
     [m.plan(i, 0, timeout_s=0) for i in ids]  # READY
     plan = [m.plan(i, 0, timeout_s=0) for i in ids][0]
     epoch = plan.membership.epoch
@@ -188,11 +189,14 @@ def test_members_silent_after_their_peers_committed_are_declared_lost():
     for i in ids[:2]:
         m.submit(i, epoch, 0, ok(), on_decided=lambda: woken.append(1))
     assert m.expire(epoch + 1, 0, 120.0) == []  # not the current epoch
-    assert m.expire(epoch, 0, 120.0) == [ids[2]]
-    assert len(woken) == 2 and m.outcome(ids[0], epoch, 0, want_next=False)[0] == Decision.ABORT
-    assert m.workers[ids[2]].state == WorkerState.DEAD
+    assert not m.is_decided(epoch, 0)
+    assert m.expire(epoch, 0, 120.0) == ids[2:]
+    assert m.is_decided(epoch, 0) and len(woken) == 2
+    assert m.outcome(ids[0], epoch, 0, want_next=False)[0] == Decision.ABORT
+    assert all(m.workers[i].state == WorkerState.DEAD for i in ids[2:])
     again = m.plan(ids[0], 0, timeout_s=0)
     assert again.kind == PlanKind.RUN and again.step == 0 and set(again.membership.members) == set(ids[:2])
+    assert again.membership.epoch == epoch + 1  # one re-form for both losses
     assert m.expire(epoch, 0, 120.0) == []  # decided already
 
 

@@ -145,3 +145,16 @@ def test_a_member_hung_after_the_reduce_is_declared_lost_by_the_master(tmp_path)
         handle.stop()
     assert_bitwise(load_checkpoint(tmp_path)["model"], reference.model_state_dict)
     assert handle.master.losses == reference.losses
+
+
+def test_the_compute_budget_follows_the_nodes_a_worker_runs():
+    dog, clock, fired = make(timeout_s=5.0)
+    dog.enter("compute", 2)
+    clock.now += 4.0  # 2 s per node
+    dog.enter("reduce")
+    assert dog.budget_s("compute", 2) == pytest.approx(40.0)
+    dog.enter("compute", 8)  # the peers left: this worker now runs 8 nodes
+    clock.now += 100.0  # 4x the work takes 4x as long: healthy
+    assert not dog.check()
+    clock.now += 61.0  # over 10 x 2 s x 8
+    assert dog.check() and fired
