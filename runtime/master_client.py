@@ -17,6 +17,7 @@ from .errors import StaleEpoch, VnodesError
 log = logging.getLogger(__name__)
 
 TOKEN_METADATA = "vnodes-token"
+COMMIT_WAIT_MARGIN_S = 30.0
 
 
 class _MasterCallError(VnodesError):
@@ -102,6 +103,7 @@ class MasterClient:
         self._stop_session = threading.Event()
         self._outbox: queue.Queue = queue.Queue()  # messages for the session stream (None: end it)
         self._replies: queue.Queue = queue.Queue()  # commit replies, or a _SessionEnded
+        self.commit_wait_s = 150.0  # until the master says how long it lets a step wait
 
     def _call(self, method, request, timeout: float = 30.0):
         try:
@@ -141,6 +143,8 @@ class MasterClient:
         return Registration(reply.worker_id, reply.job, reply.store_host, reply.store_port, reply.store_namespace,
                             reply.run_dir,
                             reply.checkpoint_every)
+        if reply.commit_timeout_s > 0:  # the master decides by then; a margin for the reply to arrive
+            self.commit_wait_s = reply.commit_timeout_s + COMMIT_WAIT_MARGIN_S
 
     def start_session(self, worker_id: str, interval_s: float = 1.0) -> None:
         """Open the session stream: heartbeats (background) and commits go out on it, commit
@@ -192,16 +196,18 @@ class MasterClient:
 
     def commit(self, epoch: int, step: int, ok: bool, loss: float,
                vnode_losses: dict[int, float], step_time_s: float,
-               timeout_s: float = 150.0) -> tuple[str, Optional[PlanView]]:
+               timeout_s: Optional[float] = None) -> tuple[str, Optional[PlanView]]:
         """Send a commit on the session stream and wait for its decision.
 
         Returns ``("commit" | "abort", the next plan if the master already knows it)``.
 
         Raises:
-            MasterUnavailable: the session broke or no decision came within ``timeout_s``.
+            MasterUnavailable: the session broke or no decision came within ``timeout_s`` (default:
+                the master's commit timeout plus a margin).
             StaleEpoch: the master no longer knows this epoch.
         """
         pb = self.pb
+        timeout_s = self.commit_wait_s if timeout_s is None else timeout_s
         if self._session is None:
             raise VnodesError("commit() before start_session(): the session stream carries commits")
         vnodes = sorted(vnode_losses)

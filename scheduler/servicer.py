@@ -145,7 +145,8 @@ class MasterServicer(pb_grpc.MasterServicer):
         worker_id = self.master.register(info)
         return pb.RegisterReply(worker_id=worker_id, job=self.job, store_host=self.store_host,
                                 store_port=self.store_port, run_dir=self.run_dir,
-                                checkpoint_every=self.checkpoint_every, store_namespace=self.store_namespace)
+                                checkpoint_every=self.checkpoint_every, store_namespace=self.store_namespace,
+                                commit_timeout_s=self.commit_timeout_s)
 
     async def Session(self, request_iterator, context):
         """The worker's stream: heartbeats and commits in, one reply per commit out.

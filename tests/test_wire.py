@@ -46,7 +46,7 @@ def test_bad_messages_get_one_clear_status_and_the_master_survives(server):
     assert code == grpc.StatusCode.NOT_FOUND and "ghost" in details
     reply = stub.Register(pb.RegisterRequest(worker=pb.WorkerDescription(host="h", pid=1)), timeout=5)
     wid = reply.worker_id
-    assert reply.job == b"job"
+    assert reply.job == b"job" and reply.commit_timeout_s == 120.0
     code, details = code_of(lambda: stub.Register(pb.RegisterRequest(worker_id=wid), timeout=5))
     assert code == grpc.StatusCode.ALREADY_EXISTS
     code, details = code_of(lambda: stub.Register(
