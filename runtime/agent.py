@@ -325,8 +325,17 @@ def run_worker(args: argparse.Namespace) -> int:
         if hang_timeout is not None and hang_timeout < 0:
             raise VnodesError(f"--hang-timeout {args.hang_timeout} is negative; use 0 to turn the watchdog off")
         tls_root_cert = read_pem(args.tls_ca, "--tls-ca") if args.tls_ca else None
-        return WorkerAgent(args.master, args.device, args.token, args.launch_index, args.throughput,
-                           args.slowdown, hang_timeout_s=hang_timeout, tls_root_cert=tls_root_cert).run()
+        agent = WorkerAgent(args.master, args.device, args.token, args.launch_index, args.throughput,
+                            args.slowdown, hang_timeout_s=hang_timeout, tls_root_cert=tls_root_cert)
+        code = agent.run()
+        if getattr(agent, "group", None) is not None and agent.group.holds_abandoned:
+            # A stopped peer's collective is still pending in an abandoned group; its finalizer
+            # would hold this exit until the group timeout. The job is done: leave now.
+            log.info("exiting without finalizers: an abandoned collective is still pending")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except VnodesError as exc:
         print(f"vnodes worker: error: {exc}", file=sys.stderr)
         return 2

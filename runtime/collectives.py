@@ -9,6 +9,7 @@ it admitted (token), so a stranger who reaches the store's port cannot find or j
 from __future__ import annotations
 
 import datetime
+import io
 import time
 from typing import Any, Optional
 
@@ -34,7 +35,18 @@ class EpochSuperseded(RuntimeError):
 
 
 class EpochGroup:
-    """This worker's membership in the current epoch's process group."""
+    """This worker's membership in the current epoch's process group.
+
+    On the CPU each epoch gets a process-group object of its own (``ProcessGroupGloo``), not the
+    global default group, and every collective is waited for in short polls that also watch the
+    master's abort key. So when a peer is *stopped* rather than dead (SIGSTOP, a frozen VM: its
+    sockets stay open, its collective never completes), the survivors leave the collective as soon as
+    the master has declared it lost and moved on, instead of after the group timeout; the abandoned
+    group is kept until its pending collective expires on its own (destroying it earlier would block
+    until then). On GPUs (NCCL) the epoch's group is the default group, as before.
+    """
+
+    POLL = datetime.timedelta(seconds=0.25)
 
     def __init__(self, store_host: str, store_port: int, device: torch.device, namespace: str,
                  timeout_s: float = 60.0):
@@ -47,6 +59,9 @@ class EpochGroup:
         self.epoch: Optional[int] = None
         self.rank = -1
         self.world_size = 0
+        self.pg: Optional[Any] = None
+        self._pending: Optional[Any] = None  # the newest collective's work, until it completes
+        self._abandoned: list[tuple[Any, Any]] = []  # (group, work) left to expire on their own
 
     def form(self, epoch: int, rank: int, world_size: int) -> None:
         """Leave the previous epoch's group and join epoch ``epoch``'s.
@@ -67,30 +82,93 @@ class EpochGroup:
                 raise RuntimeError(f"epoch {epoch}: members missing after {self.timeout.total_seconds():.0f} s")
             time.sleep(0.02)
         store = dist.PrefixStore(prefix, self.store)
-        dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size, timeout=self.timeout)
+        if self.backend == "gloo":
+            self.pg = dist.ProcessGroupGloo(store, rank, world_size, self.timeout)
+        else:
+            dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size, timeout=self.timeout)
+            self.pg = dist.group.WORLD
         self.epoch, self.rank, self.world_size = epoch, rank, world_size
 
     def destroy(self) -> None:
-        if dist.is_initialized():
+        self._abandoned = [(pg, work) for pg, work in self._abandoned if not work.is_completed()]
+        if self.backend == "gloo":
+            if self._pending is not None and not self._pending.is_completed():
+                self._abandoned.append((self.pg, self._pending))  # dropping it now would block
+        elif dist.is_initialized():
             dist.destroy_process_group()
+        self.pg, self._pending = None, None
         self.epoch = None
+
+    @property
+    def holds_abandoned(self) -> bool:
+        """Groups left with a pending collective: dropping them blocks until it times out, so a
+        process that holds any should end with ``os._exit`` rather than run its finalizers."""
+        return any(not work.is_completed() for _, work in self._abandoned)
+
+    def _wait(self, work) -> None:
+        """Wait for ``work``; on gloo in short polls, leaving at once if the epoch was superseded.
+
+        Raises:
+            EpochSuperseded: the master moved on while the collective was pending (a peer stopped).
+            RuntimeError: the collective failed (a peer vanished) or timed out.
+        """
+        if self.backend != "gloo":
+            work.wait()
+            return
+        self._pending = work
+        abort_key = epoch_prefix(self.namespace, self.epoch) + ABORT_KEY
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        while True:
+            try:
+                work.wait(self.POLL)
+                self._pending = None
+                return
+            except RuntimeError:
+                if work.is_completed():  # it failed (e.g. a peer's connection closed), not our poll
+                    self._pending = None
+                    raise
+            if self.store.check([abort_key]):
+                raise EpochSuperseded(f"epoch {self.epoch} was superseded during a collective")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"epoch {self.epoch}: collective not done after "
+                                   f"{self.timeout.total_seconds():.0f} s")
 
     def broadcast_state(self, state: Optional[dict[str, Any]], source_rank: int) -> dict[str, Any]:
         """Send ``state`` from ``source_rank`` to every member; returns it everywhere."""
-        box = [state if self.rank == source_rank else None]
-        dist.broadcast_object_list(box, src=source_rank, device=self._object_device())
-        return box[0]
+        data = _serialize(state) if self.rank == source_rank else b""
+        size = torch.tensor([len(data)], dtype=torch.int64, device=self._object_device())
+        self._wait(self.pg.broadcast(size, source_rank))
+        if self.rank == source_rank:
+            buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self._object_device())
+        else:
+            buffer = torch.empty(int(size.item()), dtype=torch.uint8, device=self._object_device())
+        self._wait(self.pg.broadcast(buffer, source_rank))
+        return state if self.rank == source_rank else _deserialize(buffer)
+
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        """Every member's ``obj``, in rank order."""
+        data = _serialize(obj)
+        device = self._object_device()
+        size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+        sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(self.world_size)]
+        self._wait(self.pg.allgather([sizes], [size]))
+        longest = max(int(s.item()) for s in sizes)
+        mine = torch.zeros(longest, dtype=torch.uint8, device=device)
+        mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+        gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(self.world_size)]
+        self._wait(self.pg.allgather([gathered], [mine]))
+        return [_deserialize(g[:int(s.item())]) for g, s in zip(gathered, sizes)]
 
     def reduce(self, partial: StepPartial, deterministic: bool) -> tuple[Payload, list[bool]]:
         """Sum every member's partial: one all-reduce per dtype (fast), or canonical (deterministic).
 
         Raises:
             RuntimeError: a peer vanished (the caller reports the step as not reduced).
+            EpochSuperseded: the master moved on while waiting for a peer (it stopped).
         """
         if deterministic:
             local = ([(b.start, b.size, [t.cpu() for t in b.payload]) for b in partial.blocks], partial.used)
-            gathered: list = [None] * self.world_size
-            dist.all_gather_object(gathered, local)  # NCCL: uses the current device (set by the agent)
+            gathered = self.all_gather_objects(local)
             blocks = [Block(start, size, [t.to(self.device) for t in payload])
                       for worker_blocks, _ in gathered for start, size, payload in worker_blocks]
             used = [any(flags) for flags in zip(*(u for _, u in gathered))]
@@ -102,11 +180,21 @@ class EpochGroup:
             by_dtype.setdefault(t.dtype, []).append(i)
         for indices in by_dtype.values():
             flat = _flatten_dense_tensors([payload[i] for i in indices])
-            dist.all_reduce(flat)
+            self._wait(self.pg.allreduce([flat]))
             for i, t in zip(indices, _unflatten_dense_tensors(flat, [payload[i] for i in indices])):
                 payload[i].copy_(t)
-        dist.all_reduce(used)
+        self._wait(self.pg.allreduce([used]))
         return payload, [bool(u > 0) for u in used.tolist()]
 
-    def _object_device(self) -> Optional[torch.device]:
-        return self.device if self.backend == "nccl" else None
+    def _object_device(self) -> torch.device:
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+
+def _serialize(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _deserialize(data: torch.Tensor) -> Any:
+    return torch.load(io.BytesIO(data.cpu().numpy().tobytes()), weights_only=False)

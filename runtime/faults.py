@@ -3,7 +3,8 @@
 Set ``VNODES_FAULT="phase:step"`` in a process's environment; several faults are separated by
 commas. ``phase:step:index`` targets the worker whose ``VNODES_LAUNCH_INDEX`` is ``index``, and a
 trailing ``:hang`` makes the main thread block forever instead of dying (its other threads, such as
-heartbeats, go on: a hung worker). Phases, in step order: ``load``, ``forward``, ``backward``,
+heartbeats, go on: a hung worker), and ``:stop`` SIGSTOPs the whole process (a frozen machine: its
+sockets stay open, nothing answers). Phases, in step order: ``load``, ``forward``, ``backward``,
 ``reduce``, ``commit``, ``checkpoint_write`` (after the temporary file is written, before the
 rename). Unset (the normal case) costs one dictionary lookup per phase.
 """
@@ -21,9 +22,9 @@ def _parse(text: str) -> dict[tuple[str, int, int | None], str]:
     faults = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         parts = item.split(":")
-        action = parts.pop() if parts[-1] in ("kill", "hang") else "kill"
+        action = parts.pop() if parts[-1] in ("kill", "hang", "stop") else "kill"
         if len(parts) not in (2, 3) or parts[0] not in PHASES:
-            raise ValueError(f"VNODES_FAULT item {item!r}: expected phase:step[:worker][:kill|hang] "
+            raise ValueError(f"VNODES_FAULT item {item!r}: expected phase:step[:worker][:kill|hang|stop] "
                              f"with phase in {PHASES}")
         faults[(parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None)] = action
     return faults
@@ -42,3 +43,5 @@ def maybe_fail(phase: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "hang":
         threading.Event().wait()
+    elif action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)

@@ -158,3 +158,37 @@ def test_the_compute_budget_follows_the_nodes_a_worker_runs():
     assert not dog.check()
     clock.now += 61.0  # over 10 x 2 s x 8
     assert dog.check() and fired
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_stopped_member_is_declared_lost_and_its_peer_leaves_the_collective_at_once(tmp_path):
+    """Worker 1 is SIGSTOPped just before its all-reduce: its sockets stay open and nothing answers.
+    Its heartbeats stop, the master declares it lost, and worker 0 leaves the pending collective as
+    soon as the epoch is superseded (not after the group's 60 s timeout); it redoes the step alone."""
+    import time
+
+    from vnodes.runtime import load_checkpoint, train
+    from vnodes.runtime.checkpoint import check_checkpoint_dir
+    from vnodes.scheduler.launcher import spawn_worker, start_master
+
+    from test_elastic import STEPS, assert_bitwise, f32_spec
+
+    reference = train(f32_spec(), steps=STEPS)
+    handle = start_master(f32_spec(), STEPS, check_checkpoint_dir(tmp_path), expected_workers=2, start_grace_s=60,
+                          heartbeat_timeout_s=2.0)
+    procs = [spawn_worker(handle.address, i, env={"VNODES_FAULT": "reduce:3:1:stop"}) for i in range(2)]
+    try:
+        assert handle.master.wait(lambda m: m.step >= 3, timeout_s=90)
+        t0 = time.monotonic()
+        assert handle.master.wait(lambda m: m.done, timeout_s=120)
+        assert time.monotonic() - t0 < 30  # the group timeout is 60 s
+        assert procs[0].wait(timeout=30) == 0
+        assert procs[1].poll() is None  # still stopped
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        handle.stop()
+    assert_bitwise(load_checkpoint(tmp_path)["model"], reference.model_state_dict)
+    assert handle.master.losses == reference.losses
