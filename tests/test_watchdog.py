@@ -1,4 +1,7 @@
-"""The hang watchdog: pure logic on a fake clock, and a real hung worker process."""
+"""The hang watchdog on a fake clock; hung and stopped workers as real processes."""
+
+import contextlib
+import time
 
 import pytest
 
@@ -82,71 +85,6 @@ def test_bad_environment_value_names_it(monkeypatch):
     assert hang_timeout_from_env() is None
 
 
-@pytest.mark.multiprocess
-@pytest.mark.slow
-def test_a_hung_worker_fences_itself_and_the_survivors_redo_the_step(tmp_path):
-    """Worker 1's main thread blocks forever in step 3's forward while its heartbeat thread lives.
-    Its watchdog ends it (exit 3, stacks on stderr); worker 0, blocked in the all-reduce, sees the
-    peer gone and redoes step 3 alone. The result is bitwise that of a fault-free run."""
-    from vnodes.runtime import load_checkpoint, train
-    from vnodes.runtime.checkpoint import check_checkpoint_dir
-    from vnodes.scheduler.launcher import spawn_worker, start_master
-
-    from test_elastic import STEPS, assert_bitwise, f32_spec
-
-    reference = train(f32_spec(), steps=STEPS)
-    handle = start_master(f32_spec(), STEPS, check_checkpoint_dir(tmp_path), expected_workers=2, start_grace_s=60)
-    env = {"VNODES_FAULT": "forward:3:1:hang", "VNODES_HANG_TIMEOUT": "2"}
-    stderr = tmp_path / "hung.stderr"
-    with open(stderr, "w") as err:
-        procs = [spawn_worker(handle.address, 0, env=env), spawn_worker(handle.address, 1, env=env, stderr=err)]
-    try:
-        assert procs[1].wait(timeout=90) == 3
-        assert handle.master.wait(lambda m: m.done, timeout_s=120)
-        assert procs[0].wait(timeout=30) == 0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        handle.stop()
-    text = stderr.read_text()
-    assert "hung in phase 'compute'" in text and "maybe_fail" in text  # the stack of the stuck thread
-    assert_bitwise(load_checkpoint(tmp_path)["model"], reference.model_state_dict)
-    assert handle.master.losses == reference.losses
-
-
-@pytest.mark.multiprocess
-@pytest.mark.slow
-def test_a_member_hung_after_the_reduce_is_declared_lost_by_the_master(tmp_path):
-    """Worker 1 hangs between its reduce and its commit (a waiting phase: the watchdog does not
-    judge it). Its peer committed; after the commit timeout the master declares the silent member
-    lost and the peer redoes the step alone, bit for bit."""
-    from vnodes.runtime import load_checkpoint, train
-    from vnodes.runtime.checkpoint import check_checkpoint_dir
-    from vnodes.scheduler.launcher import spawn_worker, start_master
-
-    from test_elastic import STEPS, assert_bitwise, f32_spec
-
-    reference = train(f32_spec(), steps=STEPS)
-    handle = start_master(f32_spec(), STEPS, check_checkpoint_dir(tmp_path), expected_workers=2, start_grace_s=60,
-                          commit_timeout_s=2.0)
-    env = {"VNODES_FAULT": "commit:3:1:hang", "VNODES_HANG_TIMEOUT": "0"}
-    procs = [spawn_worker(handle.address, i, env=env) for i in range(2)]
-    try:
-        assert handle.master.wait(lambda m: m.done, timeout_s=120)
-        assert procs[0].wait(timeout=30) == 0
-        assert procs[1].poll() is None  # still hung: nothing waited for it
-        by_index = {w.launch_index: w.worker_id for w in handle.master.workers.values()}
-        assert handle.master.membership.members == (by_index[0],)  # the job ended without worker 1
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        handle.stop()
-    assert_bitwise(load_checkpoint(tmp_path)["model"], reference.model_state_dict)
-    assert handle.master.losses == reference.losses
-
-
 def test_the_compute_budget_follows_the_nodes_a_worker_runs():
     dog, clock, fired = make(timeout_s=5.0)
     dog.enter("compute", 2)
@@ -160,31 +98,32 @@ def test_the_compute_budget_follows_the_nodes_a_worker_runs():
     assert dog.check() and fired
 
 
-@pytest.mark.multiprocess
-@pytest.mark.slow
-def test_a_stopped_member_is_declared_lost_and_its_peer_leaves_the_collective_at_once(tmp_path):
-    """Worker 1 is SIGSTOPped just before its all-reduce: its sockets stay open and nothing answers.
-    Its heartbeats stop, the master declares it lost, and worker 0 leaves the pending collective as
-    soon as the epoch is superseded (not after the group's 60 s timeout); it redoes the step alone."""
-    import time
+# -- real worker processes: worker 1 carries the fault; the result must be a fault-free run's ----------
 
-    from vnodes.runtime import load_checkpoint, train
+@pytest.fixture(scope="module")
+def reference():
+    from vnodes.runtime import train
+
+    from test_elastic import STEPS, f32_spec
+
+    return train(f32_spec(), steps=STEPS)
+
+
+@contextlib.contextmanager
+def two_workers(tmp_path, reference, env, stderr_of_1=None, **master_options):
+    """A job on two real worker processes with ``env``; on leaving, both are gone, and the job
+    must have ended bitwise equal to a fault-free run."""
+    from vnodes.runtime import load_checkpoint
     from vnodes.runtime.checkpoint import check_checkpoint_dir
     from vnodes.scheduler.launcher import spawn_worker, start_master
 
     from test_elastic import STEPS, assert_bitwise, f32_spec
 
-    reference = train(f32_spec(), steps=STEPS)
     handle = start_master(f32_spec(), STEPS, check_checkpoint_dir(tmp_path), expected_workers=2, start_grace_s=60,
-                          heartbeat_timeout_s=2.0)
-    procs = [spawn_worker(handle.address, i, env={"VNODES_FAULT": "reduce:3:1:stop"}) for i in range(2)]
+                          **master_options)
+    procs = [spawn_worker(handle.address, 0, env=env), spawn_worker(handle.address, 1, env=env, stderr=stderr_of_1)]
     try:
-        assert handle.master.wait(lambda m: m.step >= 3, timeout_s=90)
-        t0 = time.monotonic()
-        assert handle.master.wait(lambda m: m.done, timeout_s=120)
-        assert time.monotonic() - t0 < 30  # the group timeout is 60 s
-        assert procs[0].wait(timeout=30) == 0
-        assert procs[1].poll() is None  # still stopped
+        yield handle, procs
     finally:
         for p in procs:
             if p.poll() is None:
@@ -192,3 +131,50 @@ def test_a_stopped_member_is_declared_lost_and_its_peer_leaves_the_collective_at
         handle.stop()
     assert_bitwise(load_checkpoint(tmp_path)["model"], reference.model_state_dict)
     assert handle.master.losses == reference.losses
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_hung_worker_fences_itself_and_the_survivors_redo_the_step(tmp_path, reference):
+    """Worker 1's main thread blocks forever in step 3's forward while its heartbeat thread lives.
+    Its watchdog ends it (exit 3, stacks on stderr); worker 0, blocked in the all-reduce, sees the
+    peer gone and redoes step 3 alone."""
+    stderr = tmp_path / "hung.stderr"
+    with open(stderr, "w") as err, two_workers(tmp_path, reference, {"VNODES_FAULT": "forward:3:1:hang",
+                                                                     "VNODES_HANG_TIMEOUT": "2"}, err) as (handle, procs):
+        assert procs[1].wait(timeout=90) == 3
+        assert handle.master.wait(lambda m: m.done, timeout_s=120)
+        assert procs[0].wait(timeout=30) == 0
+    text = stderr.read_text()
+    assert "hung in phase 'compute'" in text and "maybe_fail" in text  # the stack of the stuck thread
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_member_hung_after_the_reduce_is_declared_lost_by_the_master(tmp_path, reference):
+    """Worker 1 hangs between its reduce and its commit (a waiting phase: the watchdog does not
+    judge it). Its peer committed; after the commit timeout the master declares the silent member
+    lost and the peer redoes the step alone."""
+    env = {"VNODES_FAULT": "commit:3:1:hang", "VNODES_HANG_TIMEOUT": "0"}
+    with two_workers(tmp_path, reference, env, commit_timeout_s=2.0) as (handle, procs):
+        assert handle.master.wait(lambda m: m.done, timeout_s=120)
+        assert procs[0].wait(timeout=30) == 0
+        assert procs[1].poll() is None  # still hung: nothing waited for it
+        by_index = {w.launch_index: w.worker_id for w in handle.master.workers.values()}
+        assert handle.master.membership.members == (by_index[0],)  # the job ended without worker 1
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_stopped_member_is_declared_lost_and_its_peer_leaves_the_collective_at_once(tmp_path, reference):
+    """Worker 1 is SIGSTOPped just before its all-reduce: its sockets stay open and nothing answers.
+    Its heartbeats stop, the master declares it lost, and worker 0 leaves the pending collective as
+    soon as the epoch is superseded (not after the group's 60 s timeout); it redoes the step alone."""
+    with two_workers(tmp_path, reference, {"VNODES_FAULT": "reduce:3:1:stop"},
+                     heartbeat_timeout_s=2.0) as (handle, procs):
+        assert handle.master.wait(lambda m: m.step >= 3, timeout_s=90)
+        t0 = time.monotonic()
+        assert handle.master.wait(lambda m: m.done, timeout_s=120)
+        assert time.monotonic() - t0 < 30  # the group timeout is 60 s
+        assert procs[0].wait(timeout=30) == 0
+        assert procs[1].poll() is None  # still stopped
