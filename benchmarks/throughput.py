@@ -51,28 +51,13 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
+from models import BasicBlock
 from vnodes.runtime import JobSpec, StepEngine, VNodeSampler
 
 TARGET_RATIO = 0.97  # engine samples/s >= 0.97 x the hand loop's
 
 
 # -- the workload --------------------------------------------------------------------------------
-
-class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
 
 def build_model(width: int = 16) -> nn.Module:
     """A small ResNet (3 blocks, 10 BatchNorm layers, ~78k parameters at width 16). No dropout: the

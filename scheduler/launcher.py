@@ -34,7 +34,7 @@ from vnodes.runtime.train import TrainResult
 
 from .durable import DurableState
 from .master import JobState, Master
-from .servicer import MasterServicer, serve
+from .servicer import COMMIT_WAIT_S, MasterServicer, serve
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
                  token: Optional[str] = None, placement: str = "throughput",
                  heartbeat_timeout_s: float = 10.0, start_grace_s: float = 60.0,
                  advertise_host: Optional[str] = None,
-                 tls: Optional[tuple[bytes, bytes]] = None, commit_timeout_s: float = 120.0) -> MasterHandle:
+                 tls: Optional[tuple[bytes, bytes]] = None,
+                 commit_timeout_s: float = COMMIT_WAIT_S) -> MasterHandle:
     """Validate the job, resume from ``run_dir`` if it holds a checkpoint, and serve the master.
 
     Raises:

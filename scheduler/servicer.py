@@ -251,9 +251,7 @@ class MasterServicer(pb_grpc.MasterServicer):
         """One future per (epoch, step), shared by every member waiting on it: one wake-up per step."""
         decided = self._decided.get(key)
         if decided is None or decided.future.done():
-            if len(self._decided) > 64:  # refused (stale) commits leave undecided keys behind
-                for old in [k for k in self._decided if k[1] < key[1] - 8]:
-                    del self._decided[old]
+            # No pruning needed: every entry leaves the table when decided or when its timer fires.
             decided = self._decided[key] = _Decided(
                 asyncio.get_running_loop(), self._decided, key, self.commit_timeout_s,
                 functools.partial(self.master.expire, key[0], key[1], self.commit_timeout_s),
