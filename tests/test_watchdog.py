@@ -7,13 +7,7 @@ import pytest
 
 from vnodes.runtime.watchdog import Watchdog
 
-
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
+from test_master import Clock
 
 
 def make(timeout_s=5.0):
@@ -26,7 +20,7 @@ def test_waiting_on_peers_or_the_master_never_fires():
     dog, clock, fired = make()
     for phase in ("build", "plan", "join", "reduce", "commit"):
         dog.enter(phase)
-        clock.now += 1000.0
+        clock.t += 1000.0
         assert not dog.check()
     assert fired == []
 
@@ -34,23 +28,23 @@ def test_waiting_on_peers_or_the_master_never_fires():
 def test_a_local_phase_is_judged_only_after_it_completed_once():
     dog, clock, fired = make(timeout_s=5.0)
     dog.enter("compute")
-    clock.now += 1000.0  # the first step: compilation, warm-up... never fenced
+    clock.t += 1000.0  # the first step: compilation, warm-up... never fenced
     assert not dog.check()
     dog.enter("reduce")
     dog.enter("checkpoint")
-    clock.now += 1000.0  # the first checkpoint write: not judged either
+    clock.t += 1000.0  # the first checkpoint write: not judged either
     assert not dog.check() and fired == []
 
 
 def test_a_stuck_local_phase_fires_over_its_budget():
     dog, clock, fired = make(timeout_s=5.0)
     dog.enter("compute")
-    clock.now += 0.1
+    clock.t += 0.1
     dog.enter("reduce")
     dog.enter("compute")
-    clock.now += 4.9
+    clock.t += 4.9
     assert not dog.check()
-    clock.now += 0.2
+    clock.t += 0.2
     assert dog.check()
     assert fired[0][0] == "compute" and fired[0][1] == pytest.approx(5.1)
 
@@ -58,14 +52,14 @@ def test_a_stuck_local_phase_fires_over_its_budget():
 def test_the_budget_grows_with_the_phase_s_longest_completed_run():
     dog, clock, fired = make(timeout_s=5.0)
     dog.enter("compute")
-    clock.now += 3.0  # a legitimately long step
+    clock.t += 3.0  # a legitimately long step
     dog.enter("reduce")
     assert dog.budget_s("compute") == pytest.approx(30.0) and dog.budget_s("apply") is None
-    clock.now += 100.0  # a long wait on peers does not count against the next local phase
+    clock.t += 100.0  # a long wait on peers does not count against the next local phase
     dog.enter("compute")
-    clock.now += 20.0
+    clock.t += 20.0
     assert not dog.check()  # 20 s < 10 x 3 s
-    clock.now += 11.0
+    clock.t += 11.0
     assert dog.check() and fired[0][0] == "compute"
 
 
@@ -88,13 +82,13 @@ def test_bad_environment_value_names_it(monkeypatch):
 def test_the_compute_budget_follows_the_nodes_a_worker_runs():
     dog, clock, fired = make(timeout_s=5.0)
     dog.enter("compute", 2)
-    clock.now += 4.0  # 2 s per node
+    clock.t += 4.0  # 2 s per node
     dog.enter("reduce")
     assert dog.budget_s("compute", 2) == pytest.approx(40.0)
     dog.enter("compute", 8)  # the peers left: this worker now runs 8 nodes
-    clock.now += 100.0  # 4x the work takes 4x as long: healthy
+    clock.t += 100.0  # 4x the work takes 4x as long: healthy
     assert not dog.check()
-    clock.now += 61.0  # over 10 x 2 s x 8
+    clock.t += 61.0  # over 10 x 2 s x 8
     assert dog.check() and fired
 
 
