@@ -167,18 +167,10 @@ class EpochGroup:
             EpochSuperseded: the master moved on while waiting for a peer (it stopped).
         """
         if deterministic:
-            local = ([(b.start, b.size, [t.cpu() for t in b.payload]) for b in partial.blocks], partial.used)
-            gathered = self.all_gather_objects(local)
-            blocks = [Block(start, size, [t.to(self.device) for t in payload])
-                      for worker_blocks, _ in gathered for start, size, payload in worker_blocks]
-            used = [any(flags) for flags in zip(*(u for _, u in gathered))]
-            return canonical_sum(blocks), used
+            return self._reduce_canonical(partial)
         payload = list(partial.payload)
         used = torch.tensor([float(u) for u in partial.used], device=self.device)
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, t in enumerate(payload):
-            by_dtype.setdefault(t.dtype, []).append(i)
-        for indices in by_dtype.values():
+        for indices in _by_dtype(payload).values():
             flat = _flatten_dense_tensors([payload[i] for i in indices])
             self._wait(self.pg.allreduce([flat]))
             for i, t in zip(indices, _unflatten_dense_tensors(flat, [payload[i] for i in indices])):
@@ -186,8 +178,57 @@ class EpochGroup:
         self._wait(self.pg.allreduce([used]))
         return payload, [bool(u > 0) for u in used.tolist()]
 
+    def _reduce_canonical(self, partial: StepPartial) -> tuple[Payload, list[bool]]:
+        """The canonical sum by reduce-scatter: member ``r`` sums slice ``r`` of every member's blocks
+        in the canonical tree order, then the members gather the summed slices.
+
+        Addition is elementwise, so summing slices gives the bits of summing whole tensors, while
+        each member sends its blocks once (not to every peer) and adds only its ``1/W`` share.
+        """
+        if self.world_size == 1:
+            return canonical_sum(partial.blocks), list(partial.used)
+        mine = [(b.start, b.size) for b in partial.blocks]
+        gathered = self.all_gather_objects((mine, partial.used))  # small: block ids and usage flags
+        spans = [span for spans, _ in gathered for span in spans]
+        counts = [len(spans) for spans, _ in gathered]
+        used = [any(flags) for flags in zip(*(u for _, u in gathered))]
+        template = partial.blocks[0].payload
+        total: list[Optional[torch.Tensor]] = [None] * len(template)
+        for indices in _by_dtype(template).values():
+            for i, t in zip(indices, self._reduce_scatter_gather(partial.blocks, indices, spans, counts)):
+                total[i] = t
+        return total, used
+
+    def _reduce_scatter_gather(self, blocks: list[Block], indices: list[int], spans: list[tuple[int, int]],
+                               counts: list[int]) -> list[torch.Tensor]:
+        """The canonical sum of the payload tensors ``indices`` (one dtype) over every member's blocks."""
+        w, device = self.world_size, self.device
+        shapes = [blocks[0].payload[i] for i in indices]
+        length = sum(t.numel() for t in shapes)
+        chunk = -(-length // w)  # member r owns elements [r * chunk, (r + 1) * chunk) of the padded vector
+        send = torch.zeros(len(blocks), w * chunk, dtype=shapes[0].dtype, device=device)
+        for row, block in zip(send, blocks):
+            row[:length] = _flatten_dense_tensors([block.payload[i] for i in indices])
+        send = send.view(len(blocks), w, chunk).transpose(0, 1).contiguous()  # grouped by destination
+        received = torch.empty(sum(counts) * chunk, dtype=send.dtype, device=device)
+        self._wait(self.pg.alltoall_base(received, send.view(-1), [c * chunk for c in counts],
+                                         [len(blocks) * chunk] * w, dist.AllToAllOptions()))
+        slices = received.view(-1, chunk)
+        mine = canonical_sum([Block(start, size, [slices[k]]) for k, (start, size) in enumerate(spans)])[0]
+        summed = torch.empty(w * chunk, dtype=send.dtype, device=device)
+        self._wait(self.pg.allgather([list(summed.view(w, chunk))], [mine]))
+        return list(_unflatten_dense_tensors(summed[:length], shapes))
+
     def _object_device(self) -> torch.device:
         return self.device if self.backend == "nccl" else torch.device("cpu")
+
+
+def _by_dtype(tensors: Payload) -> dict[torch.dtype, list[int]]:
+    """Positions of ``tensors`` grouped by dtype (one flat buffer per dtype on the wire)."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    return groups
 
 
 def _serialize(obj: Any) -> bytes:

@@ -93,3 +93,58 @@ def _float32_cnn():
     from jobs import small_cnn
 
     return small_cnn(torch.float32)
+
+
+def _reduce_in_group(rank, world, port, groups, out):
+    """One member of a real gloo group: pre-reduce its own nodes, then ``EpochGroup.reduce``."""
+    from vnodes.runtime.collectives import EpochGroup
+    from vnodes.runtime.engine import StepPartial
+
+    values = mixed_leaves(13)
+    local = TreeReducer()
+    for v in groups[rank]:
+        local.push(Block(v, 1, [t.clone() for t in values[v]]))
+    used = [rank == 1, False, rank == 2]
+    group = EpochGroup("127.0.0.1", port, torch.device("cpu"), namespace="test", timeout_s=30)
+    group.form(epoch=0, rank=rank, world_size=world)
+    total, used = group.reduce(StepPartial(0, None, local.blocks(), {}, used), deterministic=True)
+    torch.save((total, used), f"{out}/{rank}.pt")
+    group.all_gather_objects(None)  # leave together
+
+
+def mixed_leaves(n):
+    """Three tensors per node, two dtypes, lengths that do not divide evenly among members."""
+    return [[a, b.reshape(3, 5), c.double()] for (a,), (b,), (c,) in
+            zip(leaves(n, 1001, seed=1), leaves(n, 15, seed=2), leaves(n, 1, seed=3))]
+
+
+def test_reduce_over_a_real_gloo_group_gives_the_one_worker_bits(tmp_path):
+    """Three processes, interleaved node sets: the reduce-scatter sum equals one worker's tree sum."""
+    import datetime
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from ddp_reference import free_port
+
+    values = mixed_leaves(13)
+    reference = TreeReducer()
+    for v in range(13):
+        reference.push(Block(v, 1, [t.clone() for t in values[v]]))
+    expected = reference.total()
+    groups = [[0, 1, 2, 3, 8, 9], [4, 5, 10], [6, 7, 11, 12]]
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                           timeout=datetime.timedelta(seconds=30))
+    mp.start_processes(_reduce_in_group, args=(3, port, groups, str(tmp_path)), nprocs=3, join=True,
+                       start_method="spawn")
+    del server
+    for rank in range(3):
+        total, used = torch.load(tmp_path / f"{rank}.pt")
+        assert used == [True, False, True]
+        assert [t.dtype for t in total] == [torch.float32, torch.float32, torch.float64]
+        assert [t.shape for t in total] == [(1001,), (3, 5), (1,)]
+        for got, want in zip(total, expected):
+            assert torch.equal(got, want)
+    # the comparison has teeth: another summation order differs in the float32 bits
+    flat = [sum(values[v][0] for v in range(13))]
+    assert not torch.equal(flat[0], expected[0])
