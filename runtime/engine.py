@@ -167,19 +167,18 @@ class StepEngine:
             (vnode_loss / n).backward()
 
             vnode_losses[vnode_id] = vnode_loss.detach()
-            contribution = self.stats.contribution(vnode_id)
-            loss_share = (vnode_loss.detach().to(torch.float64) / n).reshape(1)
             if deterministic:
                 # This node's gradient alone, taken off the parameters, becomes a leaf of the tree.
                 grads = self._take_grads(used)
-                reducer.push(Block(vnode_id, 1, grads + contribution + [loss_share]))
+                loss_share = (vnode_loss.detach().to(torch.float64) / n).reshape(1)
+                reducer.push(Block(vnode_id, 1, grads + self.stats.contribution(vnode_id) + [loss_share]))
+            elif buffer_sum is None:
+                buffer_sum = self.stats.contribution(vnode_id)
             else:
-                if buffer_sum is None:
-                    buffer_sum = contribution
-                elif contribution:  # no running statistics: nothing to add
-                    torch._foreach_add_(buffer_sum, contribution)
-                loss_sum += loss_share
+                self.stats.accumulate(buffer_sum, vnode_id)
 
+        if not deterministic and vnode_losses:  # fast mode: the loss share of all nodes in one go
+            loss_sum = (torch.stack(list(vnode_losses.values())).to(torch.float64) / n).sum().reshape(1)
         return self._finish(step, vnode_losses, buffer_sum, loss_sum, used, reducer)
 
     def _finish(self, step: int, vnode_losses: dict[int, torch.Tensor], buffer_sum: Optional[list[torch.Tensor]],

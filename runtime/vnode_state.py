@@ -63,6 +63,12 @@ class RunningStats:
         """``weight_v * buffers_v``: this node's share of the step's final float buffers."""
         return list(torch._foreach_mul(self.float_buffers, self.weight(vnode_id))) if self.float_buffers else []
 
+    def accumulate(self, total: list[torch.Tensor], vnode_id: int) -> None:
+        """``total += contribution(vnode_id)``, in place (fast mode; a weight of 0 adds nothing)."""
+        w = self.weight(vnode_id)
+        if self.float_buffers and w != 0.0:
+            torch._foreach_add_(total, self.float_buffers, alpha=w)
+
     def end_compute(self) -> None:
         """Leave the model as the step found it; keep the integer buffers' advance for ``finish_step``.
 
