@@ -75,8 +75,6 @@ def move_batch(batch: Any, device: torch.device, float_dtype: torch.dtype) -> An
     if isinstance(batch, torch.Tensor):
         if batch.is_floating_point() and batch.dtype != float_dtype:
             batch = batch.to(float_dtype)
-        if device.type == "cuda" and batch.device.type == "cpu" and not batch.is_pinned():
-            batch = batch.pin_memory()  # from pageable memory the copy would hold the host
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_batch(b, device, float_dtype) for b in batch)

@@ -38,7 +38,7 @@ class RunningStats:
                     if buf is not None and id(buf) not in seen:
                         seen.add(id(buf))
                         (self.float_buffers if buf.is_floating_point() else self.int_buffers).append(buf)
-        self._snapshot: list[torch.Tensor] = []
+        self._snapshot: list[list[torch.Tensor]] = []  # [float buffers, integer buffers]
         self._ints_after: list[torch.Tensor] = []
 
     @property
@@ -52,12 +52,16 @@ class RunningStats:
 
     def begin_step(self) -> None:
         """Remember the buffers every virtual node of this step starts from."""
-        self._snapshot = [b.detach().clone() for b in self.float_buffers + self.int_buffers]
+        self._snapshot = [[b.detach().clone() for b in self.float_buffers],
+                          [b.detach().clone() for b in self.int_buffers]]
 
     def restore(self) -> None:
         """Put the step's starting buffers back before the next virtual node runs."""
-        if self._snapshot:
-            torch._foreach_copy_(self.float_buffers + self.int_buffers, self._snapshot)
+        if self._snapshot:  # one call per dtype kind: a mixed list leaves foreach's fast path
+            if self.float_buffers:
+                torch._foreach_copy_(self.float_buffers, self._snapshot[0])
+            if self.int_buffers:
+                torch._foreach_copy_(self.int_buffers, self._snapshot[1])
 
     def contribution(self, vnode_id: int) -> list[torch.Tensor]:
         """``weight_v * buffers_v``: this node's share of the step's final float buffers."""

@@ -9,7 +9,6 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from vnodes.runtime import InvalidJobSpec, train
-from vnodes.runtime import fused as fused_module
 from vnodes.runtime.engine import StepEngine
 
 from jobs import cnn_spec
@@ -22,9 +21,7 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("group_size", [None, 2, 3])
 @pytest.mark.parametrize("running_stats", ["mean", "vnode0"])
-@pytest.mark.parametrize("batchnorm", ["one call over (segment, channel)", "one call per segment"])
-def test_fused_cnn_with_batchnorm_and_dropout_equals_sequential(group_size, running_stats, batchnorm, monkeypatch):
-    monkeypatch.setattr(fused_module, "SPLIT_FROM", 1 if batchnorm == "one call per segment" else 10**9)
+def test_fused_cnn_with_batchnorm_and_dropout_equals_sequential(group_size, running_stats):
     seq = train(cnn_spec(virtual_nodes=6, running_stats=running_stats), steps=12)
     fused = train(cnn_spec(virtual_nodes=6, running_stats=running_stats, execution="fused",
                            fused_group_size=group_size), steps=12)
