@@ -197,6 +197,7 @@ class WorkerAgent:
         deterministic = engine.spec.deterministic
         while True:
             if self._draining and not self._left:
+                self._phase("plan")  # an RPC: a waiting phase, not a local one the watchdog judges
                 client.leave(worker_id)
                 self._left, self._next_plan = True, None
             self._phase("plan")
@@ -236,6 +237,7 @@ class WorkerAgent:
             try:
                 partial = engine.compute(step, engine.loader.iterate((step, v) for v in vnodes))
             except VnodesError as exc:  # NaN loss, a loss that is not per-sample...: fatal for the job
+                self._phase("plan")  # reporting is an RPC: a waiting phase
                 client.fail(worker_id, str(exc), pickle.dumps(exc))
                 return True
             if self.slowdown > 1.0:

@@ -140,11 +140,10 @@ class MasterClient:
                                         memory_bytes=memory_bytes, throughput=throughput,
                                         launch_index=launch_index),
             worker_id=worker_id, held_step=held_step))
-        return Registration(reply.worker_id, reply.job, reply.store_host, reply.store_port, reply.store_namespace,
-                            reply.run_dir,
-                            reply.checkpoint_every)
         if reply.commit_timeout_s > 0:  # the master decides by then; a margin for the reply to arrive
             self.commit_wait_s = reply.commit_timeout_s + COMMIT_WAIT_MARGIN_S
+        return Registration(reply.worker_id, reply.job, reply.store_host, reply.store_port, reply.store_namespace,
+                            reply.run_dir, reply.checkpoint_every)
 
     def start_session(self, worker_id: str, interval_s: float = 1.0) -> None:
         """Open the session stream: heartbeats (background) and commits go out on it, commit

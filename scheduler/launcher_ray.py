@@ -182,6 +182,8 @@ def train_ray(spec: JobSpec, steps: int, checkpoint_dir: Optional[Path], checkpo
                               host=host, token=token, start_grace_s=0)
         stack.callback(handle.stop)
         env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        if "VNODES_HANG_TIMEOUT" in os.environ:  # actors start from the raylet's environment, not ours
+            env["VNODES_HANG_TIMEOUT"] = os.environ["VNODES_HANG_TIMEOUT"]
         main_file = getattr(sys.modules.get("__main__"), "__file__", None)
         if main_file:
             env["VNODES_MAIN_FILE"] = os.path.abspath(main_file)

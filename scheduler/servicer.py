@@ -82,20 +82,31 @@ class _Decided:
     """The asyncio side of one step's decision, shared by every member waiting on it.
 
     ``wake`` may be called from any thread. One timer per step (not per waiter) runs ``expire``
-    ``timeout_s`` after the first report: the master then declares the silent members lost, which
+    ``timeout_s`` after the first accepted report (``arm``): the master then declares the silent members lost, which
     decides the step (ABORT). In steady state every member gets the same reply (COMMIT, and the next
     step in the same membership), so it is built once, in ``reply``.
     """
 
-    __slots__ = ("loop", "future", "table", "key", "loop_thread", "timer", "reply", "expire", "is_decided")
+    __slots__ = ("loop", "future", "table", "key", "loop_thread", "timer", "reply", "expire", "is_decided",
+                 "timeout_s")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, table: dict, key: tuple[int, int], timeout_s: float,
                  expire, is_decided):
         self.loop, self.future, self.table, self.key = loop, loop.create_future(), table, key
         self.loop_thread = threading.get_ident()
-        self.expire, self.is_decided = expire, is_decided
-        self.timer = loop.call_later(timeout_s, self._expired)
+        self.expire, self.is_decided, self.timeout_s = expire, is_decided, timeout_s
+        self.timer: Optional[asyncio.TimerHandle] = None
         self.reply = None
+
+    def arm(self) -> None:
+        """Start the step's clock (once): a report for it was accepted."""
+        if self.timer is None and not self.future.done():
+            self.timer = self.loop.call_later(self.timeout_s, self._expired)
+
+    def discard_if_unarmed(self) -> None:
+        """Forget this entry if no accepted report ever started its clock (a refused report made it)."""
+        if self.timer is None and not self.future.done() and self.table.get(self.key) is self:
+            del self.table[self.key]
 
     def _expired(self) -> None:
         if not self.future.done():
@@ -112,7 +123,8 @@ class _Decided:
     def _set(self, timed_out: bool = False) -> None:
         if not self.future.done():
             self.future.set_result(timed_out)
-            self.timer.cancel()
+            if self.timer is not None:
+                self.timer.cancel()
             if self.table.get(self.key) is self:
                 del self.table[self.key]
 
@@ -231,7 +243,12 @@ class MasterServicer(pb_grpc.MasterServicer):
                         step_time_s=request.step_time_s)
         epoch, step = request.membership_epoch, request.step
         decided = self._decision_future((epoch, step))
-        self.master.submit(worker_id, epoch, step, report, on_decided=decided.wake)
+        try:
+            self.master.submit(worker_id, epoch, step, report, on_decided=decided.wake)
+        except Exception:  # refused: it must not start the step's clock for the members that report
+            decided.discard_if_unarmed()
+            raise
+        decided.arm()
         # shield: a waiter whose stream breaks must not cancel the future its peers wait on
         if await asyncio.shield(decided.future):
             raise Undecided(f"step {step} of epoch {epoch} undecided after {self.commit_timeout_s:.0f} s: "
@@ -251,7 +268,8 @@ class MasterServicer(pb_grpc.MasterServicer):
         """One future per (epoch, step), shared by every member waiting on it: one wake-up per step."""
         decided = self._decided.get(key)
         if decided is None or decided.future.done():
-            # No pruning needed: every entry leaves the table when decided or when its timer fires.
+            # No pruning needed: an entry leaves the table when decided, when its timer fires, or at
+            # once when the report that made it was refused (discard_if_unarmed).
             decided = self._decided[key] = _Decided(
                 asyncio.get_running_loop(), self._decided, key, self.commit_timeout_s,
                 functools.partial(self.master.expire, key[0], key[1], self.commit_timeout_s),

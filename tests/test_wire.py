@@ -27,9 +27,10 @@ def test_generated_code_matches_the_proto():
 def server(request):
     token = getattr(request, "param", None)
     master = Master(4, 10, expected_workers=1, start_grace_s=0)
-    server, port = serve(MasterServicer(master, b"job", "127.0.0.1", 1, "/tmp", 0), token=token)
+    servicer = MasterServicer(master, b"job", "127.0.0.1", 1, "/tmp", 0)
+    server, port = serve(servicer, token=token)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield pb_grpc.MasterStub(channel), master
+    yield pb_grpc.MasterStub(channel), master, servicer
     channel.close()
     server.stop(0)
 
@@ -41,7 +42,7 @@ def code_of(call):
 
 
 def test_bad_messages_get_one_clear_status_and_the_master_survives(server):
-    stub, master = server
+    stub, master, servicer = server
     code, details = code_of(lambda: stub.GetPlan(pb.PlanRequest(worker_id="ghost"), timeout=5))
     assert code == grpc.StatusCode.NOT_FOUND and "ghost" in details
     reply = stub.Register(pb.RegisterRequest(worker=pb.WorkerDescription(host="h", pid=1)), timeout=5)
@@ -69,6 +70,8 @@ def test_bad_messages_get_one_clear_status_and_the_master_survives(server):
     reply = commit(membership_epoch=plan.membership_epoch + 3, step=0, ok=True)
     assert reply.decision == pb.CommitReply.REFUSED and "stale" in reply.error
     assert reply.error_code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    # A refused report starts no decision clock (it would declare the real reporters lost early).
+    assert (plan.membership_epoch + 3, 0) not in servicer._decided
     # Still healthy: the right commit goes through, and the next plan rides on its reply.
     reply = commit(membership_epoch=plan.membership_epoch, step=0, ok=True, loss=0.5)
     assert reply.decision == pb.CommitReply.COMMIT and master.step == 1
@@ -87,7 +90,7 @@ def test_bad_messages_get_one_clear_status_and_the_master_survives(server):
 
 @pytest.mark.parametrize("server", ["s3cret"], indirect=True)
 def test_token_is_required_when_configured(server):
-    stub, _ = server
+    stub, _, _ = server
     code, details = code_of(lambda: stub.Status(pb.StatusRequest(), timeout=5))
     assert code == grpc.StatusCode.UNAUTHENTICATED and "token" in details
     ok = stub.Status(pb.StatusRequest(), timeout=5, metadata=(("vnodes-token", "s3cret"),))
@@ -97,3 +100,19 @@ def test_token_is_required_when_configured(server):
 def test_listening_beyond_loopback_needs_a_token():
     with pytest.raises(ValueError, match="token"):
         serve(MasterServicer(Master(4, 1), b"", "127.0.0.1", 1, "/tmp", 0), host="0.0.0.0")
+
+
+def test_the_worker_waits_for_a_decision_as_long_as_the_master_says():
+    """The client's commit wait follows the master's commit timeout (plus a margin), whatever it is."""
+    from vnodes.runtime.master_client import COMMIT_WAIT_MARGIN_S, MasterClient
+
+    master = Master(4, 10, expected_workers=1, start_grace_s=0)
+    server, port = serve(MasterServicer(master, b"job", "127.0.0.1", 1, "/tmp", 0, commit_timeout_s=300.0))
+    client = MasterClient(f"127.0.0.1:{port}")
+    try:
+        client.register(host="h", pid=1, device="cpu", device_kind="cpu", memory_bytes=0, throughput=1.0,
+                        launch_index=0)
+        assert client.commit_wait_s == 300.0 + COMMIT_WAIT_MARGIN_S
+    finally:
+        client.close()
+        server.stop(0)
