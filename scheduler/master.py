@@ -210,12 +210,28 @@ class Master:
             self._cond.notify_all()
             return info.worker_id
 
-    def heartbeat(self, worker_id: str) -> None:
+    def heartbeat(self, worker_id: str, registration: Optional[int] = None) -> int:
+        """A sign of life. Returns the registration it counted for (``joined_order``); one naming an
+        older registration of the same id (a stale session stream) counts for nothing."""
         with self._cond:
-            self._get(worker_id).last_seen_s = self.clock()
+            info = self._get(worker_id)
+            if registration is None or registration == info.joined_order:
+                info.last_seen_s = self.clock()
+            return info.joined_order
 
-    def lost(self, worker_id: str, reason: str) -> None:
-        """A worker is gone (broken stream, missed heartbeats). A member's loss aborts the step."""
+    def lost(self, worker_id: str, reason: str, registration: Optional[int] = None) -> None:
+        """A worker is gone (broken stream, missed heartbeats). A member's loss aborts the step.
+
+        With ``registration``, only that registration of ``worker_id`` is lost: the end of a session
+        stream that outlived a re-registration must not kill the new one.
+        """
+        if registration is not None:
+            with self._cond:
+                info = self.workers.get(worker_id)
+                if info is None or info.joined_order != registration:
+                    return
+                self._lose([worker_id], reason)  # the lock is re-entrant: one decision
+            return
         self._lose([worker_id], reason)
 
     def _lose(self, worker_ids: list[str], reason: str) -> None:

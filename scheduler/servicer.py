@@ -168,6 +168,7 @@ class MasterServicer(pb_grpc.MasterServicer):
         lost at once: a crashed process cannot finish its step.
         """
         worker_id: Optional[str] = None
+        registration: Optional[int] = None  # which registration of worker_id this stream speaks for
         reason = "session stream closed"
         answering: Optional[asyncio.Task] = None
         try:
@@ -178,7 +179,7 @@ class MasterServicer(pb_grpc.MasterServicer):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                         f"this session belongs to worker {worker_id}, not {message.worker_id}")
                 try:
-                    self.master.heartbeat(worker_id)  # every message is a sign of life
+                    registration = self.master.heartbeat(worker_id, registration)  # every message is a sign of life
                 except UnknownWorker as exc:
                     worker_id = None  # not ours to declare lost
                     await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
@@ -192,7 +193,7 @@ class MasterServicer(pb_grpc.MasterServicer):
             if answering is not None and not answering.done():
                 answering.cancel()
             if worker_id is not None:
-                self.master.lost(worker_id, reason)
+                self.master.lost(worker_id, reason, registration)
 
     async def _answer_commit(self, worker_id: str, request, context, after: Optional[asyncio.Task]) -> None:
         try:

@@ -213,3 +213,26 @@ def test_the_committed_history_is_bounded_and_observers_resume_by_count():
     new, seen = m.committed_since(3)
     assert [c.step for c in new] == [3, 4] and seen == 5
     assert m.committed_since(seen) == ([], 5)
+
+
+def test_a_stale_session_cannot_kill_or_keep_alive_a_new_registration():
+    """A worker re-registers under its id while its old session stream is still being torn down."""
+    m, ids, clock = make(workers=1, heartbeat_timeout_s=10)
+    w = ids[0]
+    old = m.heartbeat(w)  # the old session's registration
+    m.lost(w, "old session stream broke", old)
+    assert m.workers[w].state == WorkerState.DEAD
+    info = WorkerInfo("")
+    info.worker_id = w
+    m.register(info)  # the worker is back under its id
+    new = m.heartbeat(w)
+    assert new != old
+    clock.t = 5.0
+    m.heartbeat(w, old)  # a late message of the old stream: no sign of life for the new one
+    assert m.workers[w].last_seen_s == 0.0
+    m.lost(w, "old session stream closed", old)  # its teardown, late: not the new registration's death
+    assert m.workers[w].state == WorkerState.REGISTERED
+    m.heartbeat(w, new)
+    assert m.workers[w].last_seen_s == 5.0
+    m.lost(w, "new session stream broke", new)
+    assert m.workers[w].state == WorkerState.DEAD
