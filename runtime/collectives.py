@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import threading
 import time
 from typing import Any, Optional
 
@@ -81,13 +82,44 @@ class EpochGroup:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"epoch {epoch}: members missing after {self.timeout.total_seconds():.0f} s")
             time.sleep(0.02)
-        store = dist.PrefixStore(prefix, self.store)
         if self.backend == "gloo":
-            self.pg = dist.ProcessGroupGloo(store, rank, world_size, self.timeout)
+            self.pg = self._connect_gloo(epoch, rank, world_size)
         else:
+            store = dist.PrefixStore(prefix, self.store)
             dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size, timeout=self.timeout)
             self.pg = dist.group.WORLD
         self.epoch, self.rank, self.world_size = epoch, rank, world_size
+
+    def _connect_gloo(self, epoch: int, rank: int, world_size: int):
+        """Build epoch ``epoch``'s gloo group in a helper thread while polling the master's abort key:
+        a member that arrived and then vanished before connecting must not hold the survivors for
+        the whole group timeout. The thread has a store connection of its own (the rendezvous blocks
+        on it), and an abandoned attempt ends by itself at the timeout.
+
+        Raises:
+            EpochSuperseded: the master moved on while the members were connecting.
+        """
+        prefix = epoch_prefix(self.namespace, epoch)
+        built: dict[str, Any] = {}
+
+        def connect() -> None:
+            try:
+                own = dist.TCPStore(self.store.host, self.store.port, is_master=False, timeout=self.timeout)
+                built["pg"] = dist.ProcessGroupGloo(dist.PrefixStore(prefix, own), rank, world_size, self.timeout)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                built["error"] = exc
+
+        thread = threading.Thread(target=connect, name=f"vnodes-connect-epoch-{epoch}", daemon=True)
+        thread.start()
+        while True:
+            thread.join(self.POLL.total_seconds())
+            if not thread.is_alive():
+                break
+            if self.store.check([prefix + ABORT_KEY]):
+                raise EpochSuperseded(f"epoch {epoch} was superseded while its members connected")
+        if "error" in built:
+            raise built["error"]
+        return built["pg"]
 
     def destroy(self) -> None:
         self._abandoned = [(pg, work) for pg, work in self._abandoned if not work.is_completed()]

@@ -1,0 +1,28 @@
+"""The per-epoch process group on a real TCPStore and real gloo: leaving a dead epoch at once."""
+
+import datetime
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from vnodes.runtime.collectives import ABORT_KEY, ARRIVED_KEY, EpochGroup, EpochSuperseded, epoch_prefix
+
+
+def test_a_member_that_arrives_but_never_connects_does_not_hold_the_survivor():
+    """Rank 1 counts itself in, then vanishes before connecting; the master supersedes the epoch
+    after 1 s. The survivor leaves then, not after the 30 s group timeout."""
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                           timeout=datetime.timedelta(seconds=30))
+    prefix = epoch_prefix("job", 1)
+    server.add(prefix + ARRIVED_KEY, 1)  # rank 1 arrived ... and is gone
+    timer = threading.Timer(1.0, server.set, args=(prefix + ABORT_KEY, "1"))  # the master moves on
+    timer.start()
+    group = EpochGroup("127.0.0.1", server.port, torch.device("cpu"), namespace="job", timeout_s=30)
+    t0 = time.monotonic()
+    with pytest.raises(EpochSuperseded, match="connected"):
+        group.form(epoch=1, rank=0, world_size=2)
+    assert 0.9 < time.monotonic() - t0 < 5.0
+    timer.join()
