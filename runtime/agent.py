@@ -170,7 +170,10 @@ class WorkerAgent:
                 time.sleep(0.5)
         self.client, self.worker_id = client, reg.worker_id
         client.start_session(reg.worker_id)
+        older = getattr(self, "group", None)
         self.group = EpochGroup(reg.store_host, reg.store_port, self.device, reg.store_namespace)
+        if older is not None:  # its abandoned groups must outlive it (dropping one blocks)
+            self.group.adopt_abandoned(older)
         return reg
 
     def _reconnect(self, reason: Exception) -> None:

@@ -131,6 +131,12 @@ class EpochGroup:
         self.pg, self._pending = None, None
         self.epoch = None
 
+    def adopt_abandoned(self, older: "EpochGroup") -> None:
+        """Keep ``older``'s abandoned groups alive in this object (a reconnect replaces the object)."""
+        older.destroy()
+        self._abandoned.extend(older._abandoned)
+        older._abandoned = []
+
     @property
     def holds_abandoned(self) -> bool:
         """Groups left with a pending collective: dropping them blocks until it times out, so a

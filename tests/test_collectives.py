@@ -26,3 +26,22 @@ def test_a_member_that_arrives_but_never_connects_does_not_hold_the_survivor():
         group.form(epoch=1, rank=0, world_size=2)
     assert 0.9 < time.monotonic() - t0 < 5.0
     timer.join()
+
+
+class _Pending:
+    """A collective that never completes (a stopped peer's), as gloo's work object reports it."""
+
+    def is_completed(self):
+        return False
+
+
+def test_a_reconnect_keeps_the_abandoned_groups_alive():
+    """Dropping a group with a pending collective blocks until it times out, so the object that
+    replaces the old one on a reconnect must keep holding it (and the process ends with os._exit)."""
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    old = EpochGroup("127.0.0.1", server.port, torch.device("cpu"), namespace="job")
+    old._abandoned.append((object(), _Pending()))
+    new = EpochGroup("127.0.0.1", server.port, torch.device("cpu"), namespace="job")
+    assert not new.holds_abandoned
+    new.adopt_abandoned(old)
+    assert new.holds_abandoned and not old.holds_abandoned
