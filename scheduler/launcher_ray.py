@@ -150,7 +150,8 @@ class RayFleet:
             self.actors[index] = (actor, actor.run.remote(self.address, self.token, index, self.env,
                                                           self.options.slowdown))
             started += 1
-            self.unplaced(wait_s=5.0)  # placed (resources reserved) before looking again, or left waiting
+            # The loop looks again only once Ray has placed it (resources reserved): usually a later
+            # poll, so the driver's loop (reaping, commits, progress) is never held waiting here.
         return started
 
     def kill_all(self) -> None:
