@@ -165,7 +165,10 @@ class MasterClient:
         def read(stream):
             try:
                 for message in stream:
-                    replies.put(message.commit_reply)
+                    if message.WhichOneof("body") == "commit_reply":
+                        replies.put(message.commit_reply)
+                    else:  # a newer master's message this version does not know: not a decision
+                        log.warning("ignoring a session message without a known body from %s", self.address)
                 replies.put(_SessionEnded("the master closed the session"))
             except grpc.RpcError as exc:
                 replies.put(_SessionEnded(exc.details() or exc.code().name))
@@ -229,6 +232,9 @@ class MasterClient:
                         reply.step, reply.membership_epoch, step, epoch)
         if reply.decision == pb.CommitReply.REFUSED:
             self._raise_for(_STATUS_CODES.get(reply.error_code, grpc.StatusCode.UNKNOWN), reply.error)
+        if reply.decision not in (pb.CommitReply.COMMIT, pb.CommitReply.ABORT):
+            raise VnodesError(f"the master answered step {step} with decision {reply.decision}, which this "
+                              "worker does not know: upgrade the worker to the master's vnodes version")
         decision = "commit" if reply.decision == pb.CommitReply.COMMIT else "abort"
         return decision, self._plan_view(reply.next) if reply.HasField("next") else None
 
