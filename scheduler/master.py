@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 from . import placement
 from .durable import DurableState
-from .errors import BadRequest, DuplicateRegistration, StaleEpoch, Undecided, UnknownWorker
+from .errors import BadRequest, DuplicateRegistration, StaleEpoch, UnknownWorker
 
 COMMITTED_KEPT = 4096  # committed steps kept for observers that poll (progress, callbacks)
 SYNC_NONE = -1  # every member holds the state of the step
@@ -306,22 +306,9 @@ class Master:
                     return plan
                 self._cond.wait(timeout=max(0.01, min(0.5, deadline - self.clock())))
 
-    def commit(self, worker_id: str, epoch: int, step: int, report: Report, timeout_s: float = 60.0,
-               want_next: bool = False) -> tuple[Decision, Optional[Plan]]:
-        """Record a member's reduced step; block until the step commits or aborts.
-
-        With ``want_next``, a COMMIT comes with the worker's next plan when it is already known
-        (the common case: same membership, next step), saving one round trip per step.
-        """
-        decided = threading.Event()
-        self.submit(worker_id, epoch, step, report, on_decided=decided.set)
-        if not decided.wait(timeout=timeout_s):  # outside the lock: one wake-up per waiter
-            raise Undecided(f"step {step} of epoch {epoch} undecided after {timeout_s} s")
-        return self.outcome(worker_id, epoch, step, want_next)
-
     def submit(self, worker_id: str, epoch: int, step: int, report: Report,
                on_decided: Callable[[], None]) -> None:
-        """The non-blocking half of ``commit``: record the report; ``on_decided`` runs once the step
+        """Record a member's reduced step (non-blocking); ``on_decided`` runs once the step
         is decided (at once if it already is), on whichever thread decides it, with the master's
         lock held: keep it tiny (e.g. ``loop.call_soon_threadsafe``). ``outcome`` then tells how.
         """

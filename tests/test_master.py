@@ -1,5 +1,6 @@
 """The master stepped one event at a time, with a fake clock; placement as pure functions."""
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -28,9 +29,17 @@ def make(n_vnodes=8, steps=10, workers=2, **kw):
     return m, ids, clock
 
 
+def commit(m, worker_id, epoch, step, report, timeout_s=5.0):
+    """What the servicer does for one member's report: submit, wait for the decision, read it."""
+    decided = threading.Event()
+    m.submit(worker_id, epoch, step, report, on_decided=decided.set)
+    assert decided.wait(timeout_s), f"step {step} of epoch {epoch} undecided after {timeout_s} s"
+    return m.outcome(worker_id, epoch, step, want_next=False)
+
+
 def commit_all(m, ids, epoch, step):
     with ThreadPoolExecutor(len(ids)) as pool:
-        return list(pool.map(lambda w: m.commit(w, epoch, step, ok(), timeout_s=5)[0], ids))
+        return list(pool.map(lambda w: commit(m, w, epoch, step, ok(), timeout_s=5)[0], ids))
 
 
 @pytest.mark.parametrize("n,m,expected", [(8, 3, [3, 3, 2]), (7, 7, [1] * 7), (64, 5, [13, 13, 13, 13, 12])])
@@ -74,7 +83,7 @@ def test_commit_needs_every_member_and_a_loss_aborts():
     # Step 1: worker 0 reports, worker 1 dies before reporting -> abort, redo step 1 alone.
     [m.plan(i, 1, timeout_s=0) for i in ids]
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(m.commit, ids[0], epoch, 1, ok(), 5)
+        pending = pool.submit(commit, m, ids[0], epoch, 1, ok(), 5)
         m.lost(ids[1], "killed")
         assert pending.result()[0] == Decision.ABORT
     assert m.step == 1
@@ -82,7 +91,7 @@ def test_commit_needs_every_member_and_a_loss_aborts():
     assert plan.kind == PlanKind.RUN and plan.step == 1 and plan.membership.epoch == epoch + 1
     assert plan.membership.members == (ids[0],) and plan.membership.vnodes == (tuple(range(8)),)
     with pytest.raises(StaleEpoch):
-        m.commit(ids[0], epoch + 5, 1, ok(), timeout_s=1)
+        commit(m, ids[0], epoch + 5, 1, ok(), timeout_s=1)
 
 
 def test_join_waits_for_the_step_boundary_and_gets_state():
@@ -127,7 +136,7 @@ def test_bad_events_are_refused_without_corrupting_state():
     [m.plan(i, 0, timeout_s=0) for i in ids]
     epoch = m.membership.epoch
     with pytest.raises(BadRequest):
-        m.commit(ids[0], epoch, 7, ok(), timeout_s=1)
+        commit(m, ids[0], epoch, 7, ok(), timeout_s=1)
     assert commit_all(m, ids, epoch, 0) == [Decision.COMMIT] * 2
 
 
@@ -156,7 +165,7 @@ def test_measured_speed_replaces_at_a_boundary():
     for step in range(2):
         [m.plan(i, step, timeout_s=0) for i in ids]
         with ThreadPoolExecutor(2) as pool:  # worker 1 takes twice as long for the same 4 VNs
-            list(pool.map(lambda a: m.commit(a[0], epoch, step, Report(True, 1.0, {}, a[1]), 5),
+            list(pool.map(lambda a: commit(m, a[0], epoch, step, Report(True, 1.0, {}, a[1]), 5),
                           [(ids[0], 0.1), (ids[1], 0.2)]))
     plan = m.plan(ids[0], 2, timeout_s=0)
     assert plan.membership.epoch == epoch + 1 and plan.membership.sync_source_rank == -1
@@ -169,7 +178,7 @@ def test_worker_lost_after_writing_an_unreported_checkpoint_does_not_stall_the_j
     for step in range(2):
         plan = m.plan(a, step, timeout_s=0)
         assert plan.kind == PlanKind.RUN
-        m.commit(a, plan.membership.epoch, step, ok(), timeout_s=1)
+        commit(m, a, plan.membership.epoch, step, ok(), timeout_s=1)
     assert m.plan(a, 2, timeout_s=0).kind == PlanKind.CHECKPOINT
     m.lost(a, "SIGKILL right after writing step-2")  # the checkpoint exists but was never reported
     b = m.register(WorkerInfo(""))
