@@ -175,14 +175,17 @@ class _ReplayOnCPU:
     replay, it rewrites the captured output tensors in place and changes no Python state (``p.grad``
     stays None, the fusion context keeps the captured sums). The real thing runs in benchmarks/gpu.py."""
 
-    def __init__(self, graphs, args):
-        self.graphs, self.args = graphs, args
+    def __init__(self, graphs, args, static_weights):
+        self.graphs, self.args, self.static_weights = graphs, args, static_weights
         self.outputs = None
 
     def replay(self):
         g = self.graphs
         g._reset()
+        saved = g.ctx.weights
+        g.ctx.weights = self.static_weights  # a graph reads the tensors it captured, nothing newer
         means = g.forward_backward(*self.args)
+        g.ctx.weights = saved
         fresh = [means] + [p.grad for p in g.params] + [t for v in g.ctx.stat_sums.values() for t in v]
         captured_means, captured_grads, captured_sums = self.outputs
         targets = [captured_means] + list(captured_grads) + [t for v in captured_sums.values() for t in v]
@@ -193,7 +196,8 @@ class _ReplayOnCPU:
         g.ctx.stat_sums = captured_sums
 
 
-def test_graph_replay_bookkeeping_equals_eager_fused(monkeypatch):
+@pytest.mark.parametrize("running_stats", ["mean", "vnode0"])  # vnode0: groups' weights differ
+def test_graph_replay_bookkeeping_equals_eager_fused(monkeypatch, running_stats):
     """Static inputs copied in, outputs copied (and gradients added) out of graph memory, buffers
     restored after the warm-up: with a replay stand-in on the CPU, fused + graphs equals fused."""
     from vnodes.runtime import graphs as graphs_module
@@ -205,7 +209,7 @@ def test_graph_replay_bookkeeping_equals_eager_fused(monkeypatch):
             self._reset()
             self.forward_backward(static_in, static_t, groups)
         self._reset()
-        graph = _ReplayOnCPU(self, (static_in, static_t, groups))
+        graph = _ReplayOnCPU(self, (static_in, static_t, groups), static_w)
         means = self.forward_backward(static_in, static_t, groups)
         captured = self._captured(graph, static_in, static_t, static_w, means)
         graph.outputs = (captured.means, captured.grads, captured.stat_sums)
@@ -216,7 +220,8 @@ def test_graph_replay_bookkeeping_equals_eager_fused(monkeypatch):
     monkeypatch.setattr("vnodes.runtime.engine.unsupported_reason", lambda model, device: None)
     # 5 nodes in groups of 2: two graph shapes, the second captured in a step's last group.
     engines = [StepEngine.build(cnn_spec(model=_cnn_without_dropout, execution="fused", fused_group_size=2,
-                                         virtual_nodes=5, cuda_graphs=graphs)) for graphs in (False, True)]
+                                         virtual_nodes=5, cuda_graphs=graphs, running_stats=running_stats))
+               for graphs in (False, True)]
     assert engines[1].graphs is not None and engines[0].graphs is None
     for step in range(3):
         partials = []
