@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 TOKEN_METADATA = "vnodes-token"
 COMMIT_WAIT_MARGIN_S = 30.0
+# Both ends of the wire (the servicer too): a checkpoint plan carries the job's whole loss history,
+# 8 bytes a step; gRPC's default 4 MiB would end a job at about 500,000 steps, 512 MiB at 64 million.
+MESSAGE_LIMITS = [("grpc.max_receive_message_length", 512 * 2**20), ("grpc.max_send_message_length", 512 * 2**20)]
 
 
 class _MasterCallError(VnodesError):
@@ -93,9 +96,10 @@ class MasterClient:
         self.pb = vnodes_pb2
         self.address = address
         if tls_root_cert is not None:
-            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(tls_root_cert))
+            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(tls_root_cert),
+                                               options=MESSAGE_LIMITS)
         else:
-            self.channel = grpc.insecure_channel(address)
+            self.channel = grpc.insecure_channel(address, options=MESSAGE_LIMITS)
         self.stub = vnodes_pb2_grpc.MasterStub(self.channel)
         self.metadata = ((TOKEN_METADATA, token),) if token else ()
         self._members: tuple[int, list] = (-1, [])  # the last full member list: (epoch, members)

@@ -28,6 +28,7 @@ import grpc
 
 from vnodes.protos import vnodes_pb2 as pb
 from vnodes.protos import vnodes_pb2_grpc as pb_grpc
+from vnodes.runtime.master_client import MESSAGE_LIMITS
 
 from .errors import BadRequest, DuplicateRegistration, StaleEpoch, Undecided, UnknownWorker
 from .master import Master, PlanKind, Report, WorkerInfo
@@ -298,7 +299,7 @@ class MasterServicer(pb_grpc.MasterServicer):
         m = self.master
         with m._cond:
             reply = pb.StatusReply(step=m.step, membership_epoch=m.membership.epoch if m.membership else 0,
-                                   steps=m.steps, state=m.state.value, losses=m.losses)
+                                   steps=m.steps, state=m.state.value, losses=m.losses[-1:])
             reply.epoch = m.data_epoch(m.step)
             vnodes = dict(zip(m.membership.members, m.membership.vnodes)) if m.membership else {}
             for w in sorted(m.workers.values(), key=lambda w: w.joined_order):
@@ -340,7 +341,7 @@ class MasterServer:
                                                      self.loop).result()
 
     async def _start(self, servicer, address, interceptors, tls) -> int:
-        self.server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        self.server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0), *MESSAGE_LIMITS])
         pb_grpc.add_MasterServicer_to_server(servicer, self.server)
         if tls is not None:
             bound = self.server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
