@@ -2,8 +2,10 @@
 
 The master hosts one long-lived ``TCPStore``; epoch ``e`` rendezvouses under the key prefix
 ``<namespace>/epoch/e/``, so re-forming a group takes milliseconds and a stale member of an old epoch
-can never join a new one. The namespace is a per-job secret that the master hands only to workers
-it admitted (token), so a stranger who reaches the store's port cannot find or join a rendezvous. Gradients travel here (gloo on CPU, NCCL on GPU), never over gRPC.
+can never join a new one. The namespace is per job and handed only to workers the master admitted;
+with a token that makes it a secret, so a stranger who reaches the store's port cannot find or join
+a rendezvous (without one, on loopback, any local process may register and learn it). Gradients
+travel here (gloo on CPU, NCCL on GPU), never over gRPC.
 """
 
 from __future__ import annotations
