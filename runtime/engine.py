@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import warnings
 from typing import Any, Iterable, Optional
 
@@ -189,7 +190,7 @@ class StepEngine:
         losses = torch.stack(list(vnode_losses.values())).tolist()  # the step's one host sync
         vnode_losses_f = dict(zip(vnode_losses.keys(), losses))
         for vnode_id, value in vnode_losses_f.items():
-            if not torch.isfinite(torch.tensor(value)):
+            if not math.isfinite(value):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLoss(step, vnode_id, value)
 

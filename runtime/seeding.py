@@ -7,7 +7,9 @@ whatever ran before on that worker. A DDP reference reproduces them by seeding r
 
 from __future__ import annotations
 
+import hashlib
 import random
+import struct
 
 import numpy as np
 import torch
@@ -18,9 +20,13 @@ DATA_STREAM = 1
 
 
 def vnode_seed(seed: int, step: int, vnode_id: int, stream: int = MODEL_STREAM) -> int:
-    """A 63-bit seed for one virtual node at one step, well mixed by NumPy's ``SeedSequence``."""
-    state = np.random.SeedSequence([seed, step, vnode_id, stream]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
+    """A 63-bit seed for one virtual node at one step: a BLAKE2b hash of the four numbers.
+
+    Any change of an input gives an unrelated seed. Computed for every virtual node of every step,
+    so it must be cheap: about 1 us (NumPy's ``SeedSequence`` took about 40 us).
+    """
+    digest = hashlib.blake2b(struct.pack("<4q", seed, step, vnode_id, stream), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def seed_generators(value: int, device: torch.device | None = None) -> None:

@@ -115,8 +115,8 @@ class JobSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidJobSpec(name, f"must be an integer >= 1, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise InvalidJobSpec("seed", f"must be a non-negative integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise InvalidJobSpec("seed", f"must be an integer in [0, 2**63), got {self.seed!r}")
         if not isinstance(self.loader_workers, int) or self.loader_workers < 0:
             raise InvalidJobSpec(
                 "loader_workers", f"must be an integer >= 0, got {self.loader_workers!r}"
