@@ -14,9 +14,6 @@ Needs only torch (no Ray, no torchvision). Rows, side by side in this one proces
 - a GPT-2-small-sized transformer in bf16, 16 VNs x 4 sequences of 1024 tokens: fused against one
   batch of 64 (target >= 0.95x);
 - peak memory of 64 VNs against 1 VN in sequential mode (target <= 1.1x);
-- ``fused_batchnorm="compiled"`` (per-node BatchNorm statistics in the activations' own layout,
-  through ``torch.compile``): checked against ``"native"`` in float64, then fused 64 x 16 and 8 x 128
-  timed beside ``"native"`` and the plain batch;
 - CUDA-graph replay (``cuda_graphs=True``): first checked against eager fused execution in float64
   (one step's gradients, losses and running statistics; 5 nodes in groups of 2, so gradients
   accumulate across replays of two graph shapes), then timed: fused 64 x 16 in one graph, and one
@@ -179,27 +176,6 @@ def graph_equivalence(device: str) -> float:
     return max(worst, worst_loss)
 
 
-def compiled_equivalence(device: str) -> float:
-    """Largest relative difference between one fused step with ``fused_batchnorm="compiled"`` and
-    with ``"native"`` (float64; 5 nodes in groups of 2: two compiled shapes)."""
-    def partial_of(batchnorm):
-        spec = JobSpec(model=functools.partial(_resnet18_f64, 8), dataset=functools.partial(image_data, 40),
-                       optimizer=functools.partial(torch.optim.SGD, lr=0.01), loss=ce, virtual_nodes=5,
-                       vnode_batch_size=8, device=device, execution="fused", fused_group_size=2,
-                       fused_batchnorm=batchnorm)
-        runner = Engine(spec)
-        runner.run()
-        e = runner.engine
-        p = e.compute(1, (((1, v), b) for v, b in enumerate(runner.batches)))
-        if batchnorm == "compiled" and e.fusion.segment_bn is None:
-            raise RuntimeError("torch.compile failed: the engine fell back to 'native' (see the warning)")
-        return [t.detach().clone() for t in p.payload], p.vnode_losses
-
-    (native, native_losses), (compiled, compiled_losses) = partial_of("native"), partial_of("compiled")
-    worst = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)) for a, b in zip(native, compiled))
-    return max(worst, max(abs(native_losses[v] - compiled_losses[v]) / abs(native_losses[v]) for v in native_losses))
-
-
 def peak_memory(spec: JobSpec, device: str) -> float:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -289,26 +265,6 @@ def main() -> None:
         one = peak_memory(image_spec(1, big_b, "sequential", device, width), device)
         many = peak_memory(image_spec(big_n, big_b, "sequential", device, width), device)
         rows.append((f"peak memory, {big_n} VNs vs 1 VN (sequential)", many / 2**20, f"{many / one:.3f}x", "<= 1.1x"))
-        try:
-            err = compiled_equivalence(device)
-            rows.append(("fused_batchnorm='compiled' vs 'native', float64, max relative difference", f"{err:.1e}",
-                         "", "<= 1e-9" + ("" if err <= 1e-9 else " MISSED")))
-            runners = {"native": Engine(image_spec(big_n, big_b, "fused", device, width)),
-                       "compiled": Engine(image_spec(big_n, big_b, "fused", device, width, fused_batchnorm="compiled")),
-                       "native8": Engine(image_spec(few_n, few_b, "fused", device, width)),
-                       "compiled8": Engine(image_spec(few_n, few_b, "fused", device, width,
-                                                      fused_batchnorm="compiled")),
-                       "plain": Hand(functools.partial(resnet18, 10, width), data, 1, total, device, ce)}
-            r = rate(runners, dict.fromkeys(runners, total), device, repeats)
-            fell_back = [k for k in ("compiled", "compiled8") if runners[k].engine.fusion.segment_bn is None]
-            note = f" (FELL BACK to native: {fell_back})" if fell_back else ""
-            rows += [(f"vnodes fused {big_n} x {big_b}, fused_batchnorm='compiled'{note}", r["compiled"],
-                      f"{r['compiled'] / r['plain']:.2f}x plain, {r['compiled'] / r['native']:.2f}x native", ">= 0.8x"),
-                     (f"vnodes fused {few_n} x {few_b}, fused_batchnorm='compiled'{note}", r["compiled8"],
-                      f"{r['compiled8'] / r['plain']:.2f}x plain, {r['compiled8'] / r['native8']:.2f}x native",
-                      ">= 0.9x")]
-        except Exception as exc:  # noqa: BLE001 - report and go on: the session has one GPU run
-            rows.append((f"compiled BatchNorm FAILED: {type(exc).__name__}: {str(exc)[:200]}", 0.0, "", ""))
         try:
             err = graph_equivalence(device)
             rows.append(("CUDA graphs vs eager fused, float64, max relative difference", f"{err:.1e}", "",

@@ -91,7 +91,7 @@ class StepEngine:
                 warnings.warn("fused execution falls back to sequential: these modules may mix samples "
                               "across virtual nodes: " + "; ".join(unknown), stacklevel=2)
             else:
-                self.fusion = FusionContext(spec.fused_batchnorm, device)
+                self.fusion = FusionContext()
                 patch_model(model, self.fusion)
         if spec.cuda_graphs:
             reason = unsupported_reason(model, device)

@@ -17,7 +17,6 @@ Custom composite modules are assumed to compose their children sample by sample.
 from __future__ import annotations
 
 import types
-import warnings
 from typing import Optional
 
 import torch
@@ -61,36 +60,10 @@ def check_fusable(model: nn.Module) -> list[str]:
     return bad
 
 
-def segment_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                       groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training-mode BatchNorm with statistics per segment of ``x.shape[0] // groups`` samples,
-    computed in ``x``'s own layout (no copies). Returns the output and each segment's batch mean
-    and biased variance, shaped ``(groups, C)``.
-
-    Run eagerly, autograd replays it op by op (slower than ``"native"``); it is written for
-    ``torch.compile``, which fuses it into a reduction and an elementwise kernel each way.
-    """
-    c = x.shape[1]
-    x4 = x.reshape(groups, x.shape[0] // groups, c, -1)
-    var, mean = torch.var_mean(x4, dim=(1, 3), correction=0, keepdim=True)
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.view(1, 1, c, 1)
-    y = (x4 - mean) * scale
-    if bias is not None:
-        y = y + bias.view(1, 1, c, 1)
-    return y.reshape(x.shape), mean.view(groups, c), var.view(groups, c)
-
-
 class FusionContext:
     """Per-group settings the patched modules read: segment count, weights, generators, sums."""
 
-    def __init__(self, batchnorm: str = "native", device: Optional[torch.device] = None):
-        # "compiled": per-segment statistics in the activations' layout (compiled on CUDA)
-        self.segment_bn = None
-        if batchnorm == "compiled":
-            self.segment_bn = (torch.compile(segment_batch_norm, dynamic=None)
-                               if device is not None and device.type == "cuda" else segment_batch_norm)
+    def __init__(self):
         self.groups = 0  # 0: not fused (modules behave as usual)
         self.weights: Optional[torch.Tensor] = None  # per segment: the running-stats policy weight
         self.generators: list[torch.Generator] = []  # per segment
@@ -112,10 +85,6 @@ def _make_bn_forward(ctx: FusionContext, plain):
             return plain(self, x)
         g = ctx.groups
         b, c, rest = x.shape[0] // g, x.shape[1], x.shape[2:]
-        if ctx.segment_bn is not None:
-            y = _compiled_forward(self, ctx, x, g)
-            if y is not None:
-                return y
         # Segment s's channel k becomes channel s*C + k of a batch of b: one native BatchNorm call
         # then computes every (segment, channel) statistic, far faster than hand-written reductions
         # or one call per segment (measured on an H200: benchmarks/gpu.py, README).
@@ -126,49 +95,23 @@ def _make_bn_forward(ctx: FusionContext, plain):
         weight = self.weight.repeat(g) if self.affine else None
         bias = self.bias.repeat(g) if self.affine else None
         y = F.batch_norm(wide, batch_mean.view(-1), batch_var.view(-1), weight, bias, True, 1.0, self.eps)
-        _track(self, ctx, batch_mean, batch_var, g)
+        if self.track_running_stats and self.running_mean is not None:
+            if id(self) in ctx.stat_sums:
+                raise RuntimeError(f"fused execution: {type(self).__name__} called twice in one forward pass "
+                                   "(its running statistics would count twice); use execution='sequential'")
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+                w = ctx.weights.to(x.dtype).view(g, 1)
+                new_mean = ((1 - momentum) * self.running_mean + momentum * batch_mean) * w
+                new_var = ((1 - momentum) * self.running_var + momentum * batch_var) * w
+                sums = ctx.stat_sums.setdefault(id(self), [torch.zeros_like(self.running_mean),
+                                                           torch.zeros_like(self.running_var)])
+                sums[0] += new_mean.sum(0)
+                sums[1] += new_var.sum(0)
         return y.reshape(b, g, c, *rest).transpose(0, 1).reshape(x.shape)
 
     return forward
-
-
-def _compiled_forward(bn: _BatchNorm, ctx: FusionContext, x: torch.Tensor, g: int) -> Optional[torch.Tensor]:
-    """``fused_batchnorm="compiled"``; None (and ``"native"`` from now on) if compiling failed."""
-    count = x.numel() // (g * x.shape[1])  # values per (segment, channel)
-    if count < 2:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)} "
-                         f"in {g} segments")
-    try:
-        y, mean, var = ctx.segment_bn(x, bn.weight, bn.bias, g, bn.eps)
-    except Exception as exc:  # noqa: BLE001 - torch.compile's failures have many types
-        if is_out_of_memory(exc):
-            raise  # the engine halves the group
-        warnings.warn(f"fused_batchnorm='compiled' failed ({type(exc).__name__}: {str(exc)[:300]}); "
-                      "using 'native'", stacklevel=3)
-        ctx.segment_bn = None
-        return None
-    with torch.no_grad():
-        _track(bn, ctx, mean.detach(), var.detach() * (count / (count - 1)), g)
-    return y
-
-
-def _track(bn: _BatchNorm, ctx: FusionContext, batch_mean: torch.Tensor, batch_var: torch.Tensor, g: int) -> None:
-    """Add each segment's running-statistics update (``batch_mean``, unbiased ``batch_var``, both
-    ``(g, C)``), weighted by the policy, to the group's sums."""
-    if not bn.track_running_stats or bn.running_mean is None:
-        return
-    if id(bn) in ctx.stat_sums:
-        raise RuntimeError(f"fused execution: {type(bn).__name__} called twice in one forward pass "
-                           "(its running statistics would count twice); use execution='sequential'")
-    with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        momentum = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
-        w = ctx.weights.to(batch_mean.dtype).view(g, 1)
-        new_mean = ((1 - momentum) * bn.running_mean + momentum * batch_mean) * w
-        new_var = ((1 - momentum) * bn.running_var + momentum * batch_var) * w
-        sums = ctx.stat_sums.setdefault(id(bn), [torch.zeros_like(bn.running_mean), torch.zeros_like(bn.running_var)])
-        sums[0] += new_mean.sum(0)
-        sums[1] += new_var.sum(0)
 
 
 def _make_dropout_forward(ctx: FusionContext, plain):

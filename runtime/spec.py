@@ -19,7 +19,6 @@ from .errors import InvalidJobSpec
 
 RUNNING_STATS_POLICIES = ("mean", "vnode0")
 EXECUTION_MODES = ("sequential", "fused")
-FUSED_BATCHNORM = ("native", "compiled")
 
 
 @dataclasses.dataclass
@@ -58,12 +57,6 @@ class JobSpec:
         cuda_graphs: replay each fused group's forward and backward from a CUDA graph captured once
             per group shape (``execution="fused"`` on a CUDA device; ``fused_group_size=1`` replays
             one node at a time). Same math; see ``runtime/graphs.py`` for what cannot be captured.
-        fused_batchnorm: how fused mode computes per-node BatchNorm statistics. ``"native"``: one
-            native BatchNorm call over (node, channel), which costs a copy of the activations into
-            and out of that layout; ``"compiled"``: per-node statistics in the activations' own
-            layout, fused into a few kernels by ``torch.compile`` on a CUDA device (compiled once
-            per shape, at the first steps; on a CPU it runs uncompiled, for tests). If compiling
-            fails, a warning says so and ``"native"`` takes over. Same math within float rounding.
     """
 
     model: Callable[[], Any]
@@ -83,7 +76,6 @@ class JobSpec:
     execution: str = "sequential"
     fused_group_size: Optional[int] = None
     cuda_graphs: bool = False
-    fused_batchnorm: str = "native"
 
     @property
     def global_batch_size(self) -> int:
@@ -148,11 +140,6 @@ class JobSpec:
             raise InvalidJobSpec(
                 "cuda_graphs", "replays fused groups: set execution='fused' (with fused_group_size=1 to replay "
                 "one virtual node at a time)")
-        if self.fused_batchnorm not in FUSED_BATCHNORM:
-            raise InvalidJobSpec("fused_batchnorm", f"must be one of {FUSED_BATCHNORM}, got {self.fused_batchnorm!r}")
-        if self.fused_batchnorm != "native" and self.execution != "fused":
-            raise InvalidJobSpec("fused_batchnorm", "chooses how fused groups compute BatchNorm: set "
-                                 "execution='fused', or leave fused_batchnorm='native'")
         if self.fused_group_size is not None and (not isinstance(self.fused_group_size, int)
                                                   or self.fused_group_size < 1):
             raise InvalidJobSpec("fused_group_size", f"must be None or an integer >= 1, got {self.fused_group_size!r}")
