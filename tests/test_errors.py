@@ -24,6 +24,7 @@ from jobs import cnn_spec, scalar_ce
     (dict(loss=scalar_ce), "loss", "reduction='none'"),
     (dict(device="tpu:9"), "device", "tpu"),
     (dict(seed=-1), "seed", "-1"),
+    (dict(seed=2**64), "seed", str(2**64)),
 ])
 def test_bad_spec_fields(change, field, text):
     with pytest.raises(InvalidJobSpec) as err:
