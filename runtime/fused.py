@@ -102,13 +102,13 @@ def _make_bn_forward(ctx: FusionContext, plain):
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 momentum = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
-                w = ctx.weights.to(x.dtype).view(g, 1)
-                new_mean = ((1 - momentum) * self.running_mean + momentum * batch_mean) * w
-                new_var = ((1 - momentum) * self.running_var + momentum * batch_var) * w
-                sums = ctx.stat_sums.setdefault(id(self), [torch.zeros_like(self.running_mean),
-                                                           torch.zeros_like(self.running_var)])
-                sums[0] += new_mean.sum(0)
-                sums[1] += new_var.sum(0)
+                # sum_s w_s * ((1 - m) * running + m * batch_s) = (1 - m) * running * sum(w) + m * batch^T w:
+                # two kernels per buffer (few launches matter when groups are small)
+                w = ctx.weights.to(x.dtype)
+                w_sum = w.sum()
+                ctx.stat_sums[id(self)] = [
+                    torch.addmv(self.running_mean * w_sum, batch_mean.T, w, beta=1 - momentum, alpha=momentum),
+                    torch.addmv(self.running_var * w_sum, batch_var.T, w, beta=1 - momentum, alpha=momentum)]
         return y.reshape(b, g, c, *rest).transpose(0, 1).reshape(x.shape)
 
     return forward
