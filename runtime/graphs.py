@@ -16,9 +16,8 @@ Not capturable, and refused before any work (``unsupported_reason``): a CPU devi
 ``p > 0`` (per-node generators are re-seeded every step), BatchNorm with ``momentum=None`` (its
 cumulative average reads a counter on the host), and batches that are not a pair of tensors.
 
-This module has been written against the CUDA-graph API of torch 2.x but, at the time of writing,
-not yet run on a GPU: ``benchmarks/gpu.py`` checks it against eager fused execution (gradients,
-losses, buffers) before timing it.
+``benchmarks/gpu.py`` checks it against eager fused execution (gradients, losses, buffers) in
+float64 before timing it; on an H200 with torch 2.11 they agree within 5e-15 (README).
 """
 
 from __future__ import annotations
