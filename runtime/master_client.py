@@ -12,15 +12,14 @@ from typing import Optional
 
 import grpc
 
+from vnodes.protos import MESSAGE_LIMITS
+
 from .errors import StaleEpoch, VnodesError
 
 log = logging.getLogger(__name__)
 
 TOKEN_METADATA = "vnodes-token"
 COMMIT_WAIT_MARGIN_S = 30.0
-# Both ends of the wire (the servicer too): a checkpoint plan carries the job's whole loss history,
-# 8 bytes a step; gRPC's default 4 MiB would end a job at about 500,000 steps, 512 MiB at 64 million.
-MESSAGE_LIMITS = [("grpc.max_receive_message_length", 512 * 2**20), ("grpc.max_send_message_length", 512 * 2**20)]
 
 
 class _MasterCallError(VnodesError):

@@ -26,9 +26,9 @@ from typing import Optional
 
 import grpc
 
+from vnodes.protos import MESSAGE_LIMITS
 from vnodes.protos import vnodes_pb2 as pb
 from vnodes.protos import vnodes_pb2_grpc as pb_grpc
-from vnodes.runtime.master_client import MESSAGE_LIMITS
 
 from .errors import BadRequest, DuplicateRegistration, StaleEpoch, Undecided, UnknownWorker
 from .master import Master, PlanKind, Report, WorkerInfo
