@@ -45,12 +45,14 @@ async def simulated_worker(address: str, ready: "asyncio.Event", registered: lis
     """One worker's control traffic, as ``runtime/master_client.py`` sends it, without torch."""
     import grpc
 
+    from vnodes.protos import PROTOCOL_VERSION
     from vnodes.protos import vnodes_pb2 as pb
     from vnodes.protos import vnodes_pb2_grpc as pb_grpc
 
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.MasterStub(channel)
-        wid = (await stub.Register(pb.RegisterRequest(worker=pb.WorkerDescription(host="sim", pid=1)),
+        wid = (await stub.Register(pb.RegisterRequest(worker=pb.WorkerDescription(host="sim", pid=1),
+                                                      protocol_version=PROTOCOL_VERSION),
                                    timeout=60)).worker_id
         session = stub.Session()
         await session.write(pb.WorkerMessage(worker_id=wid, heartbeat=pb.Heartbeat()))

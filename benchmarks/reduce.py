@@ -90,9 +90,9 @@ def _rank_main(rank: int, world: int, port: int, shapes: list[torch.Size], round
             if i > 0:  # round 0 warms up
                 times[name].append(time.perf_counter() - t0)
         equal &= all(torch.equal(a, b) for a, b in zip(results["gather all"][0], results["reduce-scatter"][0]))
+    equal = all(group.all_gather_objects(equal))  # every rank's bits, and everyone leaves together
     if rank == 0:
         torch.save({"times": times, "blocks": [(b.start, b.size) for b in blocks], "equal": equal}, out)
-    group.all_gather_objects(equal)  # leave together
 
 
 def measure(world: int, shapes: list[torch.Size], rounds: int) -> dict:

@@ -225,7 +225,7 @@ class EpochGroup:
         Addition is elementwise, so summing slices gives the bits of summing whole tensors, while
         each member sends its blocks once (not to every peer) and adds only its ``1/W`` share.
         """
-        if self.world_size == 1:
+        if self.world_size == 1:  # sums the partial's own blocks in place (a redo recomputes them)
             return canonical_sum(partial.blocks), list(partial.used)
         mine = [(b.start, b.size) for b in partial.blocks]
         gathered = self.all_gather_objects((mine, partial.used))  # small: block ids and usage flags

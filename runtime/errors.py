@@ -40,6 +40,10 @@ class CheckpointMismatch(VnodesError):
         self.directory = directory
 
     def __str__(self) -> str:
+        if self.fields == ["seeding"]:
+            return (f"the checkpoint in {self.directory} was written by a vnodes version that derives per-node "
+                    "random streams differently; resuming would change the trajectory. Resume with that "
+                    "version, or pass a fresh checkpoint_dir to start a new run.")
         names = ", ".join(self.fields)
         return (
             f"the checkpoint in {self.directory} was written by a job that differs in {names}; "

@@ -12,7 +12,7 @@ from typing import Optional
 
 import grpc
 
-from vnodes.protos import MESSAGE_LIMITS
+from vnodes.protos import MESSAGE_LIMITS, PROTOCOL_VERSION
 
 from .errors import StaleEpoch, VnodesError
 
@@ -142,7 +142,11 @@ class MasterClient:
             worker=pb.WorkerDescription(host=host, pid=pid, device=device, device_kind=device_kind,
                                         memory_bytes=memory_bytes, throughput=throughput,
                                         launch_index=launch_index),
-            worker_id=worker_id, held_step=held_step))
+            worker_id=worker_id, held_step=held_step, protocol_version=PROTOCOL_VERSION))
+        if reply.protocol_version != PROTOCOL_VERSION:
+            raise VnodesError(f"the master at {self.address} speaks vnodes protocol "
+                              f"{reply.protocol_version or '1 or older'}, this worker {PROTOCOL_VERSION}: run the "
+                              "same vnodes version on the master and its workers")
         if reply.commit_timeout_s > 0:  # the master decides by then; a margin for the reply to arrive
             self.commit_wait_s = reply.commit_timeout_s + COMMIT_WAIT_MARGIN_S
         return Registration(reply.worker_id, reply.job, reply.store_host, reply.store_port, reply.store_namespace,

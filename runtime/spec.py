@@ -19,6 +19,7 @@ from .errors import InvalidJobSpec
 
 RUNNING_STATS_POLICIES = ("mean", "vnode0")
 EXECUTION_MODES = ("sequential", "fused")
+SEEDING_SCHEME = "blake2b-v1"  # see runtime/seeding.py; change it whenever vnode_seed changes
 
 
 @dataclasses.dataclass
@@ -184,6 +185,9 @@ class JobSpec:
         out = {name: _digest(describe(getattr(self, name))) for name in self.TRAJECTORY_FIELDS}
         # The thread count changes the bits only where bits are promised.
         out["num_threads"] = _digest(repr(self.effective_num_threads() if self.deterministic else None))
+        # How per-node random streams derive from the seed (runtime/seeding.py): a checkpoint of
+        # another scheme would resume on other dropout masks and augmentations.
+        out["seeding"] = _digest(SEEDING_SCHEME)
         return out
 
 

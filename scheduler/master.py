@@ -211,13 +211,14 @@ class Master:
             return info.worker_id
 
     def heartbeat(self, worker_id: str, registration: Optional[int] = None) -> int:
-        """A sign of life. Returns the registration it counted for (``joined_order``); one naming an
-        older registration of the same id (a stale session stream) counts for nothing."""
+        """A sign of life from ``registration`` of ``worker_id`` (None: the current one, which a new
+        session stream binds to). Returns that registration (``joined_order``); one naming an older
+        registration of the same id (a stale session stream) counts for nothing."""
         with self._cond:
             info = self._get(worker_id)
             if registration is None or registration == info.joined_order:
                 info.last_seen_s = self.clock()
-            return info.joined_order
+            return info.joined_order if registration is None else registration
 
     def lost(self, worker_id: str, reason: str, registration: Optional[int] = None) -> None:
         """A worker is gone (broken stream, missed heartbeats). A member's loss aborts the step.

@@ -26,7 +26,7 @@ from typing import Optional
 
 import grpc
 
-from vnodes.protos import MESSAGE_LIMITS
+from vnodes.protos import MESSAGE_LIMITS, PROTOCOL_VERSION
 from vnodes.protos import vnodes_pb2 as pb
 from vnodes.protos import vnodes_pb2_grpc as pb_grpc
 
@@ -155,11 +155,14 @@ class MasterServicer(pb_grpc.MasterServicer):
                           launch_index=w.launch_index, held_step=request.held_step)
         if info.throughput < 0:
             raise BadRequest(f"throughput {info.throughput} is negative")
+        if request.protocol_version != PROTOCOL_VERSION:
+            raise BadRequest(f"the worker speaks vnodes protocol {request.protocol_version or '1 or older'}, this "
+                             f"master {PROTOCOL_VERSION}: run the same vnodes version on the master and its workers")
         worker_id = self.master.register(info)
         return pb.RegisterReply(worker_id=worker_id, job=self.job, store_host=self.store_host,
                                 store_port=self.store_port, run_dir=self.run_dir,
                                 checkpoint_every=self.checkpoint_every, store_namespace=self.store_namespace,
-                                commit_timeout_s=self.commit_timeout_s)
+                                commit_timeout_s=self.commit_timeout_s, protocol_version=PROTOCOL_VERSION)
 
     async def Session(self, request_iterator, context):
         """The worker's stream: heartbeats and commits in, one reply per commit out.

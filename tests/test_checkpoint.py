@@ -78,3 +78,15 @@ def test_saved_file_is_complete_when_it_appears(tmp_path):
     assert names == [f"step-{s:08d}.pt" for s in range(1, 5)]
     for _, path in list_checkpoints(tmp_path):
         torch.load(path, weights_only=True)
+
+
+def test_a_checkpoint_of_another_seeding_scheme_is_refused(tmp_path, monkeypatch):
+    """A vnodes version whose per-node random streams differ (here: the scheme's name changed)
+    must not resume this run's checkpoint onto other dropout masks."""
+    from vnodes.runtime import spec as spec_module
+
+    train(cnn_spec(), steps=2, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(spec_module, "SEEDING_SCHEME", "some-other-scheme")
+    with pytest.raises(CheckpointMismatch) as err:
+        train(cnn_spec(), steps=3, checkpoint_dir=tmp_path)
+    assert err.value.fields == ["seeding"] and "random streams" in str(err.value)

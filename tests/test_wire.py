@@ -7,6 +7,7 @@ import queue
 import grpc
 import pytest
 
+from vnodes.protos import PROTOCOL_VERSION
 from vnodes.protos import vnodes_pb2 as pb
 from vnodes.protos import vnodes_pb2_grpc as pb_grpc
 from vnodes.scheduler.master import Master
@@ -45,13 +46,19 @@ def test_bad_messages_get_one_clear_status_and_the_master_survives(server):
     stub, master, servicer = server
     code, details = code_of(lambda: stub.GetPlan(pb.PlanRequest(worker_id="ghost"), timeout=5))
     assert code == grpc.StatusCode.NOT_FOUND and "ghost" in details
-    reply = stub.Register(pb.RegisterRequest(worker=pb.WorkerDescription(host="h", pid=1)), timeout=5)
+    code, details = code_of(lambda: stub.Register(pb.RegisterRequest(worker=pb.WorkerDescription(host="h", pid=1)),
+                                                  timeout=5))  # an older worker: no protocol version
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "same vnodes version" in details
+    reply = stub.Register(pb.RegisterRequest(worker=pb.WorkerDescription(host="h", pid=1),
+                                             protocol_version=PROTOCOL_VERSION), timeout=5)
+    assert reply.protocol_version == PROTOCOL_VERSION
     wid = reply.worker_id
     assert reply.job == b"job" and reply.commit_timeout_s == 120.0
-    code, details = code_of(lambda: stub.Register(pb.RegisterRequest(worker_id=wid), timeout=5))
+    code, details = code_of(lambda: stub.Register(pb.RegisterRequest(worker_id=wid, protocol_version=PROTOCOL_VERSION),
+                                                  timeout=5))
     assert code == grpc.StatusCode.ALREADY_EXISTS
     code, details = code_of(lambda: stub.Register(
-        pb.RegisterRequest(worker=pb.WorkerDescription(throughput=-1)), timeout=5))
+        pb.RegisterRequest(worker=pb.WorkerDescription(throughput=-1), protocol_version=PROTOCOL_VERSION), timeout=5))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "-1" in details
     plan = stub.GetPlan(pb.PlanRequest(worker_id=wid, held_step=0), timeout=10)
     assert plan.kind == pb.Plan.RUN
