@@ -65,6 +65,7 @@ class EpochGroup:
         self.pg: Optional[Any] = None
         self._pending: Optional[Any] = None  # the newest collective's work, until it completes
         self._abandoned: list[tuple[Any, Any]] = []  # (group, work) left to expire on their own
+        self._connecting: list[threading.Thread] = []  # connect attempts left to time out on their own
 
     def form(self, epoch: int, rank: int, world_size: int) -> None:
         """Leave the previous epoch's group and join epoch ``epoch``'s.
@@ -118,6 +119,7 @@ class EpochGroup:
             if not thread.is_alive():
                 break
             if self.store.check([prefix + ABORT_KEY]):
+                self._connecting.append(thread)  # inside the C++ constructor until its timeout
                 raise EpochSuperseded(f"epoch {epoch} was superseded while its members connected")
         if "error" in built:
             raise built["error"]
@@ -137,13 +139,16 @@ class EpochGroup:
         """Keep ``older``'s abandoned groups alive in this object (a reconnect replaces the object)."""
         older.destroy()
         self._abandoned.extend(older._abandoned)
-        older._abandoned = []
+        self._connecting.extend(older._connecting)
+        older._abandoned, older._connecting = [], []
 
     @property
     def holds_abandoned(self) -> bool:
-        """Groups left with a pending collective: dropping them blocks until it times out, so a
-        process that holds any should end with ``os._exit`` rather than run its finalizers."""
-        return any(not work.is_completed() for _, work in self._abandoned)
+        """Groups left with a pending collective (dropping them blocks until it times out), or
+        connect attempts still inside gloo's constructor: a process that holds any should end
+        with ``os._exit`` rather than run its finalizers."""
+        self._connecting = [t for t in self._connecting if t.is_alive()]
+        return bool(self._connecting) or any(not work.is_completed() for _, work in self._abandoned)
 
     def _wait(self, work) -> None:
         """Wait for ``work``; on gloo in short polls, leaving at once if the epoch was superseded.
@@ -246,10 +251,18 @@ class EpochGroup:
         shapes = [blocks[0].payload[i] for i in indices]
         length = sum(t.numel() for t in shapes)
         chunk = -(-length // w)  # member r owns elements [r * chunk, (r + 1) * chunk) of the padded vector
-        send = torch.zeros(len(blocks), w * chunk, dtype=shapes[0].dtype, device=device)
-        for row, block in zip(send, blocks):
-            row[:length] = _flatten_dense_tensors([block.payload[i] for i in indices])
-        send = send.view(len(blocks), w, chunk).transpose(0, 1).contiguous()  # grouped by destination
+        # Grouped by destination: send[r, j] is block j's slice for member r. Each block passes
+        # through one reusable padded vector, so the peak is the blocks plus one copy of them.
+        send = torch.empty(w, len(blocks), chunk, dtype=shapes[0].dtype, device=device)
+        padded = torch.zeros(w * chunk, dtype=send.dtype, device=device)
+        for j, block in enumerate(blocks):
+            offset = 0
+            for i in indices:
+                t = block.payload[i]
+                padded[offset:offset + t.numel()].copy_(t.reshape(-1))
+                offset += t.numel()
+            send[:, j].copy_(padded.view(w, chunk))
+        del padded
         received = torch.empty(sum(counts) * chunk, dtype=send.dtype, device=device)
         self._wait(self.pg.alltoall_base(received, send.view(-1), [c * chunk for c in counts],
                                          [len(blocks) * chunk] * w, dist.AllToAllOptions()))
