@@ -169,9 +169,12 @@ class EpochGroup:
                 self._pending = None
                 return
             except RuntimeError:
-                if work.is_completed():  # it failed (e.g. a peer's connection closed), not our poll
+                if work.is_completed():
+                    # Failed (a peer's connection closed), or finished just after the poll gave up:
+                    # a plain wait now returns at once, or raises the collective's own error.
                     self._pending = None
-                    raise
+                    work.wait()
+                    return
             if self.store.check([abort_key]):
                 raise EpochSuperseded(f"epoch {self.epoch} was superseded during a collective")
             if time.monotonic() > deadline:
