@@ -57,7 +57,7 @@ class RunningStats:
 
     def restore(self) -> None:
         """Put the step's starting buffers back before the next virtual node runs."""
-        if self._snapshot:  # one call per dtype kind: a mixed list leaves foreach's fast path
+        if self._snapshot:  # one call per dtype kind (foreach kernels group tensors of one dtype)
             if self.float_buffers:
                 torch._foreach_copy_(self.float_buffers, self._snapshot[0])
             if self.int_buffers:
