@@ -30,7 +30,7 @@ from torch import nn
 from .data import BatchKey, BatchLoader, move_batch
 from .errors import InvalidJobSpec, NonFiniteLoss
 from .faults import maybe_fail
-from .fused import FusionContext, check_fusable, concat_batches, is_out_of_memory, patch_model
+from .fused import FusionContext, check_fusable, interleave_batches, is_out_of_memory, patch_model, segment_means
 from .graphs import GroupGraphs, unsupported_reason
 from .reduction import Block, Payload, TreeReducer
 from .sampler import VNodeSampler
@@ -237,7 +237,7 @@ class StepEngine:
                 raise ValueError(f"a batch of another step arrived during step {step}")
             maybe_fail("load", step)
             self.stats.restore()
-            inputs, targets = move_batch(concat_batches([b for _, b in group]), self.device, self.float_dtype)
+            inputs, targets = move_batch(interleave_batches([b for _, b in group]), self.device, self.float_dtype)
             ctx.groups = len(group)
             weights = [self.stats.weight(v) for v in vnode_ids]
             ctx.weights = torch.tensor(weights, dtype=torch.float64).to(self.device, non_blocking=True)
@@ -279,7 +279,7 @@ class StepEngine:
         per_sample = self.spec.loss(self.model(inputs), targets)
         if not self._loss_checked:
             self._check_per_sample(per_sample, targets)
-        means = per_sample.reshape(groups, -1).mean(dim=1)  # each node's mean loss
+        means = segment_means(per_sample, groups)  # each node's mean loss (rows are interleaved)
         maybe_fail("backward", step)
         (means.sum() / self.spec.virtual_nodes).backward()
         return means.detach()

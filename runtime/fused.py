@@ -1,7 +1,9 @@
 """Fused execution: several virtual nodes of a worker as one physical batch, same math.
 
-A group of G virtual nodes runs as one batch of ``G * b`` samples (their batches concatenated along
-dimension 0). What would mix samples across virtual nodes is made per-segment:
+A group of G virtual nodes runs as one batch of ``G * b`` samples, *interleaved*: sample ``i`` of node
+``k`` of the group is row ``i * G + k`` (``interleave_batches``). Every sample-wise layer is blind to
+the order; what would mix samples across virtual nodes is made per-segment, and the interleaving is
+what makes that cheap (see the BatchNorm forward):
 
 - BatchNorm1d/2d/3d compute batch statistics per segment of ``b`` samples, and each segment
   contributes its running-statistics update to the step's policy exactly as in sequential mode;
@@ -85,10 +87,11 @@ def _make_bn_forward(ctx: FusionContext, plain):
             return plain(self, x)
         g = ctx.groups
         b, c, rest = x.shape[0] // g, x.shape[1], x.shape[2:]
-        # Segment s's channel k becomes channel s*C + k of a batch of b: one native BatchNorm call
-        # then computes every (segment, channel) statistic, far faster than hand-written reductions
-        # or one call per segment (measured on an H200: benchmarks/gpu.py, README).
-        wide = x.reshape(g, b, c, *rest).transpose(0, 1).reshape(b, g * c, *rest)
+        # Rows are interleaved (sample i of segment k is row i*G + k), so the contiguous input, read
+        # as a batch of b with G*C channels, has segment k's channel j at channel k*C + j: a *view*.
+        # One native BatchNorm call on it computes every (segment, channel) statistic with no copy
+        # in or out, far faster than hand-written reductions or one call per segment (README).
+        wide = x.reshape(b, g * c, *rest)
         # momentum=1: the scratch rows receive exactly each segment's batch mean and unbiased variance.
         batch_mean = torch.zeros(g, c, dtype=x.dtype, device=x.device)
         batch_var = torch.ones(g, c, dtype=x.dtype, device=x.device)
@@ -109,7 +112,7 @@ def _make_bn_forward(ctx: FusionContext, plain):
                 ctx.stat_sums[id(self)] = [
                     torch.addmv(self.running_mean * w_sum, batch_mean.T, w, beta=1 - momentum, alpha=momentum),
                     torch.addmv(self.running_var * w_sum, batch_var.T, w, beta=1 - momentum, alpha=momentum)]
-        return y.reshape(b, g, c, *rest).transpose(0, 1).reshape(x.shape)
+        return y.reshape(x.shape)
 
     return forward
 
@@ -119,24 +122,34 @@ def _make_dropout_forward(ctx: FusionContext, plain):
         if ctx.groups == 0 or not self.training or self.p == 0:
             return plain(self, x)
         g = ctx.groups
-        seg = x.reshape(g, x.shape[0] // g, *x.shape[1:])
+        seg = x.reshape(x.shape[0] // g, g, *x.shape[1:])  # [:, k]: segment k (rows are interleaved)
         # The draw F.dropout makes (bernoulli_(1 - p) on the input's shape), per node's generator.
-        masks = [torch.empty_like(seg[i]).bernoulli_(1 - self.p, generator=ctx.generators[i]) for i in range(g)]
-        return (seg * torch.stack(masks) / (1 - self.p)).reshape(x.shape)
+        masks = [torch.empty_like(seg[:, k]).bernoulli_(1 - self.p, generator=ctx.generators[k]) for k in range(g)]
+        return (seg * torch.stack(masks, dim=1) / (1 - self.p)).reshape(x.shape)
 
     return forward
 
 
-def concat_batches(batches: list):
-    """Concatenate virtual-node batches along dimension 0 (tensors, tuples, lists, dicts)."""
+def interleave_batches(batches: list):
+    """One batch from G virtual-node batches of b samples each: row ``i * G + k`` is sample ``i`` of
+    batch ``k`` (tensors, and tuples, lists and dicts of them). One copy, like a concatenation."""
     first = batches[0]
     if isinstance(first, torch.Tensor):
-        return torch.cat(batches, dim=0)
+        if any(t.shape != first.shape for t in batches):
+            raise ValueError("fused execution needs virtual-node batches of one shape, got "
+                             f"{sorted({tuple(t.shape) for t in batches})}; pad them in collate_fn "
+                             "or use execution='sequential'")
+        return torch.stack(batches, dim=1).flatten(0, 1)
     if isinstance(first, (list, tuple)):
-        return type(first)(concat_batches([b[i] for b in batches]) for i in range(len(first)))
+        return type(first)(interleave_batches([b[i] for b in batches]) for i in range(len(first)))
     if isinstance(first, dict):
-        return {k: concat_batches([b[k] for b in batches]) for k in first}
+        return {k: interleave_batches([b[k] for b in batches]) for k in first}
     raise TypeError(f"cannot fuse batches of type {type(first).__name__}")
+
+
+def segment_means(per_sample: torch.Tensor, groups: int) -> torch.Tensor:
+    """Each virtual node's mean of an interleaved per-sample tensor: shape ``[groups]``."""
+    return per_sample.reshape(-1, groups).mean(dim=0)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
