@@ -237,3 +237,38 @@ def test_graph_replay_bookkeeping_equals_eager_fused(monkeypatch, running_stats)
     states = [e.model.state_dict() for e in engines]
     for k, v in states[0].items():  # num_batches_tracked too: warm-ups must leave no trace
         assert torch.equal(states[1][k], v) if not v.is_floating_point() else torch.allclose(states[1][k], v, rtol=1e-12)
+
+
+def test_fused_batchnorm_reads_the_interleaved_batch_without_copies(monkeypatch):
+    """The group's rows are interleaved so that each BatchNorm normalises its own input, read as a
+    (node, channel) batch, in place: no copy of the activations in or out."""
+    spec = cnn_spec(execution="fused", virtual_nodes=4)
+    engine = StepEngine.build(spec)
+    module_inputs, norm_inputs = [], []
+    for module in engine.model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.register_forward_pre_hook(lambda m, args: module_inputs.append((args[0].data_ptr(), m)))
+    plain = torch.nn.functional.batch_norm
+
+    def recording(x, *args, **kwargs):
+        norm_inputs.append((x.data_ptr(), x.shape))
+        return plain(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", recording)
+    engine.compute(0, engine.loader.iterate((0, v) for v in range(4)))
+    assert len(norm_inputs) == len(module_inputs) > 0
+    for (ptr, shape), (module_ptr, module) in zip(norm_inputs, module_inputs):
+        assert ptr == module_ptr
+        assert shape[1] == 4 * module.num_features  # every node's channels side by side
+
+
+def test_interleave_batches_puts_sample_i_of_node_k_at_row_i_times_g_plus_k():
+    from vnodes.runtime.fused import interleave_batches, segment_means
+
+    a, b = torch.arange(6.).reshape(3, 2), 10 + torch.arange(6.).reshape(3, 2)
+    x, y = interleave_batches([(a, torch.tensor([0, 1, 2])), (b, torch.tensor([3, 4, 5]))])
+    assert x.tolist() == [[0, 1], [10, 11], [2, 3], [12, 13], [4, 5], [14, 15]]
+    assert y.tolist() == [0, 3, 1, 4, 2, 5]
+    assert segment_means(y.double(), 2).tolist() == [1.0, 4.0]
+    with pytest.raises(ValueError, match=r"one shape, got \[\(2, 2\), \(3, 2\)\].*collate_fn"):
+        interleave_batches([a, b[:2]])
