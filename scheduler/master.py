@@ -308,14 +308,20 @@ class Master:
                 self._cond.wait(timeout=max(0.01, min(0.5, deadline - self.clock())))
 
     def submit(self, worker_id: str, epoch: int, step: int, report: Report,
-               on_decided: Callable[[], None]) -> None:
+               on_decided: Callable[[], None], registration: Optional[int] = None) -> None:
         """Record a member's reduced step (non-blocking); ``on_decided`` runs once the step
         is decided (at once if it already is), on whichever thread decides it, with the master's
         lock held: keep it tiny (e.g. ``loop.call_soon_threadsafe``). ``outcome`` then tells how.
+        With ``registration`` (what a session stream is bound to), a report of an older registration
+        of ``worker_id`` (a stale stream) is refused.
         """
         key = (epoch, step)
         with self._cond:
             info = self._get(worker_id)
+            if registration is not None and registration != info.joined_order:
+                raise BadRequest(f"this session stream speaks for registration {registration} of worker "
+                                 f"{worker_id}, which has registered again since (registration "
+                                 f"{info.joined_order}): its report does not count")
             if self.membership is None or epoch != self.membership.epoch:
                 current = self.membership.epoch if self.membership else self.epoch_counter
                 if key not in self.decisions:

@@ -190,7 +190,7 @@ class MasterServicer(pb_grpc.MasterServicer):
                 if message.WhichOneof("body") == "commit":
                     # Answered in its own task; each answer waits for the one before: replies in order.
                     answering = asyncio.ensure_future(
-                        self._answer_commit(worker_id, message.commit, context, after=answering))
+                        self._answer_commit(worker_id, registration, message.commit, context, after=answering))
         except (grpc.RpcError, asyncio.CancelledError):
             reason = "session stream broke"
         finally:
@@ -199,9 +199,10 @@ class MasterServicer(pb_grpc.MasterServicer):
             if worker_id is not None:
                 self.master.lost(worker_id, reason, registration)
 
-    async def _answer_commit(self, worker_id: str, request, context, after: Optional[asyncio.Task]) -> None:
+    async def _answer_commit(self, worker_id: str, registration: int, request, context,
+                             after: Optional[asyncio.Task]) -> None:
         try:
-            reply = await self._commit(worker_id, request)
+            reply = await self._commit(worker_id, request, registration)
         except Exception as exc:  # noqa: BLE001 - a wrong commit is refused; the stream stays open
             code = _code_of(exc)
             if code == grpc.StatusCode.INTERNAL:
@@ -238,7 +239,7 @@ class MasterServicer(pb_grpc.MasterServicer):
             reply.losses.extend(self.master.losses[:plan.step])
         return reply
 
-    async def _commit(self, worker_id: str, request):
+    async def _commit(self, worker_id: str, request, registration: Optional[int] = None):
         """Record one commit; wait (without a thread) until its step is decided; build the reply."""
         if len(request.vnode_losses) != 8 * len(request.vnodes):
             raise BadRequest(f"vnode_losses holds {len(request.vnode_losses)} bytes for "
@@ -249,7 +250,7 @@ class MasterServicer(pb_grpc.MasterServicer):
         epoch, step = request.membership_epoch, request.step
         decided = self._decision_future((epoch, step))
         try:
-            self.master.submit(worker_id, epoch, step, report, on_decided=decided.wake)
+            self.master.submit(worker_id, epoch, step, report, on_decided=decided.wake, registration=registration)
         except Exception:  # refused: it must not start the step's clock for the members that report
             decided.discard_if_unarmed()
             raise

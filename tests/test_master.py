@@ -243,6 +243,10 @@ def test_a_stale_session_cannot_kill_or_keep_alive_a_new_registration():
     assert m.workers[w].last_seen_s == 0.0
     m.lost(w, "old session stream closed", old)  # its teardown, late: not the new registration's death
     assert m.workers[w].state == WorkerState.REGISTERED
+    # A late commit of the old stream does not count for the new registration.
+    with pytest.raises(BadRequest, match=f"registration {old} of worker {w}.*registered again"):
+        m.submit(w, 0, 0, ok(), on_decided=lambda: None, registration=old)
+    assert m.reports == {}
     m.heartbeat(w, new)
     assert m.workers[w].last_seen_s == 5.0
     m.lost(w, "new session stream broke", new)
