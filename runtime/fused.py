@@ -8,7 +8,10 @@ what makes that cheap (see the BatchNorm forward):
 - BatchNorm1d/2d/3d compute batch statistics per segment of ``b`` samples, and each segment
   contributes its running-statistics update to the step's policy exactly as in sequential mode;
 - Dropout draws each segment's mask from that virtual node's own generator, seeded from
-  ``(seed, step, vnode_id)``: the masks sequential execution would draw.
+  ``(seed, step, vnode_id)``: the masks sequential execution would draw;
+- MultiheadAttention with attention dropout runs once per segment, each call drawing from that
+  node's generator (swapped in as the default one, whose draws it makes), so every node gets the
+  masks it gets in sequential mode. Without dropout it is sample-wise and runs on the whole group.
 
 The modules are patched in place (their ``forward`` only), so parameter and buffer names, and so
 checkpoints, stay those of the user's model. Leaf modules that are not known to be sample-wise make
@@ -18,6 +21,7 @@ Custom composite modules are assumed to compose their children sample by sample.
 
 from __future__ import annotations
 
+import contextlib
 import types
 from typing import Optional
 
@@ -46,9 +50,7 @@ def check_fusable(model: nn.Module) -> list[str]:
         if isinstance(module, (_BatchNorm, nn.Dropout)):
             continue
         if isinstance(module, nn.MultiheadAttention):
-            if module.dropout > 0:
-                bad.append(f"{name} (MultiheadAttention with dropout={module.dropout}: one random stream)")
-            continue
+            continue  # sample-wise; with dropout, called per segment
         if isinstance(module, nn.modules.instancenorm._InstanceNorm):
             if module.track_running_stats:
                 bad.append(f"{name} ({type(module).__name__} tracking running stats)")
@@ -73,12 +75,14 @@ class FusionContext:
 
 
 def patch_model(model: nn.Module, ctx: FusionContext) -> None:
-    """Give BatchNorm and Dropout modules a per-segment forward that reads ``ctx``."""
+    """Give BatchNorm, Dropout and MultiheadAttention modules a per-segment forward that reads ``ctx``."""
     for module in model.modules():
         if isinstance(module, _BatchNorm):
             module.forward = types.MethodType(_make_bn_forward(ctx, type(module).forward), module)
         elif isinstance(module, nn.Dropout):
             module.forward = types.MethodType(_make_dropout_forward(ctx, type(module).forward), module)
+        elif isinstance(module, nn.MultiheadAttention):
+            module.forward = types.MethodType(_make_attention_forward(ctx, type(module).forward), module)
 
 
 def _make_bn_forward(ctx: FusionContext, plain):
@@ -112,9 +116,21 @@ def _make_bn_forward(ctx: FusionContext, plain):
                 ctx.stat_sums[id(self)] = [
                     torch.addmv(self.running_mean * w_sum, batch_mean.T, w, beta=1 - momentum, alpha=momentum),
                     torch.addmv(self.running_var * w_sum, batch_var.T, w, beta=1 - momentum, alpha=momentum)]
+        layout = _channels_last_format(x)
+        if layout is not None:  # the layout plain BatchNorm gives such an input (a later Dropout's mask follows it)
+            return torch.empty_like(x, memory_format=layout).copy_(y.reshape(x.shape))
         return y.reshape(x.shape)
 
     return forward
+
+
+def _channels_last_format(x: torch.Tensor) -> Optional[torch.memory_format]:
+    """``channels_last`` (or its 3-D form) if ``x`` is laid out so, else None."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return None
 
 
 def _make_dropout_forward(ctx: FusionContext, plain):
@@ -122,12 +138,83 @@ def _make_dropout_forward(ctx: FusionContext, plain):
         if ctx.groups == 0 or not self.training or self.p == 0:
             return plain(self, x)
         g = ctx.groups
-        seg = x.reshape(x.shape[0] // g, g, *x.shape[1:])  # [:, k]: segment k (rows are interleaved)
-        # The draw F.dropout makes (bernoulli_(1 - p) on the input's shape), per node's generator.
+        seg = x.unflatten(0, (x.shape[0] // g, g))  # [:, k]: segment k (rows are interleaved)
+        # The draw F.dropout makes: bernoulli_(1 - p) into empty_like(input), filled in memory order.
+        # empty_like keeps the stride order of the segment, which is the layout the node's input has
+        # in sequential execution (per-segment results are interleaved in their own layout, see
+        # _interleave_like), so each mask value lands where sequential execution puts it.
         masks = [torch.empty_like(seg[:, k]).bernoulli_(1 - self.p, generator=ctx.generators[k]) for k in range(g)]
         return (seg * torch.stack(masks, dim=1) / (1 - self.p)).reshape(x.shape)
 
     return forward
+
+
+def _make_attention_forward(ctx: FusionContext, plain):
+    def forward(self: nn.MultiheadAttention, query, key, value, key_padding_mask=None, need_weights=True,
+                attn_mask=None, average_attn_weights=True, is_causal=False):
+        args = dict(key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+                    average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if ctx.groups == 0 or not self.training or self.dropout == 0:
+            return plain(self, query, key, value, **args)
+        g = ctx.groups
+        batch_dim = 0 if self.batch_first else 1
+        if query.dim() != 3:
+            raise ValueError(f"fused execution needs batched attention inputs, got query of shape {list(query.shape)}")
+
+        def segment(t, k, dim=batch_dim):  # node k's rows of an interleaved tensor (batch at ``dim``)
+            return None if t is None else t.unflatten(dim, (-1, g)).select(dim + 1, k)
+
+        outputs, weights = [], []
+        for k in range(g):
+            if attn_mask is not None and attn_mask.dim() == 3:  # (batch * heads, L, S): rows n * heads + h
+                mask = attn_mask.unflatten(0, (-1, g, self.num_heads)).select(1, k).flatten(0, 1)
+            else:
+                mask = attn_mask
+            with _default_generator_as(ctx.generators[k]):
+                out, w = plain(self, segment(query, k), segment(key, k), segment(value, k),
+                               **{**args, "key_padding_mask": segment(key_padding_mask, k, 0), "attn_mask": mask})
+            outputs.append(out)
+            weights.append(w)
+        return _interleave_like(outputs, batch_dim), (None if weights[0] is None else _interleave_like(weights, 0))
+
+    return forward
+
+
+def _dense_like(t: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """An empty dense tensor of ``shape`` whose dimensions lie in memory in the order of ``t``'s strides."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # outermost first (stable for size-1 dims)
+    return t.new_empty([shape[d] for d in order]).permute([order.index(d) for d in range(t.dim())])
+
+
+def _interleave_like(segments: list[torch.Tensor], batch_dim: int) -> torch.Tensor:
+    """Interleave per-segment results along ``batch_dim`` into the memory layout the segments have
+    (the layout one call on the whole group would give): later layers, Dropout among them, see
+    each segment laid out as in sequential execution."""
+    first, g = segments[0], len(segments)
+    shape = list(first.shape)
+    shape[batch_dim] *= g
+    out = _dense_like(first, shape)
+    rows = out.unflatten(batch_dim, (first.shape[batch_dim], g))
+    for k, segment in enumerate(segments):
+        rows.select(batch_dim + 1, k).copy_(segment)
+    return out
+
+
+@contextlib.contextmanager
+def _default_generator_as(generator: torch.Generator):
+    """Let code that draws from the default generator of ``generator``'s device draw from ``generator``."""
+    device = generator.device
+    if device.type == "cuda":
+        default = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    else:
+        default = torch.default_generator
+    saved = default.get_state()
+    default.set_state(generator.get_state())
+    try:
+        yield
+    finally:
+        generator.set_state(default.get_state())  # the node's stream goes on where the call left it
+        default.set_state(saved)
 
 
 def interleave_batches(batches: list):

@@ -12,9 +12,10 @@ copied (or added) out before the next replay overwrites them. Running buffers ar
 as in eager execution, and the engine restores them between groups exactly as it does without
 graphs, so the math is that of fused execution.
 
-Not capturable, and refused before any work (``unsupported_reason``): a CPU device, Dropout with
-``p > 0`` (per-node generators are re-seeded every step), BatchNorm with ``momentum=None`` (its
-cumulative average reads a counter on the host), and batches that are not a pair of tensors.
+Not capturable, and refused before any work (``unsupported_reason``): a CPU device, Dropout or
+attention dropout above 0 (per-node generators are re-seeded every step), BatchNorm with
+``momentum=None`` (its cumulative average reads a counter on the host), and batches that are not a
+pair of tensors.
 
 ``benchmarks/gpu.py`` checks it against eager fused execution (gradients, losses, buffers) in
 float64 before timing it; on an H200 with torch 2.11 they agree within 5e-15 (README).
@@ -41,9 +42,11 @@ def unsupported_reason(model: nn.Module, device: torch.device) -> Optional[str]:
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device, and this job runs on {device}; set cuda_graphs=False"
     for name, module in model.named_modules():
-        if isinstance(module, nn.Dropout) and module.p > 0:
-            return (f"module {name!r} is Dropout(p={module.p}): its per-node random streams are re-seeded every "
-                    "step, which a captured graph cannot follow; set cuda_graphs=False")
+        p = module.p if isinstance(module, nn.Dropout) else getattr(module, "dropout", 0.0) \
+            if isinstance(module, nn.MultiheadAttention) else 0.0
+        if p > 0:
+            return (f"module {name!r} is {type(module).__name__} with dropout {p}: its per-node random streams are "
+                    "re-seeded every step, which a captured graph cannot follow; set cuda_graphs=False")
         if isinstance(module, _BatchNorm) and module.momentum is None:
             return (f"module {name!r} is BatchNorm with momentum=None (a cumulative average computed on the "
                     "host); give it a momentum or set cuda_graphs=False")

@@ -33,11 +33,11 @@ def test_fused_cnn_with_batchnorm_and_dropout_equals_sequential(group_size, runn
 
 
 class TinyTransformer(nn.Module):
-    def __init__(self, vocab=32, dim=32, classes=4):
+    def __init__(self, vocab=32, dim=32, classes=4, dropout=0.0):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.drop = nn.Dropout(0.1)
-        layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=64, dropout=dropout, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
         # A ReLU before the BatchNorm: an affine map straight into BatchNorm would get (numerically)
         # zero gradients on its bias, which Adam turns into noise-driven steps.
@@ -54,9 +54,9 @@ def token_data():
     return TensorDataset(x, x[:, 0] % 4)
 
 
-def transformer_spec(**kw):
-    return cnn_spec(model=lambda: TinyTransformer().double(), dataset=token_data, virtual_nodes=4,
-                    vnode_batch_size=8, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), **kw)
+def transformer_spec(model=lambda: TinyTransformer().double(), **kw):
+    return cnn_spec(model=model, dataset=token_data, virtual_nodes=4, vnode_batch_size=8,
+                    optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), **kw)
 
 
 def test_fused_transformer_equals_sequential():
@@ -66,6 +66,71 @@ def test_fused_transformer_equals_sequential():
     # Not vacuous: the dropout streams matter (another seed moves the result).
     other = train(transformer_spec(seed=99), steps=8)
     assert rel_err(other.model_state_dict, seq.model_state_dict) > 1e-4
+
+
+class MaskedAttention(nn.Module):
+    """Sequence-first attention with dropout, a per-sample padding mask, a per-sample-and-head 3-D
+    attention mask and its averaged weights used downstream: every input fused attention splits."""
+
+    def __init__(self, vocab=32, dim=16, heads=2, classes=4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.attention = nn.MultiheadAttention(dim, heads, dropout=0.2)  # batch_first=False
+        self.head = nn.Linear(2 * dim, classes)
+        self.heads = heads
+
+    def forward(self, tokens):
+        n, length = tokens.shape
+        x = self.embed(tokens)  # (N, L, E)
+        positions = torch.arange(length, device=tokens.device)
+        ignored = positions >= (4 + tokens[:, :1] % 8)  # (N, L)
+        padding = torch.zeros(ignored.shape, dtype=torch.float64).masked_fill(ignored, float("-inf"))
+        distance = (positions[:, None] - positions[None, :]).abs().double()
+        slope = (1 + tokens[:, 1] % 3).double()[:, None] * torch.arange(1, self.heads + 1).double()[None, :]
+        bias = -(slope[:, :, None, None] * distance).flatten(0, 1)  # (N * heads, L, L)
+        out, weights = self.attention(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1),
+                                      key_padding_mask=padding, attn_mask=bias, need_weights=True)
+        mixed = weights @ x  # (N, L, E)
+        return self.head(torch.cat([out.transpose(0, 1), mixed], dim=-1).mean(dim=1))
+
+
+@pytest.mark.parametrize("model", [lambda: TinyTransformer(dropout=0.1).double(), lambda: MaskedAttention().double()],
+                         ids=["encoder-layers", "masked-sequence-first"])
+def test_fused_attention_with_dropout_equals_sequential(model):
+    """Attention dropout is fused (no fallback): each node's call draws its sequential masks."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to sequential would warn
+        assert StepEngine.build(transformer_spec(model=model, execution="fused")).fusion is not None
+        seq = train(transformer_spec(model=model), steps=6)
+        fused = train(transformer_spec(model=model, execution="fused"), steps=6)
+        fused_pairs = train(transformer_spec(model=model, execution="fused", fused_group_size=2), steps=6)
+    assert rel_err(fused.model_state_dict, seq.model_state_dict) <= 1e-9
+    assert rel_err(fused_pairs.model_state_dict, seq.model_state_dict) <= 1e-9
+    assert fused.losses == pytest.approx(seq.losses, rel=1e-9)
+    other = train(transformer_spec(model=model, seed=99), steps=6)
+    assert rel_err(other.model_state_dict, seq.model_state_dict) > 1e-4
+
+
+class ChannelsLastCNN(nn.Module):
+    """Dropout after BatchNorm in channels_last: the mask follows the layout BatchNorm gives."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Dropout(0.3), nn.ReLU(),
+                                  nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Dropout(0.3))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 64, 4))
+
+    def forward(self, x):
+        return self.head(self.body(x.contiguous(memory_format=torch.channels_last)))
+
+
+def test_fused_channels_last_equals_sequential():
+    def model():
+        return ChannelsLastCNN().double().to(memory_format=torch.channels_last)
+
+    seq = train(cnn_spec(model=model), steps=4)
+    fused = train(cnn_spec(model=model, execution="fused"), steps=4)
+    assert rel_err(fused.model_state_dict, seq.model_state_dict) <= 1e-9
 
 
 class MixesSamples(nn.Module):
@@ -154,7 +219,10 @@ def test_what_a_graph_cannot_capture_is_named():
     cuda = torch.device("cuda")
     assert unsupported_reason(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), cuda) is None
     reason = unsupported_reason(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)), cuda)
-    assert "'1'" in reason and "Dropout(p=0.1)" in reason
+    assert "'1'" in reason and "Dropout with dropout 0.1" in reason
+    reason = unsupported_reason(nn.Sequential(nn.MultiheadAttention(4, 2, dropout=0.2)), cuda)
+    assert "'0'" in reason and "MultiheadAttention with dropout 0.2" in reason
+    assert unsupported_reason(nn.Sequential(nn.MultiheadAttention(4, 2)), cuda) is None
     assert unsupported_reason(nn.Sequential(nn.Dropout(0.0)), cuda) is None
     reason = unsupported_reason(nn.Sequential(nn.BatchNorm2d(3, momentum=None)), cuda)
     assert "momentum=None" in reason
