@@ -20,7 +20,10 @@ Needs only torch (no Ray, no torchvision). Rows, side by side in this one proces
   accumulate across replays of two graph shapes), then timed: fused 64 x 16 in one graph, and one
   graph of one VN replayed 64 times (the "sequential, replayed from a CUDA graph" anchor). These
   rows run last and a failure is printed in the table, not raised, so that one lent GPU session
-  gets every other row.
+  gets every other row;
+- fused against sequential execution in float64 on the GPU, where per-node random streams come
+  from the device's generator: a ResNet with Dropout, and transformer encoder layers with attention
+  dropout (run per node by fused mode); largest relative difference of the weights after 3 steps.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from models import resnet18, with_segment_major_batchnorm
-from vnodes.runtime import JobSpec
+from vnodes.runtime import JobSpec, train
 from vnodes.runtime.engine import StepEngine
 
 
@@ -181,6 +184,50 @@ def graph_equivalence(device: str) -> float:
     return max(worst, worst_loss)
 
 
+class _Encoder(nn.Module):
+    def __init__(self, vocab=64, dim=32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(dim, 4, 64, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, tokens):
+        return self.head(self.encoder(self.embed(tokens)).mean(dim=1))
+
+
+class _DropoutResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = resnet18(10, 8)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x):
+        return self.drop(self.body(x))
+
+
+def _token_classes(n):
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randint(0, 64, (n, 16), generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+def fused_equivalence(device: str) -> dict[str, float]:
+    """Largest relative weight difference, fused against sequential, float64, 3 steps of 4 x 8."""
+    def weights(model, data, execution):
+        spec = JobSpec(model=model, dataset=data, optimizer=functools.partial(torch.optim.SGD, lr=0.05), loss=ce,
+                       virtual_nodes=4, vnode_batch_size=8, device=device, execution=execution)
+        return train(spec, steps=3).model_state_dict
+
+    out = {}
+    for name, model, data in (("ResNet + Dropout", lambda: _DropoutResNet().double(), functools.partial(image_data, 64)),
+                              ("encoder layers, attention dropout", lambda: _Encoder().double(),
+                               functools.partial(_token_classes, 64))):
+        seq, fused = weights(model, data, "sequential"), weights(model, data, "fused")
+        out[name] = max(float((fused[k] - v).norm() / v.norm().clamp_min(1e-30))
+                        for k, v in seq.items() if v.is_floating_point())
+    return out
+
+
 def peak_memory(spec: JobSpec, device: str) -> float:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -291,6 +338,12 @@ def main() -> None:
                       f"{r['graphs1'] / r['plain']:.2f}x plain", "issue's table: 7,700/s")]
         except Exception as exc:  # noqa: BLE001 - report and go on: the session has one GPU run
             rows.append((f"CUDA graphs FAILED: {type(exc).__name__}: {str(exc)[:200]}", 0.0, "", ""))
+    try:
+        for name, err in fused_equivalence(device).items():
+            rows.append((f"fused vs sequential, {name}, float64, max relative difference", f"{err:.1e}", "",
+                         "<= 1e-9" + ("" if err <= 1e-9 else " MISSED")))
+    except Exception as exc:  # noqa: BLE001 - as above
+        rows.append((f"fused equivalence FAILED: {type(exc).__name__}: {str(exc)[:200]}", 0.0, "", ""))
 
     if args.profile:
         profile_sequential(image_spec(big_n, big_b, "sequential", device, width), device)

@@ -7,11 +7,11 @@ what makes that cheap (see the BatchNorm forward):
 
 - BatchNorm1d/2d/3d compute batch statistics per segment of ``b`` samples, and each segment
   contributes its running-statistics update to the step's policy exactly as in sequential mode;
-- Dropout draws each segment's mask from that virtual node's own generator, seeded from
-  ``(seed, step, vnode_id)``: the masks sequential execution would draw;
-- MultiheadAttention with attention dropout runs once per segment, each call drawing from that
-  node's generator (swapped in as the default one, whose draws it makes), so every node gets the
-  masks it gets in sequential mode. Without dropout it is sample-wise and runs on the whole group.
+- Dropout, and MultiheadAttention with attention dropout, run once per segment, each call drawing
+  from that virtual node's own generator, seeded from ``(seed, step, vnode_id)`` and swapped in as
+  the device's default generator: the very call sequential execution makes, on an input of the same
+  size and memory layout, from the same stream, so the same masks on any device. Without dropout
+  attention is sample-wise and runs on the whole group.
 
 The modules are patched in place (their ``forward`` only), so parameter and buffer names, and so
 checkpoints, stay those of the user's model. Leaf modules that are not known to be sample-wise make
@@ -138,13 +138,17 @@ def _make_dropout_forward(ctx: FusionContext, plain):
         if ctx.groups == 0 or not self.training or self.p == 0:
             return plain(self, x)
         g = ctx.groups
-        seg = x.unflatten(0, (x.shape[0] // g, g))  # [:, k]: segment k (rows are interleaved)
-        # The draw F.dropout makes: bernoulli_(1 - p) into empty_like(input), filled in memory order.
-        # empty_like keeps the stride order of the segment, which is the layout the node's input has
-        # in sequential execution (per-segment results are interleaved in their own layout, see
-        # _interleave_like), so each mask value lands where sequential execution puts it.
-        masks = [torch.empty_like(seg[:, k]).bernoulli_(1 - self.p, generator=ctx.generators[k]) for k in range(g)]
-        return (seg * torch.stack(masks, dim=1) / (1 - self.p)).reshape(x.shape)
+        rows = x.unflatten(0, (x.shape[0] // g, g))  # [:, k]: segment k (rows are interleaved)
+        outputs = []
+        for k in range(g):
+            # Node k's input as sequential execution has it: its own dense tensor, in the stride order
+            # of the segment (empty_like), so the very call sequential mode makes (whose mask depends
+            # on the size and layout of its input, and on CUDA on the kernel that layout selects)
+            # draws the same mask from the node's stream.
+            segment = torch.empty_like(rows[:, k]).copy_(rows[:, k])
+            with _default_generator_as(ctx.generators[k]):
+                outputs.append(plain(self, segment))
+        return _interleave_like(outputs, 0)
 
     return forward
 
