@@ -30,7 +30,8 @@ from torch import nn
 from .data import BatchKey, BatchLoader, move_batch
 from .errors import InvalidJobSpec, NonFiniteLoss
 from .faults import maybe_fail
-from .fused import FusionContext, check_fusable, interleave_batches, is_out_of_memory, patch_model, segment_means
+from .fused import (FusionContext, FusionUnsupported, check_fusable, interleave_batches, is_out_of_memory,
+                    leading_rows, patch_model, segment_means)
 from .graphs import GroupGraphs, unsupported_reason
 from .reduction import Block, Payload, TreeReducer
 from .sampler import VNodeSampler
@@ -207,6 +208,16 @@ class StepEngine:
             size = self.group_size or len(batches)
             try:
                 return self._compute_groups(step, batches, size)
+            except FusionUnsupported as exc:
+                if self.graphs is not None:
+                    raise InvalidJobSpec("cuda_graphs", f"replays fused groups, but fused execution cannot run "
+                                         f"this model: {exc}; set cuda_graphs=False") from None
+                warnings.warn(f"fused execution falls back to sequential from step {step} on: {exc}", stacklevel=2)
+                self.fusion = None  # the patched modules act as usual from now on (groups == 0)
+                for p in self.params:
+                    p.grad = None
+                self.stats.restore()
+                return self.compute(step, batches)
             except RuntimeError as exc:
                 if not is_out_of_memory(exc) or size == 1:
                     raise
@@ -238,7 +249,7 @@ class StepEngine:
             maybe_fail("load", step)
             self.stats.restore()
             inputs, targets = move_batch(interleave_batches([b for _, b in group]), self.device, self.float_dtype)
-            ctx.groups = len(group)
+            ctx.groups, ctx.rows = len(group), leading_rows(inputs)
             weights = [self.stats.weight(v) for v in vnode_ids]
             ctx.weights = torch.tensor(weights, dtype=torch.float64).to(self.device, non_blocking=True)
             ctx.stat_sums = {}

@@ -13,6 +13,12 @@ what makes that cheap (see the BatchNorm forward):
   size and memory layout, from the same stream, so the same masks on any device. Without dropout
   attention is sample-wise and runs on the whole group.
 
+Where the samples are in a tensor a patched module gets is read from its shape (``_locate_rows``):
+dimension 0 (or a multiple of the group's size there: a batch-major ``(N * L, E)``) or, for 3-D
+sequence-first tensors, dimension 1; inside a transformer layer, its ``batch_first``. A shape that
+allows two readings, or none, raises ``FusionUnsupported``, and the engine redoes the step, and the
+rest of the job, sequentially (with a warning).
+
 The modules are patched in place (their ``forward`` only), so parameter and buffer names, and so
 checkpoints, stay those of the user's model. Leaf modules that are not known to be sample-wise make
 ``check_fusable`` report them; the engine then falls back to sequential execution with a warning.
@@ -30,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .errors import VnodesError
+
 # Leaf modules that treat each sample independently (no statistics across the batch, no randomness).
 SAMPLE_WISE = (
     nn.Linear, nn.Bilinear, nn.Identity, nn.Flatten, nn.Unflatten, nn.Embedding, nn.EmbeddingBag,
@@ -41,6 +49,11 @@ SAMPLE_WISE = (
     nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.Upsample,
     nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.PixelShuffle,
 )
+
+
+class FusionUnsupported(VnodesError):
+    """A patched module got an input whose samples it cannot place (e.g. a shape that allows two
+    readings): the engine then runs the job sequentially, with a warning naming the module."""
 
 
 def check_fusable(model: nn.Module) -> list[str]:
@@ -69,6 +82,8 @@ class FusionContext:
 
     def __init__(self):
         self.groups = 0  # 0: not fused (modules behave as usual)
+        self.rows = 0  # samples in the group: groups * the nodes' batch size
+        self.batch_dim: Optional[int] = None  # set while a transformer layer runs: where its batch is
         self.weights: Optional[torch.Tensor] = None  # per segment: the running-stats policy weight
         self.generators: list[torch.Generator] = []  # per segment
         self.stat_sums: dict[int, list[torch.Tensor]] = {}  # id(bn) -> [sum of weighted mean, var]
@@ -83,19 +98,38 @@ def patch_model(model: nn.Module, ctx: FusionContext) -> None:
             module.forward = types.MethodType(_make_dropout_forward(ctx, type(module).forward), module)
         elif isinstance(module, nn.MultiheadAttention):
             module.forward = types.MethodType(_make_attention_forward(ctx, type(module).forward), module)
+        elif isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            module.forward = types.MethodType(_make_layer_forward(ctx, type(module).forward), module)
+
+
+def _make_layer_forward(ctx: FusionContext, plain):
+    """A transformer layer tells the Dropouts inside it where its batch is (``batch_first``)."""
+    def forward(self, *args, **kwargs):
+        if ctx.groups == 0:
+            return plain(self, *args, **kwargs)
+        outer, ctx.batch_dim = ctx.batch_dim, 0 if self.self_attn.batch_first else 1
+        try:
+            return plain(self, *args, **kwargs)
+        finally:
+            ctx.batch_dim = outer
+
+    return forward
 
 
 def _make_bn_forward(ctx: FusionContext, plain):
     def forward(self: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
         if ctx.groups == 0 or not self.training:
             return plain(self, x)
-        g = ctx.groups
-        b, c, rest = x.shape[0] // g, x.shape[1], x.shape[2:]
+        g, c, rest = ctx.groups, x.shape[1], x.shape[2:]
+        inner = _rows_per_sample(x, ctx, self)
         # Rows are interleaved (sample i of segment k is row i*G + k), so the contiguous input, read
         # as a batch of b with G*C channels, has segment k's channel j at channel k*C + j: a *view*.
         # One native BatchNorm call on it computes every (segment, channel) statistic with no copy
         # in or out, far faster than hand-written reductions or one call per segment (README).
-        wide = x.reshape(b, g * c, *rest)
+        # (An input whose dimension 0 folds several rows into each sample, e.g. (N*L, C), is moved
+        # into that layout by one copy, and back.)
+        parts = x.unflatten(0, (-1, g, inner)).transpose(1, 2)  # (b, inner, G, C, ...)
+        wide = parts.reshape(-1, g * c, *rest)  # a view when inner == 1 and x is contiguous
         # momentum=1: the scratch rows receive exactly each segment's batch mean and unbiased variance.
         batch_mean = torch.zeros(g, c, dtype=x.dtype, device=x.device)
         batch_var = torch.ones(g, c, dtype=x.dtype, device=x.device)
@@ -116,10 +150,11 @@ def _make_bn_forward(ctx: FusionContext, plain):
                 ctx.stat_sums[id(self)] = [
                     torch.addmv(self.running_mean * w_sum, batch_mean.T, w, beta=1 - momentum, alpha=momentum),
                     torch.addmv(self.running_var * w_sum, batch_var.T, w, beta=1 - momentum, alpha=momentum)]
+        y = y.reshape(parts.shape).transpose(1, 2).reshape(x.shape)
         layout = _channels_last_format(x)
         if layout is not None:  # the layout plain BatchNorm gives such an input (a later Dropout's mask follows it)
-            return torch.empty_like(x, memory_format=layout).copy_(y.reshape(x.shape))
-        return y.reshape(x.shape)
+            return torch.empty_like(x, memory_format=layout).copy_(y)
+        return y
 
     return forward
 
@@ -137,18 +172,18 @@ def _make_dropout_forward(ctx: FusionContext, plain):
     def forward(self: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
         if ctx.groups == 0 or not self.training or self.p == 0:
             return plain(self, x)
-        g = ctx.groups
-        rows = x.unflatten(0, (x.shape[0] // g, g))  # [:, k]: segment k (rows are interleaved)
+        dim, inner = _locate_rows(x, ctx, self)
         outputs = []
-        for k in range(g):
+        for k, part in enumerate(_segments(x, dim, inner, ctx.groups)):
             # Node k's input as sequential execution has it: its own dense tensor, in the stride order
             # of the segment (empty_like), so the very call sequential mode makes (whose mask depends
             # on the size and layout of its input, and on CUDA on the kernel that layout selects)
             # draws the same mask from the node's stream.
-            segment = torch.empty_like(rows[:, k]).copy_(rows[:, k])
+            segment = torch.empty_like(part).copy_(part).flatten(dim, dim + 1)
             with _default_generator_as(ctx.generators[k]):
                 outputs.append(plain(self, segment))
-        return _interleave_like(outputs, 0)
+        out = _interleave_like(outputs, dim, inner)
+        return x.copy_(out) if self.inplace else out
 
     return forward
 
@@ -160,26 +195,36 @@ def _make_attention_forward(ctx: FusionContext, plain):
                     average_attn_weights=average_attn_weights, is_causal=is_causal)
         if ctx.groups == 0 or not self.training or self.dropout == 0:
             return plain(self, query, key, value, **args)
-        g = ctx.groups
+        g, heads = ctx.groups, self.num_heads
         batch_dim = 0 if self.batch_first else 1
-        if query.dim() != 3:
-            raise ValueError(f"fused execution needs batched attention inputs, got query of shape {list(query.shape)}")
+        for name, t, dim in (("query", query, batch_dim), ("key", key, batch_dim), ("value", value, batch_dim),
+                             ("key_padding_mask", key_padding_mask, 0)):
+            if t is not None and (t.dim() <= dim or t.shape[dim] != ctx.rows or (name != "key_padding_mask"
+                                                                                  and t.dim() != 3)):
+                raise FusionUnsupported(f"{type(self).__name__} (batch_first={self.batch_first}) got {name} of "
+                                        f"shape {list(t.shape)} for a group of {ctx.rows} samples")
+        if attn_mask is not None and attn_mask.dim() == 3 and attn_mask.shape[0] != ctx.rows * heads:
+            raise FusionUnsupported(f"{type(self).__name__} got a 3-D attn_mask of shape {list(attn_mask.shape)} "
+                                    f"for a group of {ctx.rows} samples and {heads} heads")
 
         def segment(t, k, dim=batch_dim):  # node k's rows of an interleaved tensor (batch at ``dim``)
             return None if t is None else t.unflatten(dim, (-1, g)).select(dim + 1, k)
 
         outputs, weights = [], []
         for k in range(g):
+            q = segment(query, k)
+            kk = q if key is query else segment(key, k)  # self-attention stays self-attention (packed projection)
+            v = kk if value is key else segment(value, k)
+            mask = attn_mask
             if attn_mask is not None and attn_mask.dim() == 3:  # (batch * heads, L, S): rows n * heads + h
-                mask = attn_mask.unflatten(0, (-1, g, self.num_heads)).select(1, k).flatten(0, 1)
-            else:
-                mask = attn_mask
+                mask = attn_mask.unflatten(0, (-1, g, heads)).select(1, k).flatten(0, 1)
             with _default_generator_as(ctx.generators[k]):
-                out, w = plain(self, segment(query, k), segment(key, k), segment(value, k),
-                               **{**args, "key_padding_mask": segment(key_padding_mask, k, 0), "attn_mask": mask})
+                out, w = plain(self, q, kk, v, **{**args, "key_padding_mask": segment(key_padding_mask, k, 0),
+                                                  "attn_mask": mask})
             outputs.append(out)
             weights.append(w)
-        return _interleave_like(outputs, batch_dim), (None if weights[0] is None else _interleave_like(weights, 0))
+        return (_interleave_like(outputs, batch_dim, 1),
+                None if weights[0] is None else _interleave_like(weights, 0, 1))
 
     return forward
 
@@ -190,17 +235,50 @@ def _dense_like(t: torch.Tensor, shape: list[int]) -> torch.Tensor:
     return t.new_empty([shape[d] for d in order]).permute([order.index(d) for d in range(t.dim())])
 
 
-def _interleave_like(segments: list[torch.Tensor], batch_dim: int) -> torch.Tensor:
-    """Interleave per-segment results along ``batch_dim`` into the memory layout the segments have
-    (the layout one call on the whole group would give): later layers, Dropout among them, see
-    each segment laid out as in sequential execution."""
+def _rows_per_sample(x: torch.Tensor, ctx: FusionContext, module: nn.Module) -> int:
+    """How many consecutive entries of dimension 0 each sample of the group has in ``x`` (1: dimension 0
+    is the group's batch; more: a batch-major flattening such as ``(N * L, C)``)."""
+    if x.dim() >= 1 and x.shape[0] % ctx.rows == 0 and x.shape[0] > 0:
+        return x.shape[0] // ctx.rows
+    raise FusionUnsupported(f"{type(module).__name__} got an input of shape {list(x.shape)} for a group of "
+                            f"{ctx.rows} samples: dimension 0 is not the batch")
+
+
+def _locate_rows(x: torch.Tensor, ctx: FusionContext, module: nn.Module) -> tuple[int, int]:
+    """Where the group's samples lie in ``x``: ``(dimension, entries per sample in it)``. Dimension 0
+    (``(N, ...)``, or a batch-major flattening such as ``(N * L, E)``) or, sequence-first, dimension 1
+    (``(L, N, E)``). Inside a transformer layer its ``batch_first`` decides; elsewhere the shape must
+    allow one reading only, or ``FusionUnsupported`` is raised."""
+    rows = ctx.rows
+    first = x.dim() >= 1 and x.shape[0] % rows == 0 and x.shape[0] > 0
+    second = x.dim() == 3 and x.shape[1] == rows
+    if ctx.batch_dim is not None and (first, second)[ctx.batch_dim]:  # inside a layer that says where it is
+        return (0, x.shape[0] // rows) if ctx.batch_dim == 0 else (1, 1)
+    if first and not second:
+        return 0, x.shape[0] // rows
+    if second and not first:
+        return 1, 1
+    raise FusionUnsupported(f"{type(module).__name__} got an input of shape {list(x.shape)} for a group of {rows} "
+                            "samples: " + ("dimension 0 or 1 could hold them" if first else "no dimension holds them"))
+
+
+def _segments(x: torch.Tensor, dim: int, inner: int, g: int) -> list[torch.Tensor]:
+    """Each node's part of ``x`` (views), dimension ``dim`` split into (its samples, ``inner``)."""
+    rows = x.unflatten(dim, (-1, g, inner))
+    return [rows.select(dim + 1, k) for k in range(g)]
+
+
+def _interleave_like(segments: list[torch.Tensor], dim: int, inner: int) -> torch.Tensor:
+    """Interleave per-segment results along ``dim`` (``inner`` entries per sample) into the memory
+    layout the segments have (the layout one call on the whole group would give): later layers,
+    Dropout among them, see each segment laid out as in sequential execution."""
     first, g = segments[0], len(segments)
     shape = list(first.shape)
-    shape[batch_dim] *= g
+    shape[dim] *= g
     out = _dense_like(first, shape)
-    rows = out.unflatten(batch_dim, (first.shape[batch_dim], g))
+    rows = out.unflatten(dim, (-1, g, inner))
     for k, segment in enumerate(segments):
-        rows.select(batch_dim + 1, k).copy_(segment)
+        rows.select(dim + 1, k).copy_(segment.unflatten(dim, (-1, inner)))
     return out
 
 
@@ -236,6 +314,20 @@ def interleave_batches(batches: list):
     if isinstance(first, dict):
         return {k: interleave_batches([b[k] for b in batches]) for k in first}
     raise TypeError(f"cannot fuse batches of type {type(first).__name__}")
+
+
+def leading_rows(batch) -> int:
+    """Dimension 0 of the first tensor in a (nested) batch: the group's sample count."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    for item in batch:
+        try:
+            return leading_rows(item)
+        except TypeError:
+            continue
+    raise TypeError("a fused batch holds no tensor")
 
 
 def segment_means(per_sample: torch.Tensor, groups: int) -> torch.Tensor:

@@ -55,7 +55,8 @@ def token_data():
 
 
 def transformer_spec(model=lambda: TinyTransformer().double(), **kw):
-    return cnn_spec(model=model, dataset=token_data, virtual_nodes=4, vnode_batch_size=8,
+    kw = {"virtual_nodes": 4, **kw}
+    return cnn_spec(model=model, dataset=token_data, vnode_batch_size=8,
                     optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), **kw)
 
 
@@ -109,6 +110,108 @@ def test_fused_attention_with_dropout_equals_sequential(model):
     assert fused.losses == pytest.approx(seq.losses, rel=1e-9)
     other = train(transformer_spec(model=model, seed=99), steps=6)
     assert rel_err(other.model_state_dict, seq.model_state_dict) > 1e-4
+
+
+class SequenceFirstEncoder(nn.Module):
+    """PyTorch's default transformer layout, (L, N, E): the Dropouts inside see the batch at dim 1."""
+
+    def __init__(self, square=False):
+        super().__init__()
+        self.square = square  # L = 32 = N of a fused group: only the layer's batch_first tells where N is
+        self.embed = nn.Embedding(32, 16)
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1)  # batch_first=False
+        self.drop = nn.Dropout(0.2) if not square else nn.Identity()  # outside the layer: found by shape
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, tokens):
+        if self.square:
+            tokens = tokens.repeat(1, 3)[:, :32]
+        return self.head(self.drop(self.layer(self.embed(tokens).transpose(0, 1))).mean(dim=0))
+
+
+class FlattenedRows(nn.Module):
+    """BatchNorm1d and Dropout on (N * L, E): each sample owns L consecutive rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, tokens):
+        n, length = tokens.shape
+        h = self.drop(self.norm(self.embed(tokens).reshape(n * length, -1)))
+        return self.head(h.reshape(n, length, -1).mean(dim=1))
+
+
+class InplaceDropout(nn.Module):
+    """Dropout(inplace=True) whose input is read afterwards: it must have changed, as in sequential mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.linear = nn.Linear(16, 16)
+        self.drop = nn.Dropout(0.3, inplace=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, tokens):
+        h = self.linear(self.embed(tokens))
+        self.drop(h)
+        return self.head(h.mean(dim=1))
+
+
+@pytest.mark.parametrize("model,nodes", [
+    (SequenceFirstEncoder, 4), (SequenceFirstEncoder, 5), (functools.partial(SequenceFirstEncoder, square=True), 4),
+    (FlattenedRows, 4), (InplaceDropout, 4)],
+    ids=["sequence-first", "sequence-first-5-nodes", "sequence-first-L-equals-N", "flattened-rows", "inplace-dropout"])
+def test_fused_finds_the_batch_in_other_layouts(model, nodes):
+    def build():
+        return model().double()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to sequential would warn
+        seq = train(transformer_spec(model=build, virtual_nodes=nodes), steps=4)
+        fused = train(transformer_spec(model=build, virtual_nodes=nodes, execution="fused"), steps=4)
+    assert rel_err(fused.model_state_dict, seq.model_state_dict) <= 1e-9
+
+
+class AmbiguousDropout(nn.Module):
+    """Dropout on (N, L, E) with L equal to the group's sample count: either dimension could be the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, tokens):
+        h = self.embed(tokens.repeat(1, 3)[:, :32])  # L = 32 = N of a fused group of 4 x 8
+        return self.head(self.drop(h).mean(dim=1))
+
+
+class PerSampleAttention(nn.Module):
+    """Unbatched attention calls, one per sample: no batch dimension to split."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.attention = nn.MultiheadAttention(16, 2, dropout=0.1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, tokens):
+        return self.head(torch.stack([self.attention(s, s, s)[0].mean(dim=0) for s in self.embed(tokens)]))
+
+
+@pytest.mark.parametrize("model,module", [(AmbiguousDropout, "Dropout"), (PerSampleAttention, "MultiheadAttention")])
+def test_fused_falls_back_where_it_cannot_place_the_samples(model, module):
+    def build():
+        return model().double()
+
+    seq = train(transformer_spec(model=build), steps=3)
+    with pytest.warns(UserWarning, match=f"falls back to sequential from step 0 on: {module}"):
+        fused = train(transformer_spec(model=build, execution="fused"), steps=3)
+    assert rel_err(fused.model_state_dict, seq.model_state_dict) == 0.0
 
 
 class ChannelsLastCNN(nn.Module):
