@@ -13,11 +13,11 @@ what makes that cheap (see the BatchNorm forward):
   size and memory layout, from the same stream, so the same masks on any device. Without dropout
   attention is sample-wise and runs on the whole group.
 
-Where the samples are in a tensor a patched module gets is read from its shape (``_locate_rows``):
-dimension 0 (or a multiple of the group's size there: a batch-major ``(N * L, E)``) or, for 3-D
-sequence-first tensors, dimension 1; inside a transformer layer, its ``batch_first``. A shape that
-allows two readings, or none, raises ``FusionUnsupported``, and the engine redoes the step, and the
-rest of the job, sequentially (with a warning).
+Where the samples are in a tensor a patched module gets (``_locate_rows``): where the module's
+``vnodes_layout`` says, or inside a transformer layer where its ``batch_first`` says, or else where
+the shape allows exactly one reading (dimension 0 of size N, or dimension 1 of size N of a 3-D
+tensor). Otherwise ``FusionUnsupported`` is raised, and the engine redoes the step, and the rest of
+the job, sequentially (with a warning naming the module and ``vnodes_layout``).
 
 The modules are patched in place (their ``forward`` only), so parameter and buffer names, and so
 checkpoints, stay those of the user's model. Leaf modules that are not known to be sample-wise make
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import VnodesError
+from .errors import InvalidJobSpec, VnodesError
 
 # Leaf modules that treat each sample independently (no statistics across the batch, no randomness).
 SAMPLE_WISE = (
@@ -90,7 +90,18 @@ class FusionContext:
 
 
 def patch_model(model: nn.Module, ctx: FusionContext) -> None:
-    """Give BatchNorm, Dropout and MultiheadAttention modules a per-segment forward that reads ``ctx``."""
+    """Give BatchNorm, Dropout and MultiheadAttention modules a per-segment forward that reads ``ctx``.
+
+    Raises:
+        InvalidJobSpec: a module's ``vnodes_layout`` is not one of ``LAYOUTS`` (or, on a BatchNorm,
+            is ``"sequence-first"``).
+    """
+    for name, module in model.named_modules():
+        layout = getattr(module, "vnodes_layout", None)
+        allowed = LAYOUTS[:2] if isinstance(module, _BatchNorm) else LAYOUTS
+        if layout is not None and layout not in allowed:
+            raise InvalidJobSpec("model", f"module {name!r} ({type(module).__name__}) has vnodes_layout={layout!r}; "
+                                 f"use one of {', '.join(map(repr, allowed))}")
     for module in model.modules():
         if isinstance(module, _BatchNorm):
             module.forward = types.MethodType(_make_bn_forward(ctx, type(module).forward), module)
@@ -121,7 +132,7 @@ def _make_bn_forward(ctx: FusionContext, plain):
         if ctx.groups == 0 or not self.training:
             return plain(self, x)
         g, c, rest = ctx.groups, x.shape[1], x.shape[2:]
-        inner = _rows_per_sample(x, ctx, self)
+        _, inner = _locate_rows(x, ctx, self, sequence_first=False)  # BatchNorm's batch is dimension 0
         # Rows are interleaved (sample i of segment k is row i*G + k), so the contiguous input, read
         # as a batch of b with G*C channels, has segment k's channel j at channel k*C + j: a *view*.
         # One native BatchNorm call on it computes every (segment, channel) statistic with no copy
@@ -235,31 +246,42 @@ def _dense_like(t: torch.Tensor, shape: list[int]) -> torch.Tensor:
     return t.new_empty([shape[d] for d in order]).permute([order.index(d) for d in range(t.dim())])
 
 
-def _rows_per_sample(x: torch.Tensor, ctx: FusionContext, module: nn.Module) -> int:
-    """How many consecutive entries of dimension 0 each sample of the group has in ``x`` (1: dimension 0
-    is the group's batch; more: a batch-major flattening such as ``(N * L, C)``)."""
-    if x.dim() >= 1 and x.shape[0] % ctx.rows == 0 and x.shape[0] > 0:
-        return x.shape[0] // ctx.rows
-    raise FusionUnsupported(f"{type(module).__name__} got an input of shape {list(x.shape)} for a group of "
-                            f"{ctx.rows} samples: dimension 0 is not the batch")
+LAYOUTS = ("batch-first", "flattened", "sequence-first")  # the values of a module's ``vnodes_layout``
 
 
-def _locate_rows(x: torch.Tensor, ctx: FusionContext, module: nn.Module) -> tuple[int, int]:
-    """Where the group's samples lie in ``x``: ``(dimension, entries per sample in it)``. Dimension 0
-    (``(N, ...)``, or a batch-major flattening such as ``(N * L, E)``) or, sequence-first, dimension 1
-    (``(L, N, E)``). Inside a transformer layer its ``batch_first`` decides; elsewhere the shape must
-    allow one reading only, or ``FusionUnsupported`` is raised."""
+def _locate_rows(x: torch.Tensor, ctx: FusionContext, module: nn.Module,
+                 sequence_first: bool = True) -> tuple[int, int]:
+    """Where the group's N samples lie in ``x``: ``(dimension, consecutive entries per sample in it)``.
+
+    A module's ``vnodes_layout`` says it: ``"batch-first"`` (dimension 0: the N samples, or whole
+    batches concatenated along it, e.g. two views in contrastive learning), ``"flattened"``
+    (dimension 0: each sample's rows together, e.g. ``x.reshape(N * L, E)``) or ``"sequence-first"``
+    (dimension 1 of ``(L, N, E)``). Inside a transformer layer its ``batch_first`` says it. Else the
+    shape must allow exactly one reading: dimension 0 of size N, or dimension 1 of size N of a 3-D
+    tensor; anything else raises ``FusionUnsupported`` (the engine then runs sequentially).
+    """
     rows = ctx.rows
-    first = x.dim() >= 1 and x.shape[0] % rows == 0 and x.shape[0] > 0
-    second = x.dim() == 3 and x.shape[1] == rows
+    layout = getattr(module, "vnodes_layout", None)
+    if layout is not None:
+        if layout == "sequence-first" and x.dim() >= 2 and x.shape[1] == rows:
+            return 1, 1
+        if layout != "sequence-first" and x.dim() >= 1 and x.shape[0] % rows == 0 and x.shape[0] > 0:
+            return 0, (1 if layout == "batch-first" else x.shape[0] // rows)
+        raise FusionUnsupported(f"{type(module).__name__} with vnodes_layout={layout!r} got an input of shape "
+                                f"{list(x.shape)} for a group of {rows} samples")
+    first = x.dim() >= 1 and x.shape[0] == rows
+    second = sequence_first and x.dim() == 3 and x.shape[1] == rows
     if ctx.batch_dim is not None and (first, second)[ctx.batch_dim]:  # inside a layer that says where it is
-        return (0, x.shape[0] // rows) if ctx.batch_dim == 0 else (1, 1)
-    if first and not second:
-        return 0, x.shape[0] // rows
-    if second and not first:
-        return 1, 1
-    raise FusionUnsupported(f"{type(module).__name__} got an input of shape {list(x.shape)} for a group of {rows} "
-                            "samples: " + ("dimension 0 or 1 could hold them" if first else "no dimension holds them"))
+        return ctx.batch_dim, 1
+    if first != second:
+        return (0, 1) if first else (1, 1)
+    readings = "dimension 0 or 1 could hold them" if first else "no dimension holds exactly them"
+    raise FusionUnsupported(
+        f"{type(module).__name__} got an input of shape {list(x.shape)} for a group of {rows} samples: {readings}. "
+        "If the model is right for fused execution, set `vnodes_layout` on that module to 'batch-first' "
+        "(dimension 0 holds the samples, or whole batches concatenated along it), 'flattened' (each "
+        "sample's rows together, as x.reshape(N * L, ...) gives)" + (" or 'sequence-first' (dimension 1)"
+                                                                       if sequence_first else ""))
 
 
 def _segments(x: torch.Tensor, dim: int, inner: int, g: int) -> list[torch.Tensor]:

@@ -132,11 +132,13 @@ class SequenceFirstEncoder(nn.Module):
 class FlattenedRows(nn.Module):
     """BatchNorm1d and Dropout on (N * L, E): each sample owns L consecutive rows."""
 
-    def __init__(self):
+    def __init__(self, declared=True):
         super().__init__()
         self.embed = nn.Embedding(32, 16)
         self.norm = nn.BatchNorm1d(16)
         self.drop = nn.Dropout(0.3)
+        if declared:  # (N * L, E) could as well be L whole batches of N
+            self.norm.vnodes_layout = self.drop.vnodes_layout = "flattened"
         self.head = nn.Linear(16, 4)
 
     def forward(self, tokens):
@@ -161,10 +163,31 @@ class InplaceDropout(nn.Module):
         return self.head(h.mean(dim=1))
 
 
+class TwoViews(nn.Module):
+    """Two views of each sample concatenated along the batch (contrastive learning): BatchNorm and
+    Dropout see 2N rows, whole batches one after the other."""
+
+    def __init__(self, declared=True):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.project = nn.Linear(16, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.drop = nn.Dropout(0.3)
+        if declared:
+            self.norm.vnodes_layout = self.drop.vnodes_layout = "batch-first"
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, tokens):
+        views = torch.cat([self.embed(tokens).mean(dim=1), self.embed(tokens.flip(1)).amax(dim=1)])
+        first, second = self.drop(torch.relu(self.norm(self.project(views)))).chunk(2)
+        return self.head(torch.cat([first, second], dim=1))
+
+
 @pytest.mark.parametrize("model,nodes", [
     (SequenceFirstEncoder, 4), (SequenceFirstEncoder, 5), (functools.partial(SequenceFirstEncoder, square=True), 4),
-    (FlattenedRows, 4), (InplaceDropout, 4)],
-    ids=["sequence-first", "sequence-first-5-nodes", "sequence-first-L-equals-N", "flattened-rows", "inplace-dropout"])
+    (FlattenedRows, 4), (TwoViews, 4), (InplaceDropout, 4)],
+    ids=["sequence-first", "sequence-first-5-nodes", "sequence-first-L-equals-N", "flattened-rows", "two-views",
+         "inplace-dropout"])
 def test_fused_finds_the_batch_in_other_layouts(model, nodes):
     def build():
         return model().double()
@@ -203,7 +226,10 @@ class PerSampleAttention(nn.Module):
         return self.head(torch.stack([self.attention(s, s, s)[0].mean(dim=0) for s in self.embed(tokens)]))
 
 
-@pytest.mark.parametrize("model,module", [(AmbiguousDropout, "Dropout"), (PerSampleAttention, "MultiheadAttention")])
+@pytest.mark.parametrize("model,module", [
+    (AmbiguousDropout, "Dropout.*vnodes_layout"), (PerSampleAttention, "MultiheadAttention"),
+    (functools.partial(TwoViews, declared=False), "BatchNorm1d.*vnodes_layout"),  # 2 batches or 2 rows per sample?
+    (functools.partial(FlattenedRows, declared=False), "BatchNorm1d.*vnodes_layout")])
 def test_fused_falls_back_where_it_cannot_place_the_samples(model, module):
     def build():
         return model().double()
@@ -212,6 +238,16 @@ def test_fused_falls_back_where_it_cannot_place_the_samples(model, module):
     with pytest.warns(UserWarning, match=f"falls back to sequential from step 0 on: {module}"):
         fused = train(transformer_spec(model=build, execution="fused"), steps=3)
     assert rel_err(fused.model_state_dict, seq.model_state_dict) == 0.0
+
+
+def test_a_wrong_vnodes_layout_is_refused_before_training():
+    def model():
+        net = FlattenedRows().double()
+        net.norm.vnodes_layout = "sequence-first"  # BatchNorm's batch is dimension 0
+        return net
+
+    with pytest.raises(InvalidJobSpec, match="'norm'.*vnodes_layout='sequence-first'.*'batch-first', 'flattened'"):
+        StepEngine.build(transformer_spec(model=model, execution="fused"))
 
 
 class ChannelsLastCNN(nn.Module):
