@@ -1,6 +1,6 @@
 """Fused against sequential execution, and both against one plain batch (CPU, or a GPU if asked).
 
-    python benchmarks/fused.py [--device cpu|cuda] [--repeats 7]
+    python benchmarks/fused.py [--device cpu|cuda] [--repeats 7] [--model resnet|transformer]
 
 For each N x b: images/s of one plain batch of N*b (BatchNorm over all N*b samples: *not* virtual-node
 semantics, the speed anchor), of N virtual nodes run one after another (sequential), of the same
@@ -8,18 +8,23 @@ N virtual nodes fused into one batch with per-node BatchNorm (fused), and of a p
 BatchNorms are per-node the obvious way, copying into the (node, channel) layout and back (the
 "copies" anchor, ``models.SegmentMajorBatchNorm``: what fused mode saves by interleaving its rows).
 Same model (the ResNet-style CNN of benchmarks/throughput.py), same data, interleaved repeats,
-medians; fused/plain is the ratio the GPU targets of issue 5 are stated in.
+medians; fused/plain is the ratio the GPU targets of issue 5 are stated in. ``--model transformer``
+runs a small batch-first transformer encoder with dropout 0.1 instead (no BatchNorm, so no copies
+anchor): what fused mode's per-node Dropout and attention-dropout calls cost.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -30,10 +35,39 @@ from vnodes.runtime import JobSpec  # noqa: E402
 from vnodes.runtime.engine import StepEngine  # noqa: E402
 
 
-def spec(n: int, b: int, execution: str, device: str, width: int) -> JobSpec:
-    import functools
+class Encoder(nn.Module):
+    """Two batch-first transformer encoder layers with dropout 0.1, tokens of 32 positions -> 10 classes."""
 
-    return JobSpec(model=functools.partial(build_model, width), dataset=functools.partial(build_dataset, n * b * 2),
+    def __init__(self, width: int = 16, vocab: int = 256, length: int = 32):
+        super().__init__()
+        dim = 4 * width
+        self.embed, self.position = nn.Embedding(vocab, dim), nn.Parameter(torch.zeros(length, dim))
+        layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, tokens):
+        return self.head(self.encoder(self.embed(tokens) + self.position).mean(dim=1))
+
+
+def token_dataset(n: int, seed: int = 1234) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randint(0, 256, (n, 32), generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+MODEL = "resnet"  # set by --model
+
+
+def model_fn(width: int):
+    return functools.partial(Encoder if MODEL == "transformer" else build_model, width)
+
+
+def dataset_fn(n: int):
+    return functools.partial(token_dataset if MODEL == "transformer" else build_dataset, n)
+
+
+def spec(n: int, b: int, execution: str, device: str, width: int) -> JobSpec:
+    return JobSpec(model=model_fn(width), dataset=dataset_fn(n * b * 2),
                    optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9), loss=per_sample_loss,
                    virtual_nodes=n, vnode_batch_size=b, seed=0, device=device, execution=execution)
 
@@ -56,11 +90,11 @@ class PlainBatch:
 
     def __init__(self, n, b, device, width, segments=None):
         torch.manual_seed(0)
-        self.model = build_model(width).to(device).train()
+        self.model = model_fn(width)().to(device).train()
         if segments is not None:  # per-node BatchNorm by copies in and out (the "copies" anchor)
             self.model = with_segment_major_batchnorm(self.model, segments)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
-        data = build_dataset(n * b * 2)
+        data = dataset_fn(n * b * 2)()
         self.x = data.tensors[0][: n * b].to(device)
         self.y = data.tensors[1][: n * b].to(device)
 
@@ -84,7 +118,9 @@ def time_it(side, device: str) -> float:
 
 def measure(n: int, b: int, device: str, width: int, repeats: int) -> dict:
     sides = {"plain": PlainBatch(n, b, device, width), "sequential": EngineSide(n, b, "sequential", device, width),
-             "fused": EngineSide(n, b, "fused", device, width), "copies": PlainBatch(n, b, device, width, segments=n)}
+             "fused": EngineSide(n, b, "fused", device, width)}
+    if MODEL != "transformer":
+        sides["copies"] = PlainBatch(n, b, device, width, segments=n)
     for side in sides.values():  # warm-up
         side.run()
         side.run()
@@ -102,8 +138,11 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--configs", nargs="+", default=["16x8", "4x32"], help="NxB pairs")
+    parser.add_argument("--model", choices=["resnet", "transformer"], default="resnet")
     args = parser.parse_args()
-    print(f"\nFused execution, {args.device}, ResNet width {args.width}, torch {torch.__version__}, "
+    global MODEL
+    MODEL = args.model
+    print(f"\nFused execution, {args.device}, {args.model} width {args.width}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
     print("| N x b | plain batch (img/s) | sequential (img/s) | fused (img/s) | fused / plain | fused / sequential | copies anchor (img/s) | fused / copies |")
     print("|---|---|---|---|---|---|---|---|")
@@ -112,7 +151,7 @@ def main() -> None:
         r = measure(n, b, args.device, args.width, args.repeats)
         print(f"| {n} x {b} | {r['plain']:,.0f} | {r['sequential']:,.0f} | {r['fused']:,.0f} | "
               f"{r['fused'] / r['plain']:.2f}x | {r['fused'] / r['sequential']:.2f}x | "
-              f"{r['copies']:,.0f} | {r['fused'] / r['copies']:.2f}x |")
+              + (f"{r['copies']:,.0f} | {r['fused'] / r['copies']:.2f}x |" if "copies" in r else "- | - |"))
 
 
 if __name__ == "__main__":
