@@ -179,17 +179,29 @@ def _channels_last_format(x: torch.Tensor) -> Optional[torch.memory_format]:
     return None
 
 
+# Devices on which F.dropout draws its noise as ATen's _dropout_impl does: bernoulli_(1 - p) into
+# empty_like(input), divided by 1 - p. There fused Dropout draws each node's noise that way and applies
+# all of it in one multiplication. Elsewhere (CUDA picks a fused kernel that draws differently, by
+# layout) each node's rows go through the very F.dropout call that sequential execution makes.
+NOISE_DEVICES = {"cpu"}
+
+
 def _make_dropout_forward(ctx: FusionContext, plain):
     def forward(self: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
         if ctx.groups == 0 or not self.training or self.p == 0:
             return plain(self, x)
         dim, inner = _locate_rows(x, ctx, self)
+        parts = _segments(x, dim, inner, ctx.groups)
+        # A node's tensor in sequential execution is dense, in the stride order of its part here:
+        # what empty_like(part) gives. Its mask is filled in memory order, so each node draws the
+        # values sequential execution draws, at the same places.
+        if x.device.type in NOISE_DEVICES and 0 < self.p < 1:
+            keep = 1 - self.p
+            noise = _interleave_like([torch.empty_like(part).bernoulli_(keep, generator=ctx.generators[k]).div_(keep)
+                                      .flatten(dim, dim + 1) for k, part in enumerate(parts)], dim, inner)
+            return x.mul_(noise) if self.inplace else x * noise
         outputs = []
-        for k, part in enumerate(_segments(x, dim, inner, ctx.groups)):
-            # Node k's input as sequential execution has it: its own dense tensor, in the stride order
-            # of the segment (empty_like), so the very call sequential mode makes (whose mask depends
-            # on the size and layout of its input, and on CUDA on the kernel that layout selects)
-            # draws the same mask from the node's stream.
+        for k, part in enumerate(parts):
             segment = torch.empty_like(part).copy_(part).flatten(dim, dim + 1)
             with _default_generator_as(ctx.generators[k]):
                 outputs.append(plain(self, segment))

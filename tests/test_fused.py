@@ -9,9 +9,19 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from vnodes.runtime import InvalidJobSpec, train
+from vnodes.runtime import fused as fused_module
 from vnodes.runtime.engine import StepEngine
 
 from jobs import cnn_spec
+
+
+@pytest.fixture(params=["noise", "per-node-call"])
+def dropout_path(request, monkeypatch):
+    """Both ways fused Dropout draws: noise tensors applied at once (on a CPU), and one F.dropout call
+    per node (on other devices, e.g. CUDA, whose dropout kernel draws differently)."""
+    if request.param == "per-node-call":
+        monkeypatch.setattr(fused_module, "NOISE_DEVICES", set())
+    return request.param
 
 
 def rel_err(a, b):
@@ -21,7 +31,7 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("group_size", [None, 2, 3])
 @pytest.mark.parametrize("running_stats", ["mean", "vnode0"])
-def test_fused_cnn_with_batchnorm_and_dropout_equals_sequential(group_size, running_stats):
+def test_fused_cnn_with_batchnorm_and_dropout_equals_sequential(group_size, running_stats, dropout_path):
     seq = train(cnn_spec(virtual_nodes=6, running_stats=running_stats), steps=12)
     fused = train(cnn_spec(virtual_nodes=6, running_stats=running_stats, execution="fused",
                            fused_group_size=group_size), steps=12)
@@ -60,7 +70,7 @@ def transformer_spec(model=lambda: TinyTransformer().double(), **kw):
                     optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), **kw)
 
 
-def test_fused_transformer_equals_sequential():
+def test_fused_transformer_equals_sequential(dropout_path):
     seq = train(transformer_spec(), steps=8)
     fused = train(transformer_spec(execution="fused"), steps=8)
     assert rel_err(fused.model_state_dict, seq.model_state_dict) <= 1e-9
@@ -97,7 +107,7 @@ class MaskedAttention(nn.Module):
 
 @pytest.mark.parametrize("model", [lambda: TinyTransformer(dropout=0.1).double(), lambda: MaskedAttention().double()],
                          ids=["encoder-layers", "masked-sequence-first"])
-def test_fused_attention_with_dropout_equals_sequential(model):
+def test_fused_attention_with_dropout_equals_sequential(model, dropout_path):
     """Attention dropout is fused (no fallback): each node's call draws its sequential masks."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback to sequential would warn
@@ -188,7 +198,7 @@ class TwoViews(nn.Module):
     (FlattenedRows, 4), (TwoViews, 4), (InplaceDropout, 4)],
     ids=["sequence-first", "sequence-first-5-nodes", "sequence-first-L-equals-N", "flattened-rows", "two-views",
          "inplace-dropout"])
-def test_fused_finds_the_batch_in_other_layouts(model, nodes):
+def test_fused_finds_the_batch_in_other_layouts(model, nodes, dropout_path):
     def build():
         return model().double()
 
@@ -263,7 +273,7 @@ class ChannelsLastCNN(nn.Module):
         return self.head(self.body(x.contiguous(memory_format=torch.channels_last)))
 
 
-def test_fused_channels_last_equals_sequential():
+def test_fused_channels_last_equals_sequential(dropout_path):
     def model():
         return ChannelsLastCNN().double().to(memory_format=torch.channels_last)
 
