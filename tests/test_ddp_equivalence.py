@@ -50,6 +50,25 @@ def test_matches_real_ddp_float64(running_stats, deterministic):
     assert _max_rel_err(ours.model_state_dict, {k: v for k, v in init.items()}, params)[0] > 1e-3
 
 
+@functools.lru_cache(maxsize=None)
+def _ddp_reference(running_stats: str) -> dict:
+    return run_ddp(cnn_spec(running_stats=running_stats), STEPS)
+
+
+@pytest.mark.parametrize("running_stats", ["mean", "vnode0"])
+@pytest.mark.parametrize("fused_group_size", [None, 3])  # all 4 nodes in one group; groups of 3 and 1
+def test_fused_execution_matches_real_ddp_float64(running_stats, fused_group_size):
+    """Fused execution (interleaved rows, per-node BatchNorm and Dropout) against DDP itself, not only
+    against sequential execution."""
+    ref = _ddp_reference(running_stats)
+    ours = train(cnn_spec(running_stats=running_stats, execution="fused", fused_group_size=fused_group_size),
+                 steps=STEPS)
+    err, where = _max_rel_err(ours.model_state_dict, ref["model"],
+                              [k for k in ref["model"] if "num_batches" not in k])
+    assert err <= 1e-9, f"{where} differs from DDP: relative error {err:.3e}"
+    assert ours.losses == pytest.approx(ref["losses"], rel=1e-9)
+
+
 def test_reference_distinguishes_policies_and_order():
     """The comparison above has teeth: a different running-stats policy or seed is far from DDP."""
     ref = run_ddp(cnn_spec(running_stats="mean"), 8)
