@@ -30,8 +30,8 @@ from torch import nn
 from .data import BatchKey, BatchLoader, move_batch
 from .errors import InvalidJobSpec, NonFiniteLoss
 from .faults import maybe_fail
-from .fused import (FusionContext, FusionUnsupported, check_fusable, interleave_batches, is_out_of_memory,
-                    leading_rows, patch_model, segment_means)
+from .fused import (FusionContext, FusionUnsupported, check_fusable, check_no_stray_draws, default_generator_states,
+                    interleave_batches, is_out_of_memory, leading_rows, patch_model, segment_means)
 from .graphs import GroupGraphs, unsupported_reason
 from .reduction import Block, Payload, TreeReducer
 from .sampler import VNodeSampler
@@ -264,7 +264,9 @@ class StepEngine:
                 else:
                     ctx.generators = [torch.Generator(self.device).manual_seed(
                         vnode_seed(spec.seed, step, v, MODEL_STREAM)) for v in vnode_ids]
+                    before = default_generator_states(self.device)
                     means = self._group_forward_backward(inputs, targets, len(group), step)
+                    check_no_stray_draws(before, self.device)
             finally:
                 ctx.groups = 0
             for v, m in zip(vnode_ids, means):

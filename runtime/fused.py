@@ -19,6 +19,10 @@ the shape allows exactly one reading (dimension 0 of size N, or dimension 1 of s
 tensor). Otherwise ``FusionUnsupported`` is raised, and the engine redoes the step, and the rest of
 the job, sequentially (with a warning naming the module and ``vnodes_layout``).
 
+Random numbers drawn anywhere else in a forward pass would be one stream for the group: the engine
+compares the default generators' states before and after each group (``check_no_stray_draws``) and
+falls back the same way if they moved.
+
 The modules are patched in place (their ``forward`` only), so parameter and buffer names, and so
 checkpoints, stay those of the user's model. Leaf modules that are not known to be sample-wise make
 ``check_fusable`` report them; the engine then falls back to sequential execution with a warning.
@@ -195,7 +199,7 @@ def _make_dropout_forward(ctx: FusionContext, plain):
         # A node's tensor in sequential execution is dense, in the stride order of its part here:
         # what empty_like(part) gives. Its mask is filled in memory order, so each node draws the
         # values sequential execution draws, at the same places.
-        if x.device.type in NOISE_DEVICES and 0 < self.p < 1:
+        if x.device.type in NOISE_DEVICES and 0 < self.p < 1 and plain is nn.Dropout.forward:  # not a subclass's
             keep = 1 - self.p
             noise = _interleave_like([torch.empty_like(part).bernoulli_(keep, generator=ctx.generators[k]).div_(keep)
                                       .flatten(dim, dim + 1) for k, part in enumerate(parts)], dim, inner)
@@ -348,6 +352,26 @@ def interleave_batches(batches: list):
     if isinstance(first, dict):
         return {k: interleave_batches([b[k] for b in batches]) for k in first}
     raise TypeError(f"cannot fuse batches of type {type(first).__name__}")
+
+
+def default_generator_states(device: torch.device) -> list[torch.Tensor]:
+    """The states of the generators that code without a generator of its own draws from: the CPU's
+    and ``device``'s. Fused execution gives each node its own stream only where it knows the draw
+    (Dropout, attention dropout); ``check_no_stray_draws`` catches any other."""
+    states = [torch.default_generator.get_state()]
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        states.append(torch.cuda.default_generators[index].get_state())
+    return states
+
+
+def check_no_stray_draws(before: list[torch.Tensor], device: torch.device) -> None:
+    """Raise ``FusionUnsupported`` if a default generator moved since ``before`` (a group's forward
+    drew random numbers that would be one stream for the group instead of one per node)."""
+    if any(not torch.equal(a, b) for a, b in zip(before, default_generator_states(device))):
+        raise FusionUnsupported("the forward pass drew random numbers outside Dropout modules and attention "
+                                "(e.g. F.dropout or torch.rand called in a forward): fused, they would come "
+                                "from one stream instead of each node's own")
 
 
 def leading_rows(batch) -> int:

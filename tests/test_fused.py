@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -193,11 +194,41 @@ class TwoViews(nn.Module):
         return self.head(torch.cat([first, second], dim=1))
 
 
+class HalfDropout(nn.Dropout):
+    """A Dropout subclass with a forward of its own: fused mode must call it, not plain dropout."""
+
+    def forward(self, x):
+        return 0.5 * F.dropout(x, self.p, self.training)
+
+
+class SubclassedDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.drop = HalfDropout(0.3)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, tokens):
+        return self.head(self.drop(self.embed(tokens)).mean(dim=1))
+
+
+class DrawsByHand(nn.Module):
+    """Random numbers drawn in a forward, outside any Dropout module: one stream per group, if fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, tokens):
+        return self.head(F.dropout(self.embed(tokens), 0.3, self.training).mean(dim=1))
+
+
 @pytest.mark.parametrize("model,nodes", [
     (SequenceFirstEncoder, 4), (SequenceFirstEncoder, 5), (functools.partial(SequenceFirstEncoder, square=True), 4),
-    (FlattenedRows, 4), (TwoViews, 4), (InplaceDropout, 4)],
+    (FlattenedRows, 4), (TwoViews, 4), (InplaceDropout, 4), (SubclassedDropout, 4)],
     ids=["sequence-first", "sequence-first-5-nodes", "sequence-first-L-equals-N", "flattened-rows", "two-views",
-         "inplace-dropout"])
+         "inplace-dropout", "dropout-subclass"])
 def test_fused_finds_the_batch_in_other_layouts(model, nodes, dropout_path):
     def build():
         return model().double()
@@ -239,7 +270,8 @@ class PerSampleAttention(nn.Module):
 @pytest.mark.parametrize("model,module", [
     (AmbiguousDropout, "Dropout.*vnodes_layout"), (PerSampleAttention, "MultiheadAttention"),
     (functools.partial(TwoViews, declared=False), "BatchNorm1d.*vnodes_layout"),  # 2 batches or 2 rows per sample?
-    (functools.partial(FlattenedRows, declared=False), "BatchNorm1d.*vnodes_layout")])
+    (functools.partial(FlattenedRows, declared=False), "BatchNorm1d.*vnodes_layout"),
+    (DrawsByHand, "the forward pass drew random numbers outside Dropout modules")])
 def test_fused_falls_back_where_it_cannot_place_the_samples(model, module):
     def build():
         return model().double()
