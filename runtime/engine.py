@@ -214,9 +214,7 @@ class StepEngine:
                                          f"this model: {exc}; set cuda_graphs=False") from None
                 warnings.warn(f"fused execution falls back to sequential from step {step} on: {exc}", stacklevel=2)
                 self.fusion = None  # the patched modules act as usual from now on (groups == 0)
-                for p in self.params:
-                    p.grad = None
-                self.stats.restore()
+                self._discard_attempt()
                 return self.compute(step, batches)
             except RuntimeError as exc:
                 if not is_out_of_memory(exc) or size == 1:
@@ -226,11 +224,16 @@ class StepEngine:
                     self.graphs.clear()
                 log.warning("out of memory with %d virtual nodes per group; retrying step %d with %d",
                             size, step, self.group_size)
-                for p in self.params:
-                    p.grad = None
-                self.stats.restore()  # undo the failed attempt's num_batches_tracked advance
+                self._discard_attempt()
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
+
+    def _discard_attempt(self) -> None:
+        """Forget a failed attempt at a step: its gradients, and its running-buffer updates (e.g.
+        num_batches_tracked), so the step can be computed again from scratch."""
+        for p in self.params:
+            p.grad = None
+        self.stats.restore()
 
     def _compute_groups(self, step: int, batches: list[tuple[BatchKey, Any]], size: int) -> StepPartial:
         spec, n, ctx = self.spec, self.spec.virtual_nodes, self.fusion

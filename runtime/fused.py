@@ -7,11 +7,13 @@ what makes that cheap (see the BatchNorm forward):
 
 - BatchNorm1d/2d/3d compute batch statistics per segment of ``b`` samples, and each segment
   contributes its running-statistics update to the step's policy exactly as in sequential mode;
-- Dropout, and MultiheadAttention with attention dropout, run once per segment, each call drawing
-  from that virtual node's own generator, seeded from ``(seed, step, vnode_id)`` and swapped in as
-  the device's default generator: the very call sequential execution makes, on an input of the same
-  size and memory layout, from the same stream, so the same masks on any device. Without dropout
-  attention is sample-wise and runs on the whole group.
+- Dropout draws each segment's mask from that virtual node's own generator, seeded from
+  ``(seed, step, vnode_id)``, laid out as the node's tensor is in sequential execution: on a CPU as
+  the noise ATen's CPU dropout draws, applied to the group in one multiplication; on other devices
+  (CUDA's dropout kernel draws differently) by the very ``F.dropout`` call sequential execution
+  makes, once per segment, with the node's generator swapped in as the device's default;
+- MultiheadAttention with attention dropout runs once per segment the same way. Without dropout it
+  is sample-wise and runs on the whole group.
 
 Where the samples are in a tensor a patched module gets (``_locate_rows``): where the module's
 ``vnodes_layout`` says, or inside a transformer layer where its ``batch_first`` says, or else where

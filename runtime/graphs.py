@@ -42,8 +42,8 @@ def unsupported_reason(model: nn.Module, device: torch.device) -> Optional[str]:
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device, and this job runs on {device}; set cuda_graphs=False"
     for name, module in model.named_modules():
-        p = module.p if isinstance(module, nn.Dropout) else getattr(module, "dropout", 0.0) \
-            if isinstance(module, nn.MultiheadAttention) else 0.0
+        p = module.p if isinstance(module, nn.Dropout) else \
+            module.dropout if isinstance(module, nn.MultiheadAttention) else 0.0
         if p > 0:
             return (f"module {name!r} is {type(module).__name__} with dropout {p}: its per-node random streams are "
                     "re-seeded every step, which a captured graph cannot follow; set cuda_graphs=False")
