@@ -12,8 +12,10 @@ what makes that cheap (see the BatchNorm forward):
   the noise ATen's CPU dropout draws, applied to the group in one multiplication; on other devices
   (CUDA's dropout kernel draws differently) by the very ``F.dropout`` call sequential execution
   makes, once per segment, with the node's generator swapped in as the device's default;
-- MultiheadAttention with attention dropout runs once per segment the same way. Without dropout it
-  is sample-wise and runs on the whole group.
+- MultiheadAttention with attention dropout: on a CPU, one call on the whole group whose dropout
+  of the attention probabilities draws each segment's noise as ATen's CPU attention draws it
+  (``_attention_with_node_noise``); on other devices once per segment, with the node's generator
+  swapped in. Without dropout it is sample-wise and runs on the whole group.
 
 Where the samples are in a tensor a patched module gets (``_locate_rows``): where the module's
 ``vnodes_layout`` says, or inside a transformer layer where its ``batch_first`` says, or else where
@@ -34,6 +36,8 @@ Custom composite modules are assumed to compose their children sample by sample.
 from __future__ import annotations
 
 import contextlib
+import math
+import threading
 import types
 from typing import Optional
 
@@ -236,6 +240,9 @@ def _make_attention_forward(ctx: FusionContext, plain):
             raise FusionUnsupported(f"{type(self).__name__} got a 3-D attn_mask of shape {list(attn_mask.shape)} "
                                     f"for a group of {ctx.rows} samples and {heads} heads")
 
+        if query.device.type in NOISE_DEVICES and plain is nn.MultiheadAttention.forward:  # not a subclass's
+            return _attention_with_node_noise(self, plain, ctx, query, key, value, args)
+
         def segment(t, k, dim=batch_dim):  # node k's rows of an interleaved tensor (batch at ``dim``)
             return None if t is None else t.unflatten(dim, (-1, g)).select(dim + 1, k)
 
@@ -256,6 +263,68 @@ def _make_attention_forward(ctx: FusionContext, plain):
                 None if weights[0] is None else _interleave_like(weights, 0, 1))
 
     return forward
+
+
+_ATTENTION_PATCH = threading.Lock()  # torch.nn.functional's globals are swapped for one call at a time
+
+
+def _attention_with_node_noise(module: nn.MultiheadAttention, plain, ctx: FusionContext, query, key, value,
+                               args: dict):
+    """One attention call on the whole group whose dropout draws each node's noise (on a CPU).
+
+    ``F.multi_head_attention_forward`` drops attention probabilities in one of two places: inside
+    ``scaled_dot_product_attention`` (``need_weights=False``), where ATen's CPU math kernel draws
+    ``bernoulli_(1 - p)`` into ``empty_like`` of the ``(b, heads, L, S)`` probabilities, or by
+    ``F.dropout`` on the ``(b * heads, L, S)`` weights (``need_weights=True``). For this one call
+    both names are replaced, in ``torch.nn.functional``, by versions that draw node k's noise in
+    that shape from its generator and interleave it like the rows, so the group computes in one
+    call what G per-node calls compute.
+    """
+    g, rows, heads, keep = ctx.groups, ctx.rows, module.num_heads, 1 - module.dropout
+    dropped = []
+
+    def noise(shape, dtype, device):  # (N, *shape): node k's draw for its samples, interleaved like the rows
+        draws = [torch.empty((rows // g, *shape), dtype=dtype, device=device)
+                 .bernoulli_(keep, generator=ctx.generators[k]).div_(keep) for k in range(g)]
+        return torch.stack(draws, dim=1).flatten(0, 1)
+
+    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if dropout_p == 0 or enable_gqa or q.dim() != 4 or q.shape[0] != rows:
+            return sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        dropped.append("scaled_dot_product_attention")
+        dtype = q.dtype
+        if q.dtype in (torch.float16, torch.bfloat16):  # ATen's CPU math kernel computes these in float32
+            q, k, v = q.float(), k.float(), v.float()
+            attn_mask = attn_mask.float() if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+        factor = (1 / math.sqrt(q.shape[-1]) if scale is None else scale) ** 0.5  # as ATen scales q and k
+        scores = (q * factor) @ (k.transpose(-2, -1) * factor)
+        if is_causal:
+            attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                attn_mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~attn_mask, -math.inf)
+            scores = scores + attn_mask
+        probabilities = torch._safe_softmax(scores, -1)  # a row with every key masked gives zeros, as ATen's
+        return ((probabilities * noise(probabilities.shape[1:], q.dtype, q.device)) @ v).to(dtype)
+
+    def weights_dropout(input, p=0.5, training=True, inplace=False):
+        if not training or p != module.dropout or input.dim() != 3 or input.shape[0] != rows * heads:
+            return dropout(input, p, training, inplace)
+        dropped.append("dropout")
+        n_noise = noise((heads, *input.shape[1:]), input.dtype, input.device).flatten(0, 1)
+        return input.mul_(n_noise) if inplace else input * n_noise
+
+    sdpa, dropout = F.scaled_dot_product_attention, F.dropout
+    with _ATTENTION_PATCH:
+        F.scaled_dot_product_attention, F.dropout = attention, weights_dropout
+        try:
+            out = plain(module, query, key, value, **args)
+        finally:
+            F.scaled_dot_product_attention, F.dropout = sdpa, dropout
+    if len(dropped) != 1:
+        raise FusionUnsupported(f"{type(module).__name__}: this torch version's attention dropped probabilities "
+                                f"{len(dropped)} times ({dropped}) where fused execution expects once")
+    return out
 
 
 def _dense_like(t: torch.Tensor, shape: list[int]) -> torch.Tensor:

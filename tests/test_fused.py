@@ -123,6 +123,65 @@ def test_fused_attention_with_dropout_equals_sequential(model, dropout_path):
     assert rel_err(other.model_state_dict, seq.model_state_dict) > 1e-4
 
 
+class CausalAttention(nn.Module):
+    """Causal self-attention through scaled_dot_product_attention's is_causal, then attention whose
+    padding mask hides every key of some samples (rows of probabilities that are all zeros)."""
+
+    def __init__(self, dim=16, heads=2, classes=4):
+        super().__init__()
+        self.embed = nn.Embedding(32, dim)
+        self.causal = nn.MultiheadAttention(dim, heads, dropout=0.25, batch_first=True)
+        self.padded = nn.MultiheadAttention(dim, heads, dropout=0.25, batch_first=True)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        length = tokens.shape[1]
+        causal = nn.Transformer.generate_square_subsequent_mask(length, dtype=x.dtype)
+        h, _ = self.causal(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)
+        hidden = (tokens % 5 == 0) | (tokens[:, :1] % 7 == 0)  # some samples: every key hidden
+        out, _ = self.padded(h, x, x, key_padding_mask=hidden, need_weights=False)
+        return self.head(torch.nan_to_num(out).mean(dim=1) + h.mean(dim=1))
+
+
+def test_fused_causal_and_fully_masked_attention_equals_sequential(dropout_path):
+    def build():
+        return CausalAttention().double()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to sequential would warn
+        seq = train(transformer_spec(model=build), steps=5)
+        fused = train(transformer_spec(model=build, execution="fused"), steps=5)
+    assert rel_err(fused.model_state_dict, seq.model_state_dict) <= 1e-9
+    assert fused.losses == pytest.approx(seq.losses, rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_fused_attention_draws_each_nodes_mask_in_low_precision(dtype, need_weights):
+    """One attention call on a group of 3 nodes gives what the 3 nodes' own calls give, mask for mask
+    (CPU attention computes float16/bfloat16 in float32 and draws its mask there)."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(16, 4, dropout=0.5, batch_first=True).to(dtype)
+    batches = [torch.randn(2, 5, 16, dtype=dtype) for _ in range(3)]
+    sequential = []
+    for k, x in enumerate(batches):
+        torch.manual_seed(100 + k)
+        sequential.append(attention(x, x, x, need_weights=need_weights)[0])
+    ctx = fused_module.FusionContext()
+    fused_module.patch_model(attention, ctx)
+    ctx.groups, ctx.rows = 3, 6
+    ctx.generators = [torch.Generator().manual_seed(100 + k) for k in range(3)]
+    group = fused_module.interleave_batches(batches)
+    fused = attention(group, group, group, need_weights=need_weights)[0]
+    expected = fused_module.interleave_batches(sequential)
+    scale = expected.abs().max().item()
+    error = (fused - expected).abs().max().item() / scale
+    assert error <= (1e-5 if dtype == torch.float32 else 2e-3)  # bfloat16: computed as CPU attention does
+    ctx.generators = [torch.Generator().manual_seed(200 + k) for k in range(3)]  # other masks: far off
+    assert (attention(group, group, group, need_weights=need_weights)[0] - expected).abs().max().item() / scale > 0.1
+
+
 class SequenceFirstEncoder(nn.Module):
     """PyTorch's default transformer layout, (L, N, E): the Dropouts inside see the batch at dim 1."""
 
