@@ -207,6 +207,22 @@ class _DropoutResNet(nn.Module):
         return self.drop(self.body(x))
 
 
+class _SlicedDropout(nn.Module):
+    """Dropout on non-dense inputs, one of them 17 elements past an aligned address: CUDA's dropout
+    kernel draws by layout, so fused mode's per-node copies must be laid out as sequential's tensors."""
+
+    def __init__(self, vocab=64, dim=34):
+        super().__init__()
+        self.embed, self.mix = nn.Embedding(vocab, dim), nn.Linear(dim, dim)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(dim + dim // 2, 10)
+
+    def forward(self, tokens):
+        h = self.mix(self.embed(tokens))
+        first, half = self.drop(h[:, 0]), self.drop(h.chunk(2, dim=-1)[1])
+        return self.head(torch.cat([first, half.mean(dim=1)], dim=-1))
+
+
 def _token_classes(n):
     g = torch.Generator().manual_seed(0)
     return TensorDataset(torch.randint(0, 64, (n, 16), generator=g), torch.randint(0, 10, (n,), generator=g))
@@ -222,6 +238,8 @@ def fused_equivalence(device: str) -> dict[str, float]:
     out = {}
     for name, model, data in (("ResNet + Dropout", lambda: _DropoutResNet().double(), functools.partial(image_data, 64)),
                               ("encoder layers, attention dropout", lambda: _Encoder().double(),
+                               functools.partial(_token_classes, 64)),
+                              ("Dropout on slices", lambda: _SlicedDropout().double(),
                                functools.partial(_token_classes, 64))):
         seq, fused = weights(model, data, "sequential"), weights(model, data, "fused")
         out[name] = max(float((fused[k] - v).norm() / v.norm().clamp_min(1e-30))

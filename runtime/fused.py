@@ -202,9 +202,9 @@ def _make_dropout_forward(ctx: FusionContext, plain):
             return plain(self, x)
         dim, inner = _locate_rows(x, ctx, self)
         parts = _segments(x, dim, inner, ctx.groups)
-        # A node's tensor in sequential execution is dense, in the stride order of its part here:
-        # what empty_like(part) gives. Its mask is filled in memory order, so each node draws the
-        # values sequential execution draws, at the same places.
+        # On a CPU, sequential execution's noise is empty_like(the node's tensor): dense, in the stride
+        # order of its part here, which is what empty_like(part) gives. Its mask is filled in memory
+        # order, so each node draws the values sequential execution draws, at the same places.
         if x.device.type in NOISE_DEVICES and 0 < self.p < 1 and plain is nn.Dropout.forward:  # not a subclass's
             keep = 1 - self.p
             noise = _interleave_like([torch.empty_like(part).bernoulli_(keep, generator=ctx.generators[k]).div_(keep)
@@ -212,7 +212,7 @@ def _make_dropout_forward(ctx: FusionContext, plain):
             return x.mul_(noise) if self.inplace else x * noise
         outputs = []
         for k, part in enumerate(parts):
-            segment = torch.empty_like(part).copy_(part).flatten(dim, dim + 1)
+            segment = _laid_out_alone(x, part, dim, inner)
             with _default_generator_as(ctx.generators[k]):
                 outputs.append(plain(self, segment))
         out = _interleave_like(outputs, dim, inner)
@@ -325,6 +325,51 @@ def _attention_with_node_noise(module: nn.MultiheadAttention, plain, ctx: Fusion
         raise FusionUnsupported(f"{type(module).__name__}: this torch version's attention dropped probabilities "
                                 f"{len(dropped)} times ({dropped}) where fused execution expects once")
     return out
+
+
+ALIGNMENT = 64  # bytes: fresh allocations are aligned at least this much (CPU: 64, CUDA's caching allocator: 512)
+
+
+def _laid_out_alone(x: torch.Tensor, part: torch.Tensor, dim: int, inner: int) -> torch.Tensor:
+    """A copy of one node's rows of ``x`` (``part``: split at ``dim`` into (its samples, ``inner``)),
+    laid out as that node's own tensor is in sequential execution, as far as a dropout kernel can see.
+
+    CUDA's fused dropout kernel picks its vector width, and with it which random number lands on
+    which element, from whether its input is dense and how its address is aligned. So the copy is
+    dense in ``x``'s dimension order if ``x`` is dense, else has ``x``'s strides (non-dense like it;
+    for the batch-outermost layouts those are the node's own strides), and starts at ``x``'s
+    address modulo ``ALIGNMENT``. (A tensor such as ``h[:, 0]`` or the second half of a ``chunk``
+    is non-dense or misaligned alike in both modes, as long as its offset does not depend on the
+    batch size.)
+    """
+    shape = list(x.shape)
+    shape[dim] = part.shape[dim] * inner
+    if is_dense(x):
+        order = sorted(range(x.dim()), key=lambda d: -x.stride(d))  # outermost first
+        stride, size = [0] * x.dim(), 1
+        for d in reversed(order):
+            stride[d], size = size, size * shape[d]
+    elif all(s > 0 or n == 1 for n, s in zip(x.shape, x.stride())):
+        stride = list(x.stride())
+    else:  # overlapping (expanded): non-dense, with gaps instead
+        stride = [2 * s for s in torch.empty(shape, device="meta").stride()]
+    misaligned = x.data_ptr() % ALIGNMENT
+    offset = misaligned // x.element_size() if misaligned % x.element_size() == 0 else 0
+    extent = 0 if 0 in shape else 1 + sum((n - 1) * s for n, s in zip(shape, stride))
+    # detach(): a tensor of its own for autograd (an in-place Dropout then modifies no view of a leaf)
+    node = x.new_empty(offset + extent).as_strided(shape, stride, offset).detach()
+    return node.copy_(part.flatten(dim, dim + 1))
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """ATen's ``is_non_overlapping_and_dense``: the elements fill a block of memory, each once, in
+    some order of the dimensions (size-1 dimensions do not count)."""
+    expected = 1
+    for size, stride in sorted(((n, s) for n, s in zip(t.shape, t.stride()) if n != 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _dense_like(t: torch.Tensor, shape: list[int]) -> torch.Tensor:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 from torch.utils.data import TensorDataset
 
 from vnodes.runtime import InvalidJobSpec, train
@@ -182,6 +183,41 @@ def test_fused_attention_draws_each_nodes_mask_in_low_precision(dtype, need_weig
     assert (attention(group, group, group, need_weights=need_weights)[0] - expected).abs().max().item() / scale > 0.1
 
 
+def _nodes_of(h, g):  # node k's samples of an interleaved group
+    return [h.unflatten(0, (-1, g)).select(1, k) for k in range(g)]
+
+
+@pytest.mark.parametrize("view,dim,inner", [
+    (lambda h: h, 0, 1),
+    (lambda h: h[:, 0], 0, 1),  # non-dense
+    (lambda h: h.chunk(2, dim=-1)[1], 0, 1),  # non-dense, 3 floats past an aligned address
+    (lambda h: h[:, 1:2, 3:].flatten(1), 0, 1),  # dense and misaligned when the node has one sample
+    (lambda h: h.transpose(0, 1), 1, 1),  # sequence-first, dense, not contiguous
+    (lambda h: h.transpose(0, 1).contiguous(), 1, 1),
+    (lambda h: h.transpose(0, 1).contiguous()[..., 1:], 1, 1),  # sequence-first, non-dense
+    (lambda h: h.unflatten(-1, (2, 3)).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last), 0, 1),
+    (lambda h: h.reshape(-1, h.shape[-1]), 0, 4),  # flattened: 4 rows per sample
+    (lambda h: h[:, :1].expand(-1, 4, -1), 0, 1),  # overlapping
+], ids=["contiguous", "slice", "chunk-half", "misaligned-dense", "sequence-first-view", "sequence-first",
+        "sequence-first-slice", "channels-last", "flattened", "expanded"])
+@pytest.mark.parametrize("b", [1, 3])
+def test_a_nodes_dropout_input_is_laid_out_as_in_sequential_execution(view, dim, inner, b):
+    """What CUDA's dropout kernel reads off its input (density, dimension order, address alignment)
+    is the same for a node's per-node copy in fused mode as for its own tensor in sequential mode."""
+    g = 4
+    alone = [torch.randn(b, 4, 6) for _ in range(g)]  # each node's activation in sequential execution
+    x = view(fused_module.interleave_batches(alone))
+    parts = fused_module._segments(x, dim, inner, g)
+    for k in range(g):
+        node, own = fused_module._laid_out_alone(x, parts[k], dim, inner), view(alone[k])
+        assert torch.equal(node, own)
+        assert fused_module.is_dense(node) == fused_module.is_dense(own) == is_non_overlapping_and_dense(own)
+        if fused_module.is_dense(own):  # same dimension order (the stride of a size-1 dimension is moot)
+            assert [s for n, s in zip(node.shape, node.stride()) if n > 1] == \
+                [s for n, s in zip(own.shape, own.stride()) if n > 1]
+        assert node.data_ptr() % 64 == own.data_ptr() % 64
+
+
 class SequenceFirstEncoder(nn.Module):
     """PyTorch's default transformer layout, (L, N, E): the Dropouts inside see the batch at dim 1."""
 
@@ -271,6 +307,21 @@ class SubclassedDropout(nn.Module):
         return self.head(self.drop(self.embed(tokens)).mean(dim=1))
 
 
+class SlicedDropout(nn.Module):
+    """Dropout on non-dense inputs (a position's slice, the second half of a chunk)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix = nn.Embedding(32, 18), nn.Linear(18, 18)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(27, 4)
+
+    def forward(self, tokens):
+        h = self.mix(self.embed(tokens))
+        first, half = self.drop(h[:, 0]), self.drop(h.chunk(2, dim=-1)[1])
+        return self.head(torch.cat([first, half.mean(dim=1)], dim=-1))
+
+
 class DrawsByHand(nn.Module):
     """Random numbers drawn in a forward, outside any Dropout module: one stream per group, if fused."""
 
@@ -285,9 +336,9 @@ class DrawsByHand(nn.Module):
 
 @pytest.mark.parametrize("model,nodes", [
     (SequenceFirstEncoder, 4), (SequenceFirstEncoder, 5), (functools.partial(SequenceFirstEncoder, square=True), 4),
-    (FlattenedRows, 4), (TwoViews, 4), (InplaceDropout, 4), (SubclassedDropout, 4)],
+    (FlattenedRows, 4), (TwoViews, 4), (InplaceDropout, 4), (SubclassedDropout, 4), (SlicedDropout, 4)],
     ids=["sequence-first", "sequence-first-5-nodes", "sequence-first-L-equals-N", "flattened-rows", "two-views",
-         "inplace-dropout", "dropout-subclass"])
+         "inplace-dropout", "dropout-subclass", "sliced-dropout"])
 def test_fused_finds_the_batch_in_other_layouts(model, nodes, dropout_path):
     def build():
         return model().double()
