@@ -297,7 +297,11 @@ class StepEngine:
             self._check_per_sample(per_sample, targets)
         means = segment_means(per_sample, groups)  # each node's mean loss (rows are interleaved)
         maybe_fail("backward", step)
-        (means.sum() / self.spec.virtual_nodes).backward()
+        self.fusion.in_backward = True  # a patched module running now is recomputed (checkpointing)
+        try:
+            (means.sum() / self.spec.virtual_nodes).backward()
+        finally:
+            self.fusion.in_backward = False
         return means.detach()
 
     def apply(self, total: Payload, used: list[bool]) -> float:

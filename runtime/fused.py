@@ -36,8 +36,6 @@ Custom composite modules are assumed to compose their children sample by sample.
 from __future__ import annotations
 
 import contextlib
-import math
-import threading
 import types
 from typing import Optional
 
@@ -45,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import InvalidJobSpec, VnodesError
 
@@ -73,7 +72,7 @@ def check_fusable(model: nn.Module) -> list[str]:
         if isinstance(module, (_BatchNorm, nn.Dropout)):
             continue
         if isinstance(module, nn.MultiheadAttention):
-            continue  # sample-wise; with dropout, called per segment
+            continue  # sample-wise; its dropout is drawn per segment
         if isinstance(module, nn.modules.instancenorm._InstanceNorm):
             if module.track_running_stats:
                 bad.append(f"{name} ({type(module).__name__} tracking running stats)")
@@ -94,9 +93,20 @@ class FusionContext:
         self.groups = 0  # 0: not fused (modules behave as usual)
         self.rows = 0  # samples in the group: groups * the nodes' batch size
         self.batch_dim: Optional[int] = None  # set while a transformer layer runs: where its batch is
+        self.in_backward = False  # a patched module called now is being recomputed (activation checkpointing)
         self.weights: Optional[torch.Tensor] = None  # per segment: the running-stats policy weight
         self.generators: list[torch.Generator] = []  # per segment
         self.stat_sums: dict[int, list[torch.Tensor]] = {}  # id(bn) -> [sum of weighted mean, var]
+
+
+def _refuse_recomputation(ctx: FusionContext, module: nn.Module) -> None:
+    """Activation checkpointing runs a forward again during backward. Sequential execution then
+    replays the default generator, but the nodes' streams here have moved on and a BatchNorm would
+    count its statistics twice: refused, so that the engine runs the job sequentially."""
+    if ctx.in_backward:
+        raise FusionUnsupported(f"{type(module).__name__} ran again during backward (activation checkpointing "
+                                "recomputes it): fused execution cannot replay its per-node random streams "
+                                "and statistics")
 
 
 def patch_model(model: nn.Module, ctx: FusionContext) -> None:
@@ -141,6 +151,7 @@ def _make_bn_forward(ctx: FusionContext, plain):
     def forward(self: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
         if ctx.groups == 0 or not self.training:
             return plain(self, x)
+        _refuse_recomputation(ctx, self)
         g, c, rest = ctx.groups, x.shape[1], x.shape[2:]
         _, inner = _locate_rows(x, ctx, self, sequence_first=False)  # BatchNorm's batch is dimension 0
         # Rows are interleaved (sample i of segment k is row i*G + k), so the contiguous input, read
@@ -200,6 +211,7 @@ def _make_dropout_forward(ctx: FusionContext, plain):
     def forward(self: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
         if ctx.groups == 0 or not self.training or self.p == 0:
             return plain(self, x)
+        _refuse_recomputation(ctx, self)
         dim, inner = _locate_rows(x, ctx, self)
         parts = _segments(x, dim, inner, ctx.groups)
         # On a CPU, sequential execution's noise is empty_like(the node's tensor): dense, in the stride
@@ -228,6 +240,7 @@ def _make_attention_forward(ctx: FusionContext, plain):
                     average_attn_weights=average_attn_weights, is_causal=is_causal)
         if ctx.groups == 0 or not self.training or self.dropout == 0:
             return plain(self, query, key, value, **args)
+        _refuse_recomputation(ctx, self)
         g, heads = ctx.groups, self.num_heads
         batch_dim = 0 if self.batch_first else 1
         for name, t, dim in (("query", query, batch_dim), ("key", key, batch_dim), ("value", value, batch_dim),
@@ -240,7 +253,7 @@ def _make_attention_forward(ctx: FusionContext, plain):
             raise FusionUnsupported(f"{type(self).__name__} got a 3-D attn_mask of shape {list(attn_mask.shape)} "
                                     f"for a group of {ctx.rows} samples and {heads} heads")
 
-        if query.device.type in NOISE_DEVICES and plain is nn.MultiheadAttention.forward:  # not a subclass's
+        if query.device.type in NOISE_DEVICES and 0 < self.dropout < 1 and plain is nn.MultiheadAttention.forward:
             return _attention_with_node_noise(self, plain, ctx, query, key, value, args)
 
         def segment(t, k, dim=batch_dim):  # node k's rows of an interleaved tensor (batch at ``dim``)
@@ -265,65 +278,44 @@ def _make_attention_forward(ctx: FusionContext, plain):
     return forward
 
 
-_ATTENTION_PATCH = threading.Lock()  # torch.nn.functional's globals are swapped for one call at a time
+class _NodeNoise(TorchDispatchMode):
+    """While attention runs once on the whole group: its dropout's one draw, ``bernoulli_`` into a
+    contiguous tensor shaped like the group's attention probabilities (``(N, heads, L, S)`` inside
+    ``scaled_dot_product_attention``, ``(N * heads, L, S)`` on the weights with ``need_weights=True``),
+    is replaced by each node's draw from its own generator into its own ``(b, heads, L, S)``, as
+    sequential execution draws it, interleaved like the rows. Everything else runs as ATen runs it.
+    A dispatch mode is per thread: other threads' draws are untouched."""
+
+    def __init__(self, ctx: FusionContext, heads: int):
+        super().__init__()
+        self.ctx, self.heads, self.draws = ctx, heads, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.ops.aten.bernoulli_.float or kwargs.get("generator") is not None:
+            return func(*args, **kwargs)
+        target, keep = args[0], args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        rows, g = self.ctx.rows, self.ctx.groups
+        shapes = {rows: tuple(target.shape[1:]), rows * self.heads: (self.heads, *target.shape[1:])}
+        if target.dim() == 0 or target.shape[0] not in shapes or not target.is_contiguous():
+            return func(*args, **kwargs)  # not the probabilities: counted out by the caller's check
+        self.draws += 1
+        draws = [torch.empty((rows // g, *shapes[target.shape[0]]), dtype=target.dtype, device=target.device)
+                 .bernoulli_(keep, generator=self.ctx.generators[k]) for k in range(g)]
+        return target.copy_(torch.stack(draws, dim=1).reshape(target.shape))
 
 
 def _attention_with_node_noise(module: nn.MultiheadAttention, plain, ctx: FusionContext, query, key, value,
                                args: dict):
-    """One attention call on the whole group whose dropout draws each node's noise (on a CPU).
-
-    ``F.multi_head_attention_forward`` drops attention probabilities in one of two places: inside
-    ``scaled_dot_product_attention`` (``need_weights=False``), where ATen's CPU math kernel draws
-    ``bernoulli_(1 - p)`` into ``empty_like`` of the ``(b, heads, L, S)`` probabilities, or by
-    ``F.dropout`` on the ``(b * heads, L, S)`` weights (``need_weights=True``). For this one call
-    both names are replaced, in ``torch.nn.functional``, by versions that draw node k's noise in
-    that shape from its generator and interleave it like the rows, so the group computes in one
-    call what G per-node calls compute.
-    """
-    g, rows, heads, keep = ctx.groups, ctx.rows, module.num_heads, 1 - module.dropout
-    dropped = []
-
-    def noise(shape, dtype, device):  # (N, *shape): node k's draw for its samples, interleaved like the rows
-        draws = [torch.empty((rows // g, *shape), dtype=dtype, device=device)
-                 .bernoulli_(keep, generator=ctx.generators[k]).div_(keep) for k in range(g)]
-        return torch.stack(draws, dim=1).flatten(0, 1)
-
-    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if dropout_p == 0 or enable_gqa or q.dim() != 4 or q.shape[0] != rows:
-            return sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-        dropped.append("scaled_dot_product_attention")
-        dtype = q.dtype
-        if q.dtype in (torch.float16, torch.bfloat16):  # ATen's CPU math kernel computes these in float32
-            q, k, v = q.float(), k.float(), v.float()
-            attn_mask = attn_mask.float() if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
-        factor = (1 / math.sqrt(q.shape[-1]) if scale is None else scale) ** 0.5  # as ATen scales q and k
-        scores = (q * factor) @ (k.transpose(-2, -1) * factor)
-        if is_causal:
-            attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        if attn_mask is not None:
-            if attn_mask.dtype == torch.bool:
-                attn_mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~attn_mask, -math.inf)
-            scores = scores + attn_mask
-        probabilities = torch._safe_softmax(scores, -1)  # a row with every key masked gives zeros, as ATen's
-        return ((probabilities * noise(probabilities.shape[1:], q.dtype, q.device)) @ v).to(dtype)
-
-    def weights_dropout(input, p=0.5, training=True, inplace=False):
-        if not training or p != module.dropout or input.dim() != 3 or input.shape[0] != rows * heads:
-            return dropout(input, p, training, inplace)
-        dropped.append("dropout")
-        n_noise = noise((heads, *input.shape[1:]), input.dtype, input.device).flatten(0, 1)
-        return input.mul_(n_noise) if inplace else input * n_noise
-
-    sdpa, dropout = F.scaled_dot_product_attention, F.dropout
-    with _ATTENTION_PATCH:
-        F.scaled_dot_product_attention, F.dropout = attention, weights_dropout
-        try:
-            out = plain(module, query, key, value, **args)
-        finally:
-            F.scaled_dot_product_attention, F.dropout = sdpa, dropout
-    if len(dropped) != 1:
-        raise FusionUnsupported(f"{type(module).__name__}: this torch version's attention dropped probabilities "
-                                f"{len(dropped)} times ({dropped}) where fused execution expects once")
+    """One attention call on the whole group whose dropout draws each node's noise (``_NodeNoise``).
+    On a CPU, ATen's attention drops probabilities as ``_dropout_impl`` does: ``bernoulli_(1 - p)``
+    into ``empty_like`` of them, so node k's noise is what its own call would draw."""
+    noise = _NodeNoise(ctx, module.num_heads)
+    with noise:
+        out = plain(module, query, key, value, **args)
+    if noise.draws != 1:
+        raise FusionUnsupported(f"{type(module).__name__}: attention on this torch version drew its dropout noise "
+                                f"{noise.draws} times where fused execution expects once")
     return out
 
 

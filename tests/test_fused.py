@@ -1,6 +1,7 @@
 """Fused execution computes what sequential execution computes (float64, CPU)."""
 
 import functools
+import threading
 import warnings
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import TensorDataset
 
 from vnodes.runtime import InvalidJobSpec, train
@@ -122,6 +124,42 @@ def test_fused_attention_with_dropout_equals_sequential(model, dropout_path):
     assert fused.losses == pytest.approx(seq.losses, rel=1e-9)
     other = train(transformer_spec(model=model, seed=99), steps=6)
     assert rel_err(other.model_state_dict, seq.model_state_dict) > 1e-4
+
+
+def test_fused_attention_noise_is_drawn_for_the_calling_thread_only():
+    """The per-node draw replaces the group's draw in this thread; another thread's dropout meanwhile
+    draws from its default generator as usual."""
+    ctx = fused_module.FusionContext()
+    ctx.groups, ctx.rows = 2, 4
+    ctx.generators = [torch.Generator().manual_seed(k) for k in range(2)]
+    torch.manual_seed(5)
+    expected = F.dropout(torch.ones(8, 3, 3), 0.3)  # (rows * heads, L, S): the shape the mode replaces
+    seen = {}
+
+    def other_thread():
+        torch.manual_seed(5)
+        seen["out"] = F.dropout(torch.ones(8, 3, 3), 0.3)
+
+    with fused_module._NodeNoise(ctx, heads=2) as noise:
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        mine = F.dropout(torch.ones(8, 3, 3), 0.3)
+    assert torch.equal(seen["out"], expected) and noise.draws == 1
+    assert not torch.equal(mine, expected)
+
+
+def test_fused_attention_with_dropout_one_equals_sequential():
+    attention = nn.MultiheadAttention(8, 2, dropout=1.0, batch_first=True).double()
+    batches = [torch.randn(2, 3, 8, dtype=torch.float64) for _ in range(2)]
+    sequential = [attention(x, x, x)[0] for x in batches]
+    ctx = fused_module.FusionContext()
+    fused_module.patch_model(attention, ctx)
+    ctx.groups, ctx.rows, ctx.generators = 2, 4, [torch.Generator().manual_seed(k) for k in range(2)]
+    group = fused_module.interleave_batches(batches)
+    fused = attention(group, group, group)[0]
+    assert torch.isfinite(fused).all()
+    assert torch.allclose(fused, fused_module.interleave_batches(sequential), rtol=1e-12, atol=1e-12)
 
 
 class CausalAttention(nn.Module):
@@ -377,12 +415,31 @@ class PerSampleAttention(nn.Module):
         return self.head(torch.stack([self.attention(s, s, s)[0].mean(dim=0) for s in self.embed(tokens)]))
 
 
+class CheckpointedAttention(nn.Module):
+    """Activation checkpointing: attention with dropout, and a BatchNorm, recomputed during backward."""
+
+    def __init__(self, norm=False):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.attention = nn.MultiheadAttention(16, 2, dropout=0.3 * (not norm), batch_first=True)
+        self.norm = nn.BatchNorm1d(16) if norm else nn.Identity()
+        self.head = nn.Linear(16, 4)
+
+    def block(self, x):
+        return self.norm(self.attention(x, x, x, need_weights=False)[0].mean(dim=1))
+
+    def forward(self, tokens):
+        return self.head(checkpoint(self.block, self.embed(tokens), use_reentrant=False))
+
+
 @pytest.mark.parametrize("model,module", [
     (AmbiguousDropout, "Dropout.*vnodes_layout"), (PerSampleAttention, "MultiheadAttention"),
+    (CheckpointedAttention, "MultiheadAttention ran again during backward"),
+    (functools.partial(CheckpointedAttention, norm=True), "BatchNorm1d ran again during backward"),
     (functools.partial(TwoViews, declared=False), "BatchNorm1d.*vnodes_layout"),  # 2 batches or 2 rows per sample?
     (functools.partial(FlattenedRows, declared=False), "BatchNorm1d.*vnodes_layout"),
     (DrawsByHand, "the forward pass drew random numbers outside Dropout modules")])
-def test_fused_falls_back_where_it_cannot_place_the_samples(model, module):
+def test_fused_falls_back_where_it_cannot_keep_sequential_semantics(model, module):
     def build():
         return model().double()
 
