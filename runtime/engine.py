@@ -30,8 +30,9 @@ from torch import nn
 from .data import BatchKey, BatchLoader, move_batch
 from .errors import InvalidJobSpec, NonFiniteLoss
 from .faults import maybe_fail
-from .fused import (FusionContext, FusionUnsupported, check_fusable, check_no_stray_draws, default_generator_states,
-                    interleave_batches, is_out_of_memory, leading_rows, patch_model, segment_means)
+from .fused import (FusionContext, FusionUnsupported, LayoutUnknown, check_fusable, check_no_stray_draws,
+                    default_generator_states, interleave_batches, is_out_of_memory, leading_rows, patch_model,
+                    segment_means)
 from .graphs import GroupGraphs, unsupported_reason
 from .reduction import Block, Payload, TreeReducer
 from .sampler import VNodeSampler
@@ -203,12 +204,19 @@ class StepEngine:
         return StepPartial(step, grads + (buffer_sum or []) + [loss_sum], [], vnode_losses_f, used)
 
     def _compute_fused(self, step: int, batches: list[tuple[BatchKey, Any]]) -> StepPartial:
-        """Fused execution: groups of virtual nodes as one batch; out of memory -> halve, redo, remember."""
+        """Fused execution: groups of virtual nodes as one batch; out of memory, or a module that cannot
+        place the group's samples -> halve, redo, remember; anything else unsupported -> sequential."""
         while True:
             size = self.group_size or len(batches)
             try:
                 return self._compute_groups(step, batches, size)
             except FusionUnsupported as exc:
+                if isinstance(exc, LayoutUnknown) and size > 1 and self.graphs is None:
+                    self.group_size = size // 2  # a smaller group has other sizes; one node has nothing to place
+                    warnings.warn(f"fused execution runs groups of {self.group_size} virtual nodes from step {step} "
+                                  f"on (were {size}): {exc}", stacklevel=2)
+                    self._discard_attempt()
+                    continue
                 if self.graphs is not None:
                     raise InvalidJobSpec("cuda_graphs", f"replays fused groups, but fused execution cannot run "
                                          f"this model: {exc}; set cuda_graphs=False") from None

@@ -20,8 +20,10 @@ what makes that cheap (see the BatchNorm forward):
 Where the samples are in a tensor a patched module gets (``_locate_rows``): where the module's
 ``vnodes_layout`` says, or inside a transformer layer where its ``batch_first`` says, or else where
 the shape allows exactly one reading (dimension 0 of size N, or dimension 1 of size N of a 3-D
-tensor). Otherwise ``FusionUnsupported`` is raised, and the engine redoes the step, and the rest of
-the job, sequentially (with a warning naming the module and ``vnodes_layout``).
+tensor). Otherwise ``LayoutUnknown`` is raised, and the engine redoes the step with half as many
+nodes per group, and remembers it (with a warning naming the module and ``vnodes_layout``): a
+coincidence such as a sequence length equal to N goes away, and a group of one node has nothing to
+place (its Dropout and attention run as in sequential execution, on its own stream).
 
 Random numbers drawn anywhere else in a forward pass would be one stream for the group: the engine
 compares the default generators' states before and after each group (``check_no_stray_draws``) and
@@ -61,8 +63,14 @@ SAMPLE_WISE = (
 
 
 class FusionUnsupported(VnodesError):
-    """A patched module got an input whose samples it cannot place (e.g. a shape that allows two
-    readings): the engine then runs the job sequentially, with a warning naming the module."""
+    """Fused execution cannot give this model's forward pass per-node semantics (randomness drawn by
+    hand, activation checkpointing): the engine then runs the job sequentially, with a warning."""
+
+
+class LayoutUnknown(FusionUnsupported):
+    """A patched module cannot tell where the group's samples are in its input (e.g. a shape that
+    allows two readings): the engine then halves its group size, down to one node per group, where
+    there is nothing to place."""
 
 
 def check_fusable(model: nn.Module) -> list[str]:
@@ -241,16 +249,19 @@ def _make_attention_forward(ctx: FusionContext, plain):
         if ctx.groups == 0 or not self.training or self.dropout == 0:
             return plain(self, query, key, value, **args)
         _refuse_recomputation(ctx, self)
+        if ctx.groups == 1:  # the node's own call, whatever the shapes (e.g. unbatched, one sample at a time)
+            with _default_generator_as(ctx.generators[0]):
+                return plain(self, query, key, value, **args)
         g, heads = ctx.groups, self.num_heads
         batch_dim = 0 if self.batch_first else 1
         for name, t, dim in (("query", query, batch_dim), ("key", key, batch_dim), ("value", value, batch_dim),
                              ("key_padding_mask", key_padding_mask, 0)):
             if t is not None and (t.dim() <= dim or t.shape[dim] != ctx.rows or (name != "key_padding_mask"
                                                                                   and t.dim() != 3)):
-                raise FusionUnsupported(f"{type(self).__name__} (batch_first={self.batch_first}) got {name} of "
+                raise LayoutUnknown(f"{type(self).__name__} (batch_first={self.batch_first}) got {name} of "
                                         f"shape {list(t.shape)} for a group of {ctx.rows} samples")
         if attn_mask is not None and attn_mask.dim() == 3 and attn_mask.shape[0] != ctx.rows * heads:
-            raise FusionUnsupported(f"{type(self).__name__} got a 3-D attn_mask of shape {list(attn_mask.shape)} "
+            raise LayoutUnknown(f"{type(self).__name__} got a 3-D attn_mask of shape {list(attn_mask.shape)} "
                                     f"for a group of {ctx.rows} samples and {heads} heads")
 
         if query.device.type in NOISE_DEVICES and 0 < self.dropout < 1 and plain is nn.MultiheadAttention.forward:
@@ -382,16 +393,19 @@ def _locate_rows(x: torch.Tensor, ctx: FusionContext, module: nn.Module,
     (dimension 0: each sample's rows together, e.g. ``x.reshape(N * L, E)``) or ``"sequence-first"``
     (dimension 1 of ``(L, N, E)``). Inside a transformer layer its ``batch_first`` says it. Else the
     shape must allow exactly one reading: dimension 0 of size N, or dimension 1 of size N of a 3-D
-    tensor; anything else raises ``FusionUnsupported`` (the engine then runs sequentially).
+    tensor; anything else raises ``LayoutUnknown`` (the engine then runs smaller groups). With one
+    node in the group, all of ``x`` is its own.
     """
     rows = ctx.rows
+    if ctx.groups == 1 and x.dim() >= 1:
+        return 0, 1  # one node: all of the tensor is its own, wherever its samples lie
     layout = getattr(module, "vnodes_layout", None)
     if layout is not None:
         if layout == "sequence-first" and x.dim() >= 2 and x.shape[1] == rows:
             return 1, 1
         if layout != "sequence-first" and x.dim() >= 1 and x.shape[0] % rows == 0 and x.shape[0] > 0:
             return 0, (1 if layout == "batch-first" else x.shape[0] // rows)
-        raise FusionUnsupported(f"{type(module).__name__} with vnodes_layout={layout!r} got an input of shape "
+        raise LayoutUnknown(f"{type(module).__name__} with vnodes_layout={layout!r} got an input of shape "
                                 f"{list(x.shape)} for a group of {rows} samples")
     first = x.dim() >= 1 and x.shape[0] == rows
     second = sequence_first and x.dim() == 3 and x.shape[1] == rows
@@ -400,7 +414,7 @@ def _locate_rows(x: torch.Tensor, ctx: FusionContext, module: nn.Module,
     if first != second:
         return (0, 1) if first else (1, 1)
     readings = "dimension 0 or 1 could hold them" if first else "no dimension holds exactly them"
-    raise FusionUnsupported(
+    raise LayoutUnknown(
         f"{type(module).__name__} got an input of shape {list(x.shape)} for a group of {rows} samples: {readings}. "
         "If the model is right for fused execution, set `vnodes_layout` on that module to 'batch-first' "
         "(dimension 0 holds the samples, or whole batches concatenated along it), 'flattened' (each "

@@ -1,6 +1,7 @@
 """Fused execution computes what sequential execution computes (float64, CPU)."""
 
 import functools
+import re
 import threading
 import warnings
 
@@ -432,12 +433,31 @@ class CheckpointedAttention(nn.Module):
         return self.head(checkpoint(self.block, self.embed(tokens), use_reentrant=False))
 
 
+@pytest.mark.parametrize("model,sizes,module", [
+    (AmbiguousDropout, [2], "Dropout.*vnodes_layout"),  # L = 32 = N: gone with groups of 2 nodes (N = 16)
+    (PerSampleAttention, [2, 1], "MultiheadAttention"),  # unbatched calls: one node per group
+    (functools.partial(TwoViews, declared=False), [2, 1], "BatchNorm1d.*vnodes_layout"),  # 2 batches, or 2 rows each?
+    (functools.partial(FlattenedRows, declared=False), [2, 1], "BatchNorm1d.*vnodes_layout")])
+def test_fused_runs_smaller_groups_where_it_cannot_place_the_samples(model, sizes, module):
+    """Halve the group until the shapes tell where the samples are (one node: nothing to place)."""
+    def build():
+        return model().double()
+
+    seq = train(transformer_spec(model=build), steps=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = train(transformer_spec(model=build, execution="fused"), steps=3)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == len(sizes)
+    for message, size in zip(messages, sizes):
+        assert re.match(f"fused execution runs groups of {size} virtual nodes from step 0 on .*: {module}", message)
+    assert rel_err(fused.model_state_dict, seq.model_state_dict) <= 1e-9
+    assert fused.losses == pytest.approx(seq.losses, rel=1e-9)
+
+
 @pytest.mark.parametrize("model,module", [
-    (AmbiguousDropout, "Dropout.*vnodes_layout"), (PerSampleAttention, "MultiheadAttention"),
     (CheckpointedAttention, "MultiheadAttention ran again during backward"),
     (functools.partial(CheckpointedAttention, norm=True), "BatchNorm1d ran again during backward"),
-    (functools.partial(TwoViews, declared=False), "BatchNorm1d.*vnodes_layout"),  # 2 batches or 2 rows per sample?
-    (functools.partial(FlattenedRows, declared=False), "BatchNorm1d.*vnodes_layout"),
     (DrawsByHand, "the forward pass drew random numbers outside Dropout modules")])
 def test_fused_falls_back_where_it_cannot_keep_sequential_semantics(model, module):
     def build():
