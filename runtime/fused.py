@@ -444,16 +444,20 @@ def _interleave_like(segments: list[torch.Tensor], dim: int, inner: int) -> torc
 
 @contextlib.contextmanager
 def _default_generator_as(generator: torch.Generator):
-    """Let code that draws from the default generator of ``generator``'s device draw from ``generator``."""
+    """Let code that draws from the default generator of ``generator``'s device draw from ``generator``.
+    On CUDA that device is also made the current one: kernels draw from the current device's default."""
     device = generator.device
+    current: contextlib.AbstractContextManager = contextlib.nullcontext()
     if device.type == "cuda":
-        default = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        default, current = torch.cuda.default_generators[index], torch.cuda.device(index)
     else:
         default = torch.default_generator
     saved = default.get_state()
     default.set_state(generator.get_state())
     try:
-        yield
+        with current:
+            yield
     finally:
         generator.set_state(default.get_state())  # the node's stream goes on where the call left it
         default.set_state(saved)
