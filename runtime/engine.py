@@ -207,12 +207,12 @@ class StepEngine:
         """Fused execution: groups of virtual nodes as one batch; out of memory, or a module that cannot
         place the group's samples -> halve, redo, remember; anything else unsupported -> sequential."""
         while True:
-            size = self.group_size or len(batches)
+            size = min(self.group_size or len(batches), len(batches))
             try:
                 return self._compute_groups(step, batches, size)
             except FusionUnsupported as exc:
                 if isinstance(exc, LayoutUnknown) and size > 1 and self.graphs is None:
-                    self.group_size = size // 2  # a smaller group has other sizes; one node has nothing to place
+                    self.group_size = size // 2 if exc.ambiguous else 1  # one node has nothing to place
                     warnings.warn(f"fused execution runs groups of {self.group_size} virtual nodes from step {step} "
                                   f"on (were {size}): {exc}", stacklevel=2)
                     self._discard_attempt()

@@ -20,10 +20,11 @@ what makes that cheap (see the BatchNorm forward):
 Where the samples are in a tensor a patched module gets (``_locate_rows``): where the module's
 ``vnodes_layout`` says, or inside a transformer layer where its ``batch_first`` says, or else where
 the shape allows exactly one reading (dimension 0 of size N, or dimension 1 of size N of a 3-D
-tensor). Otherwise ``LayoutUnknown`` is raised, and the engine redoes the step with half as many
-nodes per group, and remembers it (with a warning naming the module and ``vnodes_layout``): a
-coincidence such as a sequence length equal to N goes away, and a group of one node has nothing to
-place (its Dropout and attention run as in sequential execution, on its own stream).
+tensor). Otherwise ``LayoutUnknown`` is raised, and the engine redoes the step with smaller groups,
+and remembers it (with a warning naming the module and ``vnodes_layout``): half as many nodes where
+two readings were possible (a coincidence such as a sequence length equal to N goes away), else one
+node per group, which has nothing to place (its Dropout and attention run as in sequential
+execution, on its own stream).
 
 Random numbers drawn anywhere else in a forward pass would be one stream for the group: the engine
 compares the default generators' states before and after each group (``check_no_stray_draws``) and
@@ -68,9 +69,15 @@ class FusionUnsupported(VnodesError):
 
 
 class LayoutUnknown(FusionUnsupported):
-    """A patched module cannot tell where the group's samples are in its input (e.g. a shape that
-    allows two readings): the engine then halves its group size, down to one node per group, where
-    there is nothing to place."""
+    """A patched module cannot tell where the group's samples are in its input. ``ambiguous``: the
+    shape allows two readings (dimensions 0 and 1 both of size N), and half the group tells them
+    apart (the batch dimension halves, the other does not); the engine then halves its group size.
+    Otherwise a smaller group could only match by coincidence: the engine runs one node per group,
+    where there is nothing to place."""
+
+    def __init__(self, message: str, ambiguous: bool = False):
+        super().__init__(message)
+        self.ambiguous = ambiguous
 
 
 def check_fusable(model: nn.Module) -> list[str]:
@@ -230,6 +237,10 @@ def _make_dropout_forward(ctx: FusionContext, plain):
             noise = _interleave_like([torch.empty_like(part).bernoulli_(keep, generator=ctx.generators[k]).div_(keep)
                                       .flatten(dim, dim + 1) for k, part in enumerate(parts)], dim, inner)
             return x.mul_(noise) if self.inplace else x * noise
+        if not _alignment_known(x, ctx.groups):
+            raise LayoutUnknown(f"{type(self).__name__} got a dense tensor that starts {x.storage_offset()} elements "
+                                "into its storage: where a node's own tensor would start in sequential execution "
+                                "(and so the mask a GPU's dropout kernel draws) is not certain")
         outputs = []
         for k, part in enumerate(parts):
             segment = _laid_out_alone(x, part, dim, inner)
@@ -364,6 +375,20 @@ def _laid_out_alone(x: torch.Tensor, part: torch.Tensor, dim: int, inner: int) -
     return node.copy_(part.flatten(dim, dim + 1))
 
 
+def _alignment_known(x: torch.Tensor, groups: int) -> bool:
+    """Whether a node's own tensor in sequential execution surely starts at ``x``'s address modulo
+    ``ALIGNMENT``. Only a dense tensor's alignment matters (a GPU's dropout kernel vectorises only
+    those), and a dense tensor that does not start its storage is a slice of an outer dimension:
+    of the batch, or of one outside it (``(L, N, E)[1:]``, ``qkv.unbind(0)``), whose offset then
+    scales with the batch, or one within a single sample's rows. Certain when both agree."""
+    offset = x.storage_offset()
+    if offset == 0 or not is_dense(x):
+        return True
+    size = x.element_size()
+    start = x.data_ptr() - offset * size
+    return offset % groups == 0 and (start + offset * size // groups) % ALIGNMENT == x.data_ptr() % ALIGNMENT
+
+
 def is_dense(t: torch.Tensor) -> bool:
     """ATen's ``is_non_overlapping_and_dense``: the elements fill a block of memory, each once, in
     some order of the dimensions (size-1 dimensions do not count)."""
@@ -419,7 +444,7 @@ def _locate_rows(x: torch.Tensor, ctx: FusionContext, module: nn.Module,
         "If the model is right for fused execution, set `vnodes_layout` on that module to 'batch-first' "
         "(dimension 0 holds the samples, or whole batches concatenated along it), 'flattened' (each "
         "sample's rows together, as x.reshape(N * L, ...) gives)" + (" or 'sequence-first' (dimension 1)"
-                                                                       if sequence_first else ""))
+                                                                       if sequence_first else ""), ambiguous=first)
 
 
 def _segments(x: torch.Tensor, dim: int, inner: int, g: int) -> list[torch.Tensor]:

@@ -127,6 +127,26 @@ def test_fused_attention_with_dropout_equals_sequential(model, dropout_path):
     assert rel_err(other.model_state_dict, seq.model_state_dict) > 1e-4
 
 
+@pytest.mark.parametrize("features,known", [(12, False), (16, True)])
+def test_a_gpu_dropout_input_whose_alignment_alone_is_uncertain_is_refused(features, known, monkeypatch):
+    """(L, N, E)[1:] starts N * E elements into its storage; alone, a node's own starts b * E in.
+    3 nodes of 1 float32 sample of 12 features: 144 against 48 bytes, 16 and 48 modulo 64, so a GPU's
+    dropout kernel could vectorise differently: refused (the engine then runs one node per group).
+    With 16 features: 192 and 64 bytes, both 0 modulo 64: run as usual."""
+    monkeypatch.setattr(fused_module, "NOISE_DEVICES", set())  # the per-node call path of non-CPU devices
+    drop = nn.Dropout(0.5)
+    ctx = fused_module.FusionContext()
+    fused_module.patch_model(drop, ctx)
+    ctx.groups, ctx.rows, ctx.generators = 3, 3, [torch.Generator().manual_seed(k) for k in range(3)]
+    x = torch.randn(5, 3, features)[1:]
+    assert fused_module.is_dense(x) and x.storage_offset() == 3 * features
+    if known:
+        assert drop(x).shape == x.shape
+    else:
+        with pytest.raises(fused_module.LayoutUnknown, match="starts 36 elements into its storage"):
+            drop(x)
+
+
 def test_fused_attention_noise_is_drawn_for_the_calling_thread_only():
     """The per-node draw replaces the group's draw in this thread; another thread's dropout meanwhile
     draws from its default generator as usual."""
@@ -389,6 +409,47 @@ def test_fused_finds_the_batch_in_other_layouts(model, nodes, dropout_path):
     assert rel_err(fused.model_state_dict, seq.model_state_dict) <= 1e-9
 
 
+class TransposedDropout(nn.Module):
+    """Dropout on a feature-major (E, N) tensor with E = 16: half a group of 32 samples would match E."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, tokens):
+        return self.head(self.drop(self.embed(tokens).mean(dim=1).T).T)
+
+
+class HeadsDropout(nn.Module):
+    """Dropout on (N * L, 16, 2): 16 heads, each sample's rows together; undeclared."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 32)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, tokens):
+        n, length = tokens.shape
+        return self.head(self.drop(self.embed(tokens).reshape(n * length, 16, 2)).reshape(n, length, 32).mean(dim=1))
+
+
+class PerSampleDropout(nn.Module):
+    """Dropout called on one sample's (16, E) tokens at a time."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, tokens):
+        h = self.embed(torch.cat([tokens, tokens[:, :4]], dim=1))
+        return self.head(torch.stack([self.drop(s).mean(dim=0) for s in h]))
+
+
 class AmbiguousDropout(nn.Module):
     """Dropout on (N, L, E) with L equal to the group's sample count: either dimension could be the batch."""
 
@@ -435,11 +496,15 @@ class CheckpointedAttention(nn.Module):
 
 @pytest.mark.parametrize("model,sizes,module", [
     (AmbiguousDropout, [2], "Dropout.*vnodes_layout"),  # L = 32 = N: gone with groups of 2 nodes (N = 16)
-    (PerSampleAttention, [2, 1], "MultiheadAttention"),  # unbatched calls: one node per group
-    (functools.partial(TwoViews, declared=False), [2, 1], "BatchNorm1d.*vnodes_layout"),  # 2 batches, or 2 rows each?
-    (functools.partial(FlattenedRows, declared=False), [2, 1], "BatchNorm1d.*vnodes_layout")])
+    (PerSampleAttention, [1], "MultiheadAttention"),  # unbatched calls: one node per group
+    (functools.partial(TwoViews, declared=False), [1], "BatchNorm1d.*vnodes_layout"),  # 2 batches, or 2 rows each?
+    (functools.partial(FlattenedRows, declared=False), [1], "BatchNorm1d.*vnodes_layout"),
+    # No dimension of size N: a smaller group would match one by coincidence (16 features, heads, tokens).
+    (TransposedDropout, [1], "Dropout.*no dimension"), (HeadsDropout, [1], "Dropout.*no dimension"),
+    (PerSampleDropout, [1], "Dropout.*no dimension")])
 def test_fused_runs_smaller_groups_where_it_cannot_place_the_samples(model, sizes, module):
-    """Halve the group until the shapes tell where the samples are (one node: nothing to place)."""
+    """Two readings of a shape: halve the group (the batch dimension halves, the other does not).
+    No reading: one node per group, which has nothing to place."""
     def build():
         return model().double()
 
@@ -453,6 +518,15 @@ def test_fused_runs_smaller_groups_where_it_cannot_place_the_samples(model, size
         assert re.match(f"fused execution runs groups of {size} virtual nodes from step 0 on .*: {module}", message)
     assert rel_err(fused.model_state_dict, seq.model_state_dict) <= 1e-9
     assert fused.losses == pytest.approx(seq.losses, rel=1e-9)
+
+
+def test_a_pinned_group_size_above_the_workers_nodes_counts_as_all_of_them():
+    def build():
+        return AmbiguousDropout().double()
+
+    with pytest.warns(UserWarning, match=r"runs groups of 2 virtual nodes from step 0 on \(were 4\)") as caught:
+        train(transformer_spec(model=build, execution="fused", fused_group_size=8), steps=2)
+    assert len(caught) == 1
 
 
 @pytest.mark.parametrize("model,module", [
