@@ -41,7 +41,7 @@ def serve_master(n_workers: int, steps: int, port_box, step_box, done_box, switc
     server.stop(1)
 
 
-async def simulated_worker(address: str, ready: "asyncio.Event", registered: list) -> None:
+async def simulated_worker(address: str, ready: "asyncio.Event", registered: list, steps: int) -> None:
     """One worker's control traffic, as ``runtime/master_client.py`` sends it, without torch."""
     import grpc
 
@@ -59,25 +59,29 @@ async def simulated_worker(address: str, ready: "asyncio.Event", registered: lis
         registered.append(wid)
         await ready.wait()
         held, plan = 0, None
-        while True:
-            if plan is None:
-                plan = await stub.GetPlan(pb.PlanRequest(worker_id=wid, held_step=held, checkpoint_step=-1),
-                                          timeout=120)
-            if plan.kind == pb.Plan.STOP:
-                break
-            if plan.kind != pb.Plan.RUN:
-                plan = None
-                continue
-            await session.write(pb.WorkerMessage(commit=pb.CommitRequest(
-                membership_epoch=plan.membership_epoch, step=plan.step, ok=True, loss=1.0, step_time_s=0.01)))
-            reply = (await session.read()).commit_reply
-            if reply.decision == pb.CommitReply.COMMIT:
-                held = plan.step + 1
-            plan = reply.next if reply.HasField("next") else None  # the next plan rides on the commit
-        await session.done_writing()
+        try:
+            while True:
+                if plan is None:
+                    plan = await stub.GetPlan(pb.PlanRequest(worker_id=wid, held_step=held, checkpoint_step=-1),
+                                              timeout=120)
+                if plan.kind == pb.Plan.STOP:
+                    break
+                if plan.kind != pb.Plan.RUN:
+                    plan = None
+                    continue
+                await session.write(pb.WorkerMessage(commit=pb.CommitRequest(
+                    membership_epoch=plan.membership_epoch, step=plan.step, ok=True, loss=1.0, step_time_s=0.01)))
+                reply = (await session.read()).commit_reply
+                if reply.decision == pb.CommitReply.COMMIT:
+                    held = plan.step + 1
+                plan = reply.next if reply.HasField("next") else None  # the next plan rides on the commit
+            await session.done_writing()
+        except grpc.aio.AioRpcError as exc:  # the master stops once its last step is measured
+            if exc.code() not in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE) or held < steps:
+                raise
 
 
-def run_workers(address: str, n_workers: int, switch_s: float) -> None:
+def run_workers(address: str, n_workers: int, steps: int, switch_s: float) -> None:
     """A process of simulated workers: one asyncio loop drives all their streams."""
     import asyncio
 
@@ -85,7 +89,7 @@ def run_workers(address: str, n_workers: int, switch_s: float) -> None:
 
     async def main():
         ready, registered = asyncio.Event(), []
-        tasks = [asyncio.ensure_future(simulated_worker(address, ready, registered)) for _ in range(n_workers)]
+        tasks = [asyncio.ensure_future(simulated_worker(address, ready, registered, steps)) for _ in range(n_workers)]
         while len(registered) < n_workers:
             await asyncio.sleep(0.05)
         ready.set()
@@ -111,7 +115,8 @@ def measure(n_workers: int, steps: int, switch_s: float = 0.005, client_processe
         time.sleep(0.05)
     address = f"127.0.0.1:{port_box.value}"
     shares = [n_workers // client_processes + (i < n_workers % client_processes) for i in range(client_processes)]
-    clients = [ctx.Process(target=run_workers, args=(address, share, switch_s), daemon=True) for share in shares]
+    clients = [ctx.Process(target=run_workers, args=(address, share, steps, switch_s), daemon=True)
+               for share in shares]
     for c in clients:
         c.start()
     procs = [psutil.Process(c.pid) for c in clients]
