@@ -23,8 +23,10 @@ Needs only torch (no Ray, no torchvision). Rows, side by side in this one proces
   rows run last and a failure is printed in the table, not raised, so that one lent GPU session
   gets every other row;
 - fused against sequential execution in float64 on the GPU, where per-node random streams come
-  from the device's generator: a ResNet with Dropout, and transformer encoder layers with attention
-  dropout (run per node by fused mode); largest relative difference of the weights after 3 steps.
+  from the device's generator: a ResNet with Dropout, transformer encoder layers with attention
+  dropout (run per node by fused mode), and Dropout on slices (non-dense, and dense but not
+  contiguous: CUDA's dropout kernel draws by layout); largest relative difference of the weights
+  after 3 steps.
 """
 
 from __future__ import annotations
@@ -208,19 +210,21 @@ class _DropoutResNet(nn.Module):
 
 
 class _SlicedDropout(nn.Module):
-    """Dropout on non-dense inputs, one of them 17 elements past an aligned address: CUDA's dropout
-    kernel draws by layout, so fused mode's per-node copies must be laid out as sequential's tensors."""
+    """Dropout on non-dense inputs (a position's slice; the second half of a chunk, 17 elements past
+    an aligned address) and on a dense, sequence-first, non-contiguous view: CUDA's dropout kernel
+    draws by layout, so fused mode's per-node copies must be laid out as sequential's tensors."""
 
     def __init__(self, vocab=64, dim=34):
         super().__init__()
         self.embed, self.mix = nn.Embedding(vocab, dim), nn.Linear(dim, dim)
         self.drop = nn.Dropout(0.3)
-        self.head = nn.Linear(dim + dim // 2, 10)
+        self.head = nn.Linear(2 * dim + dim // 2, 10)
 
     def forward(self, tokens):
         h = self.mix(self.embed(tokens))
         first, half = self.drop(h[:, 0]), self.drop(h.chunk(2, dim=-1)[1])
-        return self.head(torch.cat([first, half.mean(dim=1)], dim=-1))
+        transposed = self.drop(h.transpose(0, 1)).mean(dim=0)  # (L, N, E): batch at dimension 1
+        return self.head(torch.cat([first, half.mean(dim=1), transposed], dim=-1))
 
 
 def _token_classes(n):

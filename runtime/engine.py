@@ -204,8 +204,9 @@ class StepEngine:
         return StepPartial(step, grads + (buffer_sum or []) + [loss_sum], [], vnode_losses_f, used)
 
     def _compute_fused(self, step: int, batches: list[tuple[BatchKey, Any]]) -> StepPartial:
-        """Fused execution: groups of virtual nodes as one batch; out of memory, or a module that cannot
-        place the group's samples -> halve, redo, remember; anything else unsupported -> sequential."""
+        """Fused execution: groups of virtual nodes as one batch. Out of memory, or a shape with two
+        readings -> halve the group, redo, remember; a module that cannot place the group's samples
+        otherwise -> one node per group; anything else unsupported -> sequential from this step on."""
         while True:
             size = min(self.group_size or len(batches), len(batches))
             try:
@@ -213,8 +214,9 @@ class StepEngine:
             except FusionUnsupported as exc:
                 if isinstance(exc, LayoutUnknown) and size > 1 and self.graphs is None:
                     self.group_size = size // 2 if exc.ambiguous else 1  # one node has nothing to place
-                    warnings.warn(f"fused execution runs groups of {self.group_size} virtual nodes from step {step} "
-                                  f"on (were {size}): {exc}", stacklevel=2)
+                    warnings.warn(f"fused execution runs groups of {self.group_size} virtual node(s) from step {step} "
+                                  f"on (were {size}; fused_group_size={self.group_size} skips this redo): {exc}",
+                                  stacklevel=2)
                     self._discard_attempt()
                     continue
                 if self.graphs is not None:

@@ -21,14 +21,15 @@ Where the samples are in a tensor a patched module gets (``_locate_rows``): wher
 ``vnodes_layout`` says, or inside a transformer layer where its ``batch_first`` says, or else where
 the shape allows exactly one reading (dimension 0 of size N, or dimension 1 of size N of a 3-D
 tensor). Otherwise ``LayoutUnknown`` is raised, and the engine redoes the step with smaller groups,
-and remembers it (with a warning naming the module and ``vnodes_layout``): half as many nodes where
+and remembers it (with a warning naming the module and, for BatchNorm and Dropout, ``vnodes_layout``): half as many nodes where
 two readings were possible (a coincidence such as a sequence length equal to N goes away), else one
 node per group, which has nothing to place (its Dropout and attention run as in sequential
 execution, on its own stream).
 
 Random numbers drawn anywhere else in a forward pass would be one stream for the group: the engine
-compares the default generators' states before and after each group (``check_no_stray_draws``) and
-falls back the same way if they moved.
+compares the default generators' states before and after each group (``check_no_stray_draws``) and,
+if they moved, runs the job sequentially from that step on (with a warning). So it does when
+activation checkpointing runs a patched module again during backward (``_refuse_recomputation``).
 
 The modules are patched in place (their ``forward`` only), so parameter and buffer names, and so
 checkpoints, stay those of the user's model. Leaf modules that are not known to be sample-wise make
@@ -121,7 +122,8 @@ def _refuse_recomputation(ctx: FusionContext, module: nn.Module) -> None:
     if ctx.in_backward:
         raise FusionUnsupported(f"{type(module).__name__} ran again during backward (activation checkpointing "
                                 "recomputes it): fused execution cannot replay its per-node random streams "
-                                "and statistics")
+                                "and statistics; keep it outside torch.utils.checkpoint, or use "
+                                "execution='sequential'")
 
 
 def patch_model(model: nn.Module, ctx: FusionContext) -> None:
@@ -237,10 +239,11 @@ def _make_dropout_forward(ctx: FusionContext, plain):
             noise = _interleave_like([torch.empty_like(part).bernoulli_(keep, generator=ctx.generators[k]).div_(keep)
                                       .flatten(dim, dim + 1) for k, part in enumerate(parts)], dim, inner)
             return x.mul_(noise) if self.inplace else x * noise
-        if not _alignment_known(x, ctx.groups):
+        if x.device.type not in NOISE_DEVICES and not _alignment_known(x, ctx.groups):
             raise LayoutUnknown(f"{type(self).__name__} got a dense tensor that starts {x.storage_offset()} elements "
                                 "into its storage: where a node's own tensor would start in sequential execution "
-                                "(and so the mask a GPU's dropout kernel draws) is not certain")
+                                "(and so the mask a GPU's dropout kernel draws) is not certain; one node per group "
+                                "is exact (fused_group_size=1 skips this redo)")
         outputs = []
         for k, part in enumerate(parts):
             segment = _laid_out_alone(x, part, dim, inner)
@@ -270,10 +273,12 @@ def _make_attention_forward(ctx: FusionContext, plain):
             if t is not None and (t.dim() <= dim or t.shape[dim] != ctx.rows or (name != "key_padding_mask"
                                                                                   and t.dim() != 3)):
                 raise LayoutUnknown(f"{type(self).__name__} (batch_first={self.batch_first}) got {name} of "
-                                        f"shape {list(t.shape)} for a group of {ctx.rows} samples")
+                                    f"shape {list(t.shape)} for a group of {ctx.rows} samples; one node per group "
+                                    "is exact (fused_group_size=1 skips this redo)")
         if attn_mask is not None and attn_mask.dim() == 3 and attn_mask.shape[0] != ctx.rows * heads:
             raise LayoutUnknown(f"{type(self).__name__} got a 3-D attn_mask of shape {list(attn_mask.shape)} "
-                                    f"for a group of {ctx.rows} samples and {heads} heads")
+                                f"for a group of {ctx.rows} samples and {heads} heads; one node per group is exact "
+                                "(fused_group_size=1 skips this redo)")
 
         if query.device.type in NOISE_DEVICES and 0 < self.dropout < 1 and plain is nn.MultiheadAttention.forward:
             return _attention_with_node_noise(self, plain, ctx, query, key, value, args)
@@ -337,7 +342,8 @@ def _attention_with_node_noise(module: nn.MultiheadAttention, plain, ctx: Fusion
         out = plain(module, query, key, value, **args)
     if noise.draws != 1:
         raise FusionUnsupported(f"{type(module).__name__}: attention on this torch version drew its dropout noise "
-                                f"{noise.draws} times where fused execution expects once")
+                                f"{noise.draws} times where fused execution expects once; use "
+                                "execution='sequential' (and please report the torch version)")
     return out
 
 
@@ -431,7 +437,7 @@ def _locate_rows(x: torch.Tensor, ctx: FusionContext, module: nn.Module,
         if layout != "sequence-first" and x.dim() >= 1 and x.shape[0] % rows == 0 and x.shape[0] > 0:
             return 0, (1 if layout == "batch-first" else x.shape[0] // rows)
         raise LayoutUnknown(f"{type(module).__name__} with vnodes_layout={layout!r} got an input of shape "
-                                f"{list(x.shape)} for a group of {rows} samples")
+                            f"{list(x.shape)} for a group of {rows} samples; check that layout")
     first = x.dim() >= 1 and x.shape[0] == rows
     second = sequence_first and x.dim() == 3 and x.shape[1] == rows
     if ctx.batch_dim is not None and (first, second)[ctx.batch_dim]:  # inside a layer that says where it is

@@ -53,8 +53,9 @@ class JobSpec:
         execution: ``"sequential"`` runs a worker's virtual nodes one after another; ``"fused"``
             runs them as one batch with per-node BatchNorm statistics and Dropout streams (same math
             within float rounding, fewer kernel launches; batch dimension first; fast mode only).
-        fused_group_size: virtual nodes per fused batch; ``None``: all of a worker's, halved (and
-            remembered) on out-of-memory.
+        fused_group_size: virtual nodes per fused batch; ``None``: all of a worker's. Either way the
+            engine makes it smaller (and remembers it) on out-of-memory, or where a module cannot
+            tell where the group's samples are (``runtime/fused.py``).
         cuda_graphs: replay each fused group's forward and backward from a CUDA graph captured once
             per group shape (``execution="fused"`` on a CUDA device; ``fused_group_size=1`` replays
             one node at a time). Same math; see ``runtime/graphs.py`` for what cannot be captured.
