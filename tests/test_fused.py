@@ -374,14 +374,23 @@ class SubclassedDropout(nn.Module):
         return self.head(self.drop(self.embed(tokens)).mean(dim=1))
 
 
-class SlicedDropout(nn.Module):
+class DropoutProbe(nn.Module):
+    """Tokens -> embedding (``dim``) -> 4 classes from ``head_in`` features, with a Dropout that each
+    subclass's forward applies to a tensor of some layout: the models below differ only in that."""
+
+    def __init__(self, dim=16, head_in=None):
+        super().__init__()
+        self.embed = nn.Embedding(32, dim)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(head_in or dim, 4)
+
+
+class SlicedDropout(DropoutProbe):
     """Dropout on non-dense inputs (a position's slice, the second half of a chunk)."""
 
     def __init__(self):
-        super().__init__()
-        self.embed, self.mix = nn.Embedding(32, 18), nn.Linear(18, 18)
-        self.drop = nn.Dropout(0.3)
-        self.head = nn.Linear(27, 4)
+        super().__init__(dim=18, head_in=27)
+        self.mix = nn.Linear(18, 18)
 
     def forward(self, tokens):
         h = self.mix(self.embed(tokens))
@@ -417,55 +426,34 @@ def test_fused_finds_the_batch_in_other_layouts(model, nodes, dropout_path):
     assert rel_err(fused.model_state_dict, seq.model_state_dict) <= 1e-9
 
 
-class TransposedDropout(nn.Module):
+class TransposedDropout(DropoutProbe):
     """Dropout on a feature-major (E, N) tensor with E = 16: half a group of 32 samples would match E."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(32, 16)
-        self.drop = nn.Dropout(0.3)
-        self.head = nn.Linear(16, 4)
 
     def forward(self, tokens):
         return self.head(self.drop(self.embed(tokens).mean(dim=1).T).T)
 
 
-class HeadsDropout(nn.Module):
+class HeadsDropout(DropoutProbe):
     """Dropout on (N * L, 16, 2): 16 heads, each sample's rows together; undeclared."""
 
     def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(32, 32)
-        self.drop = nn.Dropout(0.3)
-        self.head = nn.Linear(32, 4)
+        super().__init__(dim=32)
 
     def forward(self, tokens):
         n, length = tokens.shape
         return self.head(self.drop(self.embed(tokens).reshape(n * length, 16, 2)).reshape(n, length, 32).mean(dim=1))
 
 
-class PerSampleDropout(nn.Module):
+class PerSampleDropout(DropoutProbe):
     """Dropout called on one sample's (16, E) tokens at a time."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(32, 16)
-        self.drop = nn.Dropout(0.3)
-        self.head = nn.Linear(16, 4)
 
     def forward(self, tokens):
         h = self.embed(torch.cat([tokens, tokens[:, :4]], dim=1))
         return self.head(torch.stack([self.drop(s).mean(dim=0) for s in h]))
 
 
-class AmbiguousDropout(nn.Module):
+class AmbiguousDropout(DropoutProbe):
     """Dropout on (N, L, E) with L equal to the group's sample count: either dimension could be the batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(32, 16)
-        self.drop = nn.Dropout(0.3)
-        self.head = nn.Linear(16, 4)
 
     def forward(self, tokens):
         h = self.embed(tokens.repeat(1, 3)[:, :32])  # L = 32 = N of a fused group of 4 x 8
