@@ -365,14 +365,11 @@ def _laid_out_alone(x: torch.Tensor, part: torch.Tensor, dim: int, inner: int) -
     shape = list(x.shape)
     shape[dim] = part.shape[dim] * inner
     if is_dense(x):
-        order = sorted(range(x.dim()), key=lambda d: -x.stride(d))  # outermost first
-        stride, size = [0] * x.dim(), 1
-        for d in reversed(order):
-            stride[d], size = size, size * shape[d]
+        stride = _dense_strides(x, shape)
     elif all(s > 0 or n == 1 for n, s in zip(x.shape, x.stride())):
         stride = list(x.stride())
     else:  # overlapping (expanded): non-dense, with gaps instead
-        stride = [2 * s for s in torch.empty(shape, device="meta").stride()]
+        stride = [2 * s for s in _dense_strides(x, shape)]
     misaligned = x.data_ptr() % ALIGNMENT
     offset = misaligned // x.element_size() if misaligned % x.element_size() == 0 else 0
     extent = 0 if 0 in shape else 1 + sum((n - 1) * s for n, s in zip(shape, stride))
@@ -406,10 +403,18 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _dense_strides(t: torch.Tensor, shape: list[int]) -> list[int]:
+    """The strides of a dense tensor of ``shape`` whose dimensions lie in memory in the order of ``t``'s."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # outermost first (stable for size-1 dims)
+    strides, size = [0] * t.dim(), 1
+    for d in reversed(order):
+        strides[d], size = size, size * shape[d]
+    return strides
+
+
 def _dense_like(t: torch.Tensor, shape: list[int]) -> torch.Tensor:
     """An empty dense tensor of ``shape`` whose dimensions lie in memory in the order of ``t``'s strides."""
-    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # outermost first (stable for size-1 dims)
-    return t.new_empty([shape[d] for d in order]).permute([order.index(d) for d in range(t.dim())])
+    return t.new_empty_strided(shape, _dense_strides(t, shape))
 
 
 LAYOUTS = ("batch-first", "flattened", "sequence-first")  # the values of a module's ``vnodes_layout``
