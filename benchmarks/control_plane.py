@@ -16,6 +16,7 @@ import argparse
 import multiprocessing as mp
 import statistics
 import sys
+import struct
 import time
 
 import psutil
@@ -29,7 +30,7 @@ def serve_master(n_workers: int, steps: int, port_box, step_box, done_box, switc
     from vnodes.scheduler.servicer import MasterServicer, serve
 
     master = Master(n_workers, steps, expected_workers=n_workers, start_grace_s=120, heartbeat_timeout_s=60)
-    server, port = serve(MasterServicer(master, b"", "127.0.0.1", 1, "/tmp", 0))
+    server, port = serve(MasterServicer(master, b"", "/tmp", 0))
     port_box.value = port
     master.wait(lambda m: m.step >= steps // 5, timeout_s=600)
     step_box.value = steps // 5
@@ -51,26 +52,29 @@ async def simulated_worker(address: str, ready: "asyncio.Event", registered: lis
 
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.MasterStub(channel)
-        wid = (await stub.Register(pb.RegisterRequest(worker=pb.WorkerDescription(host="sim", pid=1),
-                                                      protocol_version=PROTOCOL_VERSION),
-                                   timeout=60)).worker_id
+        reg = await stub.Register(pb.RegisterRequest(worker=pb.WorkerDescription(host="sim", pid=1),
+                                                      protocol_version=PROTOCOL_VERSION), timeout=60)
+        wid, key = reg.worker_id, reg.session_key
         session = stub.Session()
-        await session.write(pb.WorkerMessage(worker_id=wid, heartbeat=pb.Heartbeat()))
+        await session.write(pb.WorkerMessage(worker_id=wid, session_key=key, heartbeat=pb.Heartbeat()))
         registered.append(wid)
         await ready.wait()
-        held, plan = 0, None
+        held, plan, vnodes = 0, None, []
         try:
             while True:
                 if plan is None:
-                    plan = await stub.GetPlan(pb.PlanRequest(worker_id=wid, held_step=held, checkpoint_step=-1),
-                                              timeout=120)
+                    plan = await stub.GetPlan(pb.PlanRequest(worker_id=wid, session_key=key, held_step=held,
+                                                             checkpoint_step=-1), timeout=120)
                 if plan.kind == pb.Plan.STOP:
                     break
                 if plan.kind != pb.Plan.RUN:
                     plan = None
                     continue
+                if not plan.members_unchanged:
+                    vnodes = next(list(m.vnodes) for m in plan.members if m.worker_id == wid)
                 await session.write(pb.WorkerMessage(commit=pb.CommitRequest(
-                    membership_epoch=plan.membership_epoch, step=plan.step, ok=True, loss=1.0, step_time_s=0.01)))
+                    membership_epoch=plan.membership_epoch, step=plan.step, ok=True, loss=1.0, step_time_s=0.01,
+                    vnodes=vnodes, vnode_losses=struct.pack(f"<{len(vnodes)}d", *[1.0] * len(vnodes)))))
                 reply = (await session.read()).commit_reply
                 if reply.decision == pb.CommitReply.COMMIT:
                     held = plan.step + 1

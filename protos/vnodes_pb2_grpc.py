@@ -64,13 +64,29 @@ class MasterStub:
                 request_serializer=vnodes__pb2.StatusRequest.SerializeToString,
                 response_deserializer=vnodes__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.GetCode = channel.unary_stream(
+                '/vnodes.v1.Master/GetCode',
+                request_serializer=vnodes__pb2.CodeRequest.SerializeToString,
+                response_deserializer=vnodes__pb2.CodeChunk.FromString,
+                _registered_method=True)
+        self.EpochStatus = channel.unary_unary(
+                '/vnodes.v1.Master/EpochStatus',
+                request_serializer=vnodes__pb2.EpochStatusRequest.SerializeToString,
+                response_deserializer=vnodes__pb2.EpochStatusReply.FromString,
+                _registered_method=True)
+        self.Store = channel.unary_unary(
+                '/vnodes.v1.Master/Store',
+                request_serializer=vnodes__pb2.StoreRequest.SerializeToString,
+                response_deserializer=vnodes__pb2.StoreReply.FromString,
+                _registered_method=True)
 
 
 class MasterServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Register(self, request, context):
-        """Join the job. The reply carries the pickled JobSpec and where the rendezvous store listens.
+        """Join the job. The reply carries the pickled JobSpec, the job's code package and this
+        registration's secret.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,6 +132,30 @@ class MasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCode(self, request, context):
+        """The job's code (the job file's folder, packed once), in chunks, for an admitted worker that
+        does not have that digest in its cache yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EpochStatus(self, request, context):
+        """Membership of an epoch's rendezvous: arrive, and learn whether the master moved on (a member
+        waiting for a vanished peer leaves when it did). Decided by the master alone, never by a store value.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Store(self, request, context):
+        """The key-value store torch.distributed's own rendezvous needs (gloo's and NCCL's address
+        exchange), for admitted workers only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +188,21 @@ def add_MasterServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=vnodes__pb2.StatusRequest.FromString,
                     response_serializer=vnodes__pb2.StatusReply.SerializeToString,
+            ),
+            'GetCode': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetCode,
+                    request_deserializer=vnodes__pb2.CodeRequest.FromString,
+                    response_serializer=vnodes__pb2.CodeChunk.SerializeToString,
+            ),
+            'EpochStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.EpochStatus,
+                    request_deserializer=vnodes__pb2.EpochStatusRequest.FromString,
+                    response_serializer=vnodes__pb2.EpochStatusReply.SerializeToString,
+            ),
+            'Store': grpc.unary_unary_rpc_method_handler(
+                    servicer.Store,
+                    request_deserializer=vnodes__pb2.StoreRequest.FromString,
+                    response_serializer=vnodes__pb2.StoreReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +367,87 @@ class Master:
             '/vnodes.v1.Master/Status',
             vnodes__pb2.StatusRequest.SerializeToString,
             vnodes__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vnodes.v1.Master/GetCode',
+            vnodes__pb2.CodeRequest.SerializeToString,
+            vnodes__pb2.CodeChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EpochStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vnodes.v1.Master/EpochStatus',
+            vnodes__pb2.EpochStatusRequest.SerializeToString,
+            vnodes__pb2.EpochStatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Store(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vnodes.v1.Master/Store',
+            vnodes__pb2.StoreRequest.SerializeToString,
+            vnodes__pb2.StoreReply.FromString,
             options,
             channel_credentials,
             insecure,

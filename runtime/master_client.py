@@ -8,7 +8,7 @@ import queue
 import struct
 import threading
 import time
-from typing import Optional
+from typing import Iterator, Optional, Sequence
 
 import grpc
 
@@ -61,15 +61,32 @@ class _SessionEnded:
     reason: str
 
 
+@dataclasses.dataclass(frozen=True)
+class CodeInfo:
+    """The job's code package, as the master announces it (fetched with ``MasterClient.get_code``)."""
+
+    digest: str  # sha256 of the archive
+    size_bytes: int
+    main_file: str  # the launching script inside the package ("" if none)
+
+
 @dataclasses.dataclass
 class Registration:
     worker_id: str
-    job: bytes
-    store_host: str
-    store_port: int
-    store_namespace: str
+    job: bytes  # the pickled JobSpec (master -> worker only)
     run_dir: str
     checkpoint_every: int
+    session_key: str  # this registration's secret; every later call carries it
+    code: Optional[CodeInfo]  # None: no code to fetch
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreResult:
+    """The answer to one store operation (see ``vnodes.proto`` StoreRequest for which field says what)."""
+
+    ready: bool
+    value: bytes
+    number: int
 
 
 @dataclasses.dataclass
@@ -101,6 +118,7 @@ class MasterClient:
             self.channel = grpc.insecure_channel(address, options=MESSAGE_LIMITS)
         self.stub = vnodes_pb2_grpc.MasterStub(self.channel)
         self.metadata = ((TOKEN_METADATA, token),) if token else ()
+        self.worker_id, self.session_key = "", ""  # set by register(): who this client speaks for
         self._members: tuple[int, list] = (-1, [])  # the last full member list: (epoch, members)
         self._session: Optional[threading.Thread] = None
         self._stop_session = threading.Event()
@@ -122,7 +140,7 @@ class MasterClient:
             raise MasterUnavailable(self.address, details) from cause
         if code == grpc.StatusCode.ALREADY_EXISTS:  # our old session is not yet seen as closed
             raise MasterUnavailable(self.address, f"still registered: {details}") from cause
-        if code == grpc.StatusCode.UNAUTHENTICATED:
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             raise MasterRefused(self.address, details) from cause
         if code == grpc.StatusCode.NOT_FOUND:  # a restarted master does not know us yet
             raise MasterUnavailable(self.address, f"master forgot this worker: {details}") from cause
@@ -149,17 +167,22 @@ class MasterClient:
                               "same vnodes version on the master and its workers")
         if reply.commit_timeout_s > 0:  # the master decides by then; a margin for the reply to arrive
             self.commit_wait_s = reply.commit_timeout_s + COMMIT_WAIT_MARGIN_S
-        return Registration(reply.worker_id, reply.job, reply.store_host, reply.store_port, reply.store_namespace,
-                            reply.run_dir, reply.checkpoint_every)
+        self.worker_id, self.session_key = reply.worker_id, reply.session_key
+        code = None
+        if reply.HasField("code") and reply.code.digest:
+            code = CodeInfo(reply.code.digest, reply.code.size_bytes, reply.code.main_file)
+        return Registration(reply.worker_id, reply.job, reply.run_dir, reply.checkpoint_every, reply.session_key, code)
 
-    def start_session(self, worker_id: str, interval_s: float = 1.0) -> None:
+    def start_session(self, interval_s: float = 1.0) -> None:
         """Open the session stream: heartbeats (background) and commits go out on it, commit
         replies come back on it. The master declares this worker dead when it breaks."""
         pb = self.pb
         outbox, replies, stopping = self._outbox, self._replies, self._stop_session
+        worker_id, session_key = self.worker_id, self.session_key
 
         def messages():
-            yield pb.WorkerMessage(worker_id=worker_id, heartbeat=pb.Heartbeat())  # names us at once
+            # The first message names us and proves it: the stream speaks for this registration only.
+            yield pb.WorkerMessage(worker_id=worker_id, session_key=session_key, heartbeat=pb.Heartbeat())
             while not stopping.is_set():
                 try:
                     message = outbox.get(timeout=interval_s)
@@ -184,10 +207,10 @@ class MasterClient:
         self._session = threading.Thread(target=read, args=(stream,), name="vnodes-session", daemon=True)
         self._session.start()
 
-    def plan(self, worker_id: str, held_step: int, checkpoint_step: int) -> PlanView:
+    def plan(self, held_step: int, checkpoint_step: int) -> PlanView:
         pb = self.pb
-        reply = self._call(self.stub.GetPlan, pb.PlanRequest(worker_id=worker_id, held_step=held_step,
-                                                              checkpoint_step=checkpoint_step))
+        reply = self._call(self.stub.GetPlan, pb.PlanRequest(worker_id=self.worker_id, session_key=self.session_key,
+                                                              held_step=held_step, checkpoint_step=checkpoint_step))
         return self._plan_view(reply)
 
     def _plan_view(self, reply) -> PlanView:
@@ -245,12 +268,50 @@ class MasterClient:
         decision = "commit" if reply.decision == pb.CommitReply.COMMIT else "abort"
         return decision, self._plan_view(reply.next) if reply.HasField("next") else None
 
-    def leave(self, worker_id: str) -> None:
-        self._call(self.stub.Leave, self.pb.LeaveRequest(worker_id=worker_id))
+    def leave(self) -> None:
+        self._call(self.stub.Leave, self.pb.LeaveRequest(worker_id=self.worker_id, session_key=self.session_key))
 
-    def fail(self, worker_id: str, message: str, error: bytes) -> None:
-        self._call(self.stub.Fail, self.pb.FailRequest(worker_id=worker_id, message=message,
-                                                       error=error))
+    def fail(self, message: str, error_type: str, traceback: str) -> None:
+        """Report a fatal error of the job (as plain fields: nothing is pickled)."""
+        self._call(self.stub.Fail, self.pb.FailRequest(worker_id=self.worker_id, session_key=self.session_key,
+                                                       message=message, error_type=error_type, traceback=traceback))
+
+    def get_code(self, digest: str, timeout_s: float = 300.0) -> Iterator[bytes]:
+        """The chunks of the job's code package ``digest``.
+
+        Raises:
+            MasterUnavailable: the master cannot be reached (or the transfer stalls past ``timeout_s``).
+        """
+        request = self.pb.CodeRequest(worker_id=self.worker_id, session_key=self.session_key, digest=digest)
+        try:
+            for chunk in self.stub.GetCode(request, timeout=timeout_s, metadata=self.metadata):
+                yield chunk.data
+        except grpc.RpcError as exc:
+            self._raise_for(exc.code(), exc.details() or exc.code().name, exc)
+
+    def epoch_status(self, membership_epoch: int, arrive: bool = False, timeout_s: float = 10.0) -> tuple[bool, int]:
+        """``(superseded, arrived)`` for an epoch's rendezvous; ``arrive`` counts this worker in.
+
+        Raises:
+            MasterUnavailable: the master cannot be reached.
+        """
+        reply = self._call(self.stub.EpochStatus, self.pb.EpochStatusRequest(
+            worker_id=self.worker_id, session_key=self.session_key, membership_epoch=membership_epoch,
+            arrive=arrive), timeout=timeout_s)
+        return reply.superseded, reply.arrived
+
+    def store(self, op: str, keys: Sequence[str], value: bytes = b"", expected: bytes = b"", amount: int = 0,
+              timeout_s: float = 0.0) -> StoreResult:
+        """One operation on the job's rendezvous store (``op``: a ``StoreRequest.Op`` name, e.g. "GET").
+
+        Raises:
+            MasterUnavailable: the master cannot be reached.
+        """
+        pb = self.pb
+        reply = self._call(self.stub.Store, pb.StoreRequest(
+            worker_id=self.worker_id, session_key=self.session_key, op=pb.StoreRequest.Op.Value(op), keys=list(keys),
+            value=value, expected=expected, amount=amount, timeout_s=timeout_s), timeout=timeout_s + 30.0)
+        return StoreResult(reply.ready, reply.value, reply.number)
 
     def status(self, timeout_s: float = 10.0) -> dict:
         """The job's status as plain data: ``step``, ``epoch``, ``workers`` (id, pid, host, device,

@@ -23,16 +23,22 @@ import collections
 import dataclasses
 import enum
 import functools
+import hmac
+import secrets
 import threading
 import time
 import uuid
 from typing import Callable, Optional
 
+from vnodes.runtime.errors import StorageError
+
 from . import placement
 from .durable import DurableState
-from .errors import BadRequest, DuplicateRegistration, StaleEpoch, UnknownWorker
+from .errors import BadRequest, DuplicateRegistration, NotYourRegistration, StaleEpoch, TooManyWorkers, UnknownWorker
 
 COMMITTED_KEPT = 4096  # committed steps kept for observers that poll (progress, callbacks)
+MAX_LIVE_WORKERS = 4096  # registrations not yet dead or left; more are refused (a bounded table)
+DEPARTED_KEPT = 256  # dead or left registrations remembered (for Status and re-registration)
 SYNC_NONE = -1  # every member holds the state of the step
 SYNC_CHECKPOINT = -2  # nobody does: every member loads the latest checkpoint
 
@@ -77,7 +83,18 @@ class WorkerInfo:
     last_seen_s: float = 0.0
     step_time_s: float = 0.0
     vnode_rate: float = 0.0  # measured virtual nodes per second of compute (EMA); 0: not measured yet
-    joined_order: int = 0
+    joined_order: int = 0  # which registration this is (a re-registration under the same id gets a new one)
+    session_key: str = dataclasses.field(default="", repr=False)  # this registration's secret (set by register)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobFailure:
+    """Why a job failed, as plain fields (a worker's error crosses the wire as text, never pickled)."""
+
+    message: str
+    error_type: str = ""  # the exception's class name on the worker, e.g. "NonFiniteLoss"
+    traceback: str = ""
+    worker_id: str = ""  # "" : decided by the master itself
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +195,8 @@ class Master:
         # Restarted from durable state: the last commit may have reached no worker (all hold step-1).
         self._restored = restored
         self.state = JobState.WAITING
-        self.failure: Optional[tuple[str, bytes]] = None  # (message, pickled exception)
+        self.failure: Optional[JobFailure] = None
+        self._arrived: tuple[int, set[str]] = (0, set())  # (epoch, members at its rendezvous so far)
         self.reports: dict[str, Report] = {}  # for (membership.epoch, self.step)
         self.decisions: dict[tuple[int, int], Decision] = {}
         self._callbacks: dict[tuple[int, int], list[Callable[[], None]]] = {}
@@ -194,7 +212,13 @@ class Master:
     # -- events ----------------------------------------------------------------------------------
 
     def register(self, info: WorkerInfo) -> str:
-        """A worker joins (it becomes a member at the next step boundary)."""
+        """A worker joins (it becomes a member at the next step boundary). Sets ``info.session_key``,
+        the secret that every later request of this registration must carry (``authenticate``).
+
+        Raises:
+            DuplicateRegistration: ``info.worker_id`` is registered and alive.
+            TooManyWorkers: the table of live registrations is full.
+        """
         with self._cond:
             if info.worker_id:
                 old = self.workers.get(info.worker_id)
@@ -202,13 +226,40 @@ class Master:
                     raise DuplicateRegistration(info.worker_id)
             else:
                 info.worker_id = uuid.uuid4().hex[:12]
+            self._prune_departed()
+            live = sum(w.state not in (WorkerState.DEAD, WorkerState.LEFT) for w in self.workers.values())
+            if live >= MAX_LIVE_WORKERS:
+                raise TooManyWorkers(MAX_LIVE_WORKERS)
             self._joined += 1
             info.joined_order = self._joined
+            info.session_key = secrets.token_hex(16)
             info.state = WorkerState.REGISTERED
             info.last_seen_s = self.clock()
+            self.workers.pop(info.worker_id, None)  # re-inserted last: the table stays in joining order
             self.workers[info.worker_id] = info
             self._cond.notify_all()
             return info.worker_id
+
+    def authenticate(self, worker_id: str, session_key: str) -> int:
+        """The registration (``joined_order``) that ``session_key`` proves to be, for ``worker_id``.
+
+        Raises:
+            UnknownWorker: no such worker (e.g. this master restarted: register again).
+            NotYourRegistration: the key is not that of the worker's current registration.
+        """
+        with self._cond:
+            info = self._get(worker_id)
+            if not session_key or not hmac.compare_digest(session_key.encode(), info.session_key.encode()):
+                raise NotYourRegistration(worker_id)
+            return info.joined_order
+
+    def _prune_departed(self) -> None:
+        """Forget the oldest dead or left registrations beyond ``DEPARTED_KEPT`` (never a member of
+        the current epoch: its commit bookkeeping still reads it)."""
+        departed = [w for w in self.workers.values() if w.state in (WorkerState.DEAD, WorkerState.LEFT)
+                    and (self.membership is None or w.worker_id not in self.membership)]
+        for w in departed[:max(0, len(departed) - DEPARTED_KEPT)]:
+            del self.workers[w.worker_id]
 
     def heartbeat(self, worker_id: str, registration: Optional[int] = None) -> int:
         """A sign of life from ``registration`` of ``worker_id`` (None: the current one, which a new
@@ -260,12 +311,12 @@ class Master:
             self._needs_reform = True
             self._cond.notify_all()
 
-    def fail(self, worker_id: str, message: str, error: bytes = b"") -> None:
+    def fail(self, worker_id: str, message: str, error_type: str = "", traceback: str = "") -> None:
         """A fatal error of the job (e.g. a NaN loss): every worker is told to stop."""
         with self._cond:
             if self.state not in (JobState.DONE, JobState.FAILED):
                 self.state = JobState.FAILED
-                self.failure = (message, error)
+                self.failure = JobFailure(message, error_type, traceback, worker_id)
                 if self.membership is not None:
                     self._decide((self.membership.epoch, self.step), Decision.ABORT)
             self._cond.notify_all()
@@ -291,6 +342,9 @@ class Master:
             info = self._get(worker_id)
             if info.state == WorkerState.DEAD:
                 raise UnknownWorker(worker_id)
+            if checkpoint_step > self.step:
+                raise BadRequest(f"checkpoint_step {checkpoint_step} is past the job's committed step {self.step}: "
+                                 "a worker can only have checkpointed a committed step")
             info.held_step = held_step
             info.last_seen_s = self.clock()
             if checkpoint_step > self.checkpoint_step:
@@ -330,6 +384,9 @@ class Master:
                 raise BadRequest(f"worker {worker_id} is not a member of epoch {epoch}")
             elif step != self.step and key not in self.decisions:
                 raise BadRequest(f"commit for step {step}, but the job is at step {self.step}")
+            elif report.vnode_losses and sorted(report.vnode_losses) != list(self._vnodes_of(worker_id)):
+                raise BadRequest(f"worker {worker_id} reported virtual nodes {sorted(report.vnode_losses)} for step "
+                                 f"{step}, but epoch {epoch} gave it {list(self._vnodes_of(worker_id))}")
             elif key not in self.decisions:
                 info.step_time_s = report.step_time_s
                 self.reports[worker_id] = report
@@ -369,6 +426,28 @@ class Master:
             self._lose(silent, f"no commit for step {step} {waited_s:.0f} s after their peers committed")
             return silent
 
+    def epoch_status(self, worker_id: str, epoch: int, arrive: bool) -> tuple[bool, int]:
+        """``(superseded, arrived)`` of membership epoch ``epoch``'s rendezvous. ``arrive`` counts
+        ``worker_id`` (a member of it) as arrived. Superseded: the master formed a newer epoch or the
+        job ended, so whoever still waits on this epoch's peers must leave.
+
+        Raises:
+            UnknownWorker: no such worker.
+            BadRequest: ``arrive`` from a worker that is not a member of ``epoch``.
+        """
+        with self._cond:
+            info = self._get(worker_id)
+            info.last_seen_s = self.clock()
+            m = self.membership
+            superseded = m is None or m.epoch != epoch or self.done
+            if self._arrived[0] != epoch:
+                self._arrived = (epoch, set())
+            if arrive and not superseded:
+                if worker_id not in m:
+                    raise BadRequest(f"worker {worker_id} is not a member of epoch {epoch}")
+                self._arrived[1].add(worker_id)
+            return superseded, len(self._arrived[1])
+
     def is_decided(self, epoch: int, step: int) -> bool:
         with self._cond:
             return (epoch, step) in self.decisions
@@ -404,9 +483,19 @@ class Master:
             raise UnknownWorker(worker_id)
         return info
 
+    def _vnodes_of(self, worker_id: str) -> tuple[int, ...]:
+        return self.membership.vnodes[self.membership.rank_of(worker_id)]
+
     def _persist(self) -> None:
-        if self.durable is not None:
+        """Record the committed state in the run directory. A write that fails (read-only or full)
+        fails the job cleanly: every worker is told to stop and the master's caller reports the
+        directory, the OS error and the fix. Going on would commit steps a restarted master cannot know."""
+        if self.durable is None:
+            return
+        try:
             self.durable.save(self.step, self.epoch_counter, self.checkpoint_step, self.losses)
+        except StorageError as exc:
+            self.fail("", str(exc), type(exc).__name__)
 
     def _decide(self, key: tuple[int, int], decision: Decision) -> None:
         self.decisions.setdefault(key, decision)
@@ -462,7 +551,7 @@ class Master:
 
     def _plan_for(self, info: WorkerInfo) -> Plan:
         if self.state == JobState.FAILED:
-            return Plan(PlanKind.STOP, stop_reason=f"job failed: {self.failure[0] if self.failure else ''}")
+            return Plan(PlanKind.STOP, stop_reason=f"job failed: {self.failure.message if self.failure else ''}")
         if info.state == WorkerState.LEFT:
             return Plan(PlanKind.STOP, stop_reason="left the job")
         if self._needs_reform:
@@ -498,21 +587,22 @@ class Master:
                 w.state = WorkerState.LEFT
         candidates = sorted((w for w in self.workers.values() if w.state in (WorkerState.READY, WorkerState.MEMBER)),
                             key=lambda w: w.joined_order)
+        # Waits leave _needs_reform set: the next plan request (they poll) tries again.
         if self.epoch_counter == 0 and len(candidates) < self.expected_workers and self.clock() < self.start_deadline_s:
             return  # first formation: give the launcher's workers a moment to arrive
+        standby, candidates = candidates[self.virtual_nodes:], candidates[:self.virtual_nodes]
+        holders = [r for r, w in enumerate(candidates) if w.held_step == self.step]
+        if candidates and not holders and self._restored and self.clock() < self.start_deadline_s:
+            return  # a restarted master: give the workers that hold the state time to reconnect
         self._needs_reform = False
         if self.membership is not None:
             self.on_epoch_superseded(self.membership.epoch)
-        for w in candidates[self.virtual_nodes:]:
+        for w in standby:
             w.state = WorkerState.READY  # more workers than VNs: the rest stand by
-        candidates = candidates[:self.virtual_nodes]
         if not candidates:
             self.membership = None
             self.state = JobState.WAITING
             return
-        holders = [r for r, w in enumerate(candidates) if w.held_step == self.step]
-        if not holders and self._restored and self.clock() < self.start_deadline_s:
-            return  # a restarted master: give the workers that hold the state time to reconnect
         if not holders and self._restored and any(w.held_step == self.step - 1 for w in candidates):
             # The master died after recording a commit that no worker received: redo that step.
             self.step -= 1
@@ -533,6 +623,8 @@ class Master:
             self.losses = self.losses[:on_disk]
             self.checkpoint_step = max(self.checkpoint_step, on_disk)  # it exists even if never reported
             self._persist()
+            if self.state == JobState.FAILED:  # the run directory cannot be written
+                return
             sync = SYNC_CHECKPOINT
         if self._next_counts is not None and self.membership is not None and \
                 tuple(w.worker_id for w in candidates) == self.membership.members:

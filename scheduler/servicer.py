@@ -1,5 +1,10 @@
 """The master's gRPC face: the only scheduler module that touches generated protobuf types.
 
+Nothing received here is unpickled, and nothing is trusted before it is checked: request bodies
+arrive as bytes and are parsed here (an undecodable one is INVALID_ARGUMENT, logged in one line),
+every field is validated before the master sees it, and every request after ``Register`` must
+carry the session key of the registration it names.
+
 Each error maps to exactly one status code:
 
 | error                  | status code          |
@@ -9,6 +14,9 @@ Each error maps to exactly one status code:
 | StaleEpoch             | FAILED_PRECONDITION  |
 | BadRequest             | INVALID_ARGUMENT     |
 | Undecided              | DEADLINE_EXCEEDED    |
+| NotYourRegistration    | PERMISSION_DENIED    |
+| TooManyWorkers         | RESOURCE_EXHAUSTED   |
+| StoreFull              | RESOURCE_EXHAUSTED   |
 | missing/wrong token    | UNAUTHENTICATED      |
 | anything else          | INTERNAL (logged)    |
 """
@@ -19,19 +27,23 @@ import asyncio
 import functools
 import hmac
 import logging
+import math
+import re
 import struct
 import threading
 from concurrent import futures
 from typing import Optional
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from vnodes.protos import MESSAGE_LIMITS, PROTOCOL_VERSION
 from vnodes.protos import vnodes_pb2 as pb
-from vnodes.protos import vnodes_pb2_grpc as pb_grpc
 
-from .errors import BadRequest, DuplicateRegistration, StaleEpoch, Undecided, UnknownWorker
-from .master import Master, PlanKind, Report, WorkerInfo
+from .errors import (BadRequest, DuplicateRegistration, NotYourRegistration, StaleEpoch, StoreFull, TooManyWorkers,
+                     Undecided, UnknownWorker)
+from .master import Decision, Master, PlanKind, Report, WorkerInfo
+from .rendezvous import RendezvousStore
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +54,24 @@ _CODES = [
     (StaleEpoch, grpc.StatusCode.FAILED_PRECONDITION),
     (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (Undecided, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (NotYourRegistration, grpc.StatusCode.PERMISSION_DENIED),
+    (TooManyWorkers, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
 _PLAN_KINDS = {PlanKind.RUN: pb.Plan.RUN, PlanKind.WAIT: pb.Plan.WAIT, PlanKind.STOP: pb.Plan.STOP,
                PlanKind.CHECKPOINT: pb.Plan.CHECKPOINT}
 
 
 COMMIT_WAIT_S = 120.0
+# Requests are small (the largest is a commit: 12 bytes per virtual node); replies may be large (a
+# checkpoint plan carries the loss history), so only what the master receives is capped this low.
+MAX_REQUEST_BYTES = 4 * 2**20
+MAX_TEXT = {"host": 255, "device": 64, "device_kind": 255, "worker_id": 64}
+MAX_STEP = 2**53  # beyond this a step number is not a count but garbage (and floats lose it)
+STORE_WAIT_CAP_S = 10.0  # a store GET/WAIT is answered within this; the worker asks again
+MAX_STORE_KEY = 1024
+MAX_STORE_VALUE_BYTES = 1 * 2**20
+_WORKER_ID = re.compile(r"^[A-Za-z0-9._-]*$")
 
 
 def _code_of(exc: BaseException) -> grpc.StatusCode:
@@ -61,22 +85,59 @@ def _message_of(exc: BaseException) -> str:
     return str(exc) if _code_of(exc) != grpc.StatusCode.INTERNAL else f"{type(exc).__name__}: {exc}"
 
 
-def _guard(method):
-    """Run a handler; turn a master error into its one status code, never a silent default."""
+def _parse(kind, data: bytes, rpc: str):
+    """``data`` as a ``kind`` message.
 
-    async def wrapper(self, request, context):
-        try:
-            return await method(self, request, context)
-        except Exception as exc:  # noqa: BLE001 - every error becomes a status, the server survives
-            if isinstance(exc, (grpc.RpcError, asyncio.CancelledError)) or type(exc).__name__ == "AbortError":
-                raise
-            code = _code_of(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("internal error in %s", method.__name__)
-            await context.abort(code, _message_of(exc))
+    Raises:
+        BadRequest: the bytes do not decode (logged in one line, no traceback).
+    """
+    try:
+        return kind.FromString(data)
+    except DecodeError as exc:
+        log.warning("undecodable %s request (%d bytes): %s", rpc, len(data), exc)
+        raise BadRequest(f"the {rpc} request body does not decode as vnodes.v1.{kind.__name__} ({exc}); "
+                         "speak the same vnodes protocol as the master") from None
 
-    wrapper.__name__ = method.__name__
-    return wrapper
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise BadRequest(message)
+
+
+def _check_text(name: str, value: str) -> None:
+    _check(len(value.encode()) <= MAX_TEXT[name], f"{name} is {len(value.encode())} bytes long; at most "
+           f"{MAX_TEXT[name]} are accepted")
+
+
+def _check_number(name: str, value: float, low: float, high: float = MAX_STEP) -> None:
+    _check(math.isfinite(value) and low <= value <= high, f"{name} = {value!r} is out of range: it must be a finite "
+           f"number in [{low}, {high}]")
+
+
+async def _abort(context, exc: BaseException, rpc: str):
+    code = _code_of(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("internal error in %s", rpc, exc_info=exc)
+    await context.abort(code, _message_of(exc))
+
+
+def _guard(kind):
+    """Parse the request body as ``kind``, run the handler, and turn a master error into its one
+    status code, never a silent default."""
+
+    def decorate(method):
+        async def wrapper(self, data, context):
+            try:
+                return await method(self, _parse(kind, data, method.__name__), context)
+            except Exception as exc:  # noqa: BLE001 - every error becomes a status, the server survives
+                if isinstance(exc, (grpc.RpcError, asyncio.CancelledError)) or type(exc).__name__ == "AbortError":
+                    raise
+                await _abort(context, exc, method.__name__)
+
+        wrapper.__name__ = method.__name__
+        return wrapper
+
+    return decorate
 
 
 class _Decided:
@@ -130,39 +191,73 @@ class _Decided:
                 del self.table[self.key]
 
 
-class MasterServicer(pb_grpc.MasterServicer):
-    """Asyncio handlers over the thread-safe ``Master``: a waiting commit costs a future, not a thread."""
+class MasterServicer:
+    """Asyncio handlers over the thread-safe ``Master``: a waiting commit costs a future, not a thread.
 
-    def __init__(self, master: Master, job: bytes, store_host: str, store_port: int, run_dir: str,
-                 checkpoint_every: int, store_namespace: str = "vnodes", commit_timeout_s: float = COMMIT_WAIT_S):
+    ``code`` is the job's code package (``code_package.CodePackage``) that workers fetch; ``store``
+    the key-value store of torch.distributed's rendezvous (one per master, on this server's loop).
+    """
+
+    def __init__(self, master: Master, job: bytes, run_dir: str, checkpoint_every: int, *,
+                 commit_timeout_s: float = COMMIT_WAIT_S, code=None, store: Optional[RendezvousStore] = None):
         self.master = master
         self.commit_timeout_s = commit_timeout_s  # first report -> silent members declared lost
-        self.store_namespace = store_namespace
         self.job = job
-        self.store_host = store_host
-        self.store_port = store_port
         self.run_dir = run_dir
         self.checkpoint_every = checkpoint_every
+        self.code = code
+        self.store = store if store is not None else RendezvousStore()
         self._pool = futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="vnodes-plan")
         self._members_cache: tuple[int, list] = (-1, [])
         self._decided: dict[tuple[int, int], _Decided] = {}
 
-    @_guard
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's handlers. Bodies arrive as bytes: each handler parses its own (see ``_parse``)."""
+        unary, stream = grpc.unary_unary_rpc_method_handler, grpc.unary_stream_rpc_method_handler
+        return grpc.method_handlers_generic_handler("vnodes.v1.Master", {
+            "Register": unary(self.Register, response_serializer=pb.RegisterReply.SerializeToString),
+            "Session": grpc.stream_stream_rpc_method_handler(
+                self.Session, response_serializer=pb.MasterMessage.SerializeToString),
+            "GetPlan": unary(self.GetPlan, response_serializer=pb.Plan.SerializeToString),
+            "Leave": unary(self.Leave, response_serializer=pb.LeaveReply.SerializeToString),
+            "Fail": unary(self.Fail, response_serializer=pb.FailReply.SerializeToString),
+            "Status": unary(self.Status, response_serializer=pb.StatusReply.SerializeToString),
+            "GetCode": stream(self.GetCode, response_serializer=pb.CodeChunk.SerializeToString),
+            "EpochStatus": unary(self.EpochStatus, response_serializer=pb.EpochStatusReply.SerializeToString),
+            "Store": unary(self.Store, response_serializer=pb.StoreReply.SerializeToString),
+        })
+
+    def _authenticate(self, worker_id: str, session_key: str) -> int:
+        """The registration a request speaks for. Raises ``UnknownWorker`` or ``NotYourRegistration``."""
+        return self.master.authenticate(worker_id, session_key)
+
+    @_guard(pb.RegisterRequest)
     async def Register(self, request, context):
-        w = request.worker
-        info = WorkerInfo(worker_id=request.worker_id, host=w.host, pid=w.pid, device=w.device,
-                          device_kind=w.device_kind, memory_bytes=w.memory_bytes, throughput=w.throughput,
-                          launch_index=w.launch_index, held_step=request.held_step)
-        if info.throughput < 0:
-            raise BadRequest(f"throughput {info.throughput} is negative")
         if request.protocol_version != PROTOCOL_VERSION:
             raise BadRequest(f"the worker speaks vnodes protocol {request.protocol_version or '1 or older'}, this "
                              f"master {PROTOCOL_VERSION}: run the same vnodes version on the master and its workers")
+        w = request.worker
+        for name, value in (("host", w.host), ("device", w.device), ("device_kind", w.device_kind),
+                            ("worker_id", request.worker_id)):
+            _check_text(name, value)
+        _check(bool(_WORKER_ID.match(request.worker_id)),
+               f"worker_id {request.worker_id!r} may hold only letters, digits, '.', '_' and '-'")
+        _check_number("throughput", w.throughput, 0.0, math.inf)
+        _check_number("pid", w.pid, 0, 2**31 - 1)
+        _check_number("memory_bytes", w.memory_bytes, 0, 2**62)
+        _check_number("launch_index", w.launch_index, -1, 2**31 - 1)
+        _check_number("held_step", request.held_step, -1)
+        info = WorkerInfo(worker_id=request.worker_id, host=w.host, pid=w.pid, device=w.device,
+                          device_kind=w.device_kind, memory_bytes=w.memory_bytes, throughput=w.throughput,
+                          launch_index=w.launch_index, held_step=request.held_step)
         worker_id = self.master.register(info)
-        return pb.RegisterReply(worker_id=worker_id, job=self.job, store_host=self.store_host,
-                                store_port=self.store_port, run_dir=self.run_dir,
-                                checkpoint_every=self.checkpoint_every, store_namespace=self.store_namespace,
-                                commit_timeout_s=self.commit_timeout_s, protocol_version=PROTOCOL_VERSION)
+        reply = pb.RegisterReply(worker_id=worker_id, job=self.job, run_dir=self.run_dir,
+                                 checkpoint_every=self.checkpoint_every, commit_timeout_s=self.commit_timeout_s,
+                                 protocol_version=PROTOCOL_VERSION, session_key=info.session_key)
+        if self.code is not None:
+            reply.code.CopyFrom(pb.CodePackage(digest=self.code.digest, size_bytes=self.code.size_bytes,
+                                               main_file=self.code.main_file or ""))
+        return reply
 
     async def Session(self, request_iterator, context):
         """The worker's stream: heartbeats and commits in, one reply per commit out.
@@ -176,17 +271,19 @@ class MasterServicer(pb_grpc.MasterServicer):
         reason = "session stream closed"
         answering: Optional[asyncio.Task] = None
         try:
-            async for message in request_iterator:
-                if worker_id is None:
-                    worker_id = message.worker_id
-                elif message.worker_id and message.worker_id != worker_id:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                        f"this session belongs to worker {worker_id}, not {message.worker_id}")
+            async for data in request_iterator:
                 try:
-                    registration = self.master.heartbeat(worker_id, registration)  # every message is a sign of life
-                except UnknownWorker as exc:
-                    worker_id = None  # not ours to declare lost
-                    await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+                    message = _parse(pb.WorkerMessage, data, "Session")
+                    if worker_id is None:  # the first message names the worker and proves it
+                        registration = self._authenticate(message.worker_id, message.session_key)
+                        worker_id = message.worker_id
+                    elif message.worker_id and message.worker_id != worker_id:
+                        raise BadRequest(f"this session belongs to worker {worker_id}, not {message.worker_id}")
+                    self.master.heartbeat(worker_id, registration)  # every message is a sign of life
+                except (BadRequest, NotYourRegistration, UnknownWorker) as exc:
+                    if isinstance(exc, UnknownWorker):
+                        worker_id = None  # not ours to declare lost
+                    await _abort(context, exc, "Session")
                 if message.WhichOneof("body") == "commit":
                     # Answered in its own task; each answer waits for the one before: replies in order.
                     answering = asyncio.ensure_future(
@@ -216,8 +313,11 @@ class MasterServicer(pb_grpc.MasterServicer):
         except (grpc.RpcError, RuntimeError):  # the stream is gone: its reader declares the loss
             pass
 
-    @_guard
+    @_guard(pb.PlanRequest)
     async def GetPlan(self, request, context):
+        self._authenticate(request.worker_id, request.session_key)
+        _check_number("held_step", request.held_step, -1)
+        _check_number("checkpoint_step", request.checkpoint_step, -1)
         # A long poll (up to 5 s): it waits in a thread so the event loop keeps serving.
         timeout_s = min(5.0, max(0.1, (context.time_remaining() or 6.0) - 1.0))
         plan = await asyncio.get_running_loop().run_in_executor(
@@ -244,7 +344,14 @@ class MasterServicer(pb_grpc.MasterServicer):
         if len(request.vnode_losses) != 8 * len(request.vnodes):
             raise BadRequest(f"vnode_losses holds {len(request.vnode_losses)} bytes for "
                              f"{len(request.vnodes)} virtual nodes (8 bytes each)")
+        _check_number("membership_epoch", request.membership_epoch, 0)
+        _check_number("step", request.step, 0)
+        _check_number("step_time_s", request.step_time_s, 0.0, 1e9)
+        _check(len(set(request.vnodes)) == len(request.vnodes), "vnodes repeats a virtual node")
         values = struct.unpack(f"<{len(request.vnodes)}d", request.vnode_losses)
+        if request.ok:
+            _check_number("loss", request.loss, -math.inf, math.inf)
+            _check(all(math.isfinite(v) for v in values), "vnode_losses holds a NaN or infinite loss")
         report = Report(ok=request.ok, loss=request.loss, vnode_losses=dict(zip(request.vnodes, values)),
                         step_time_s=request.step_time_s)
         epoch, step = request.membership_epoch, request.step
@@ -262,7 +369,7 @@ class MasterServicer(pb_grpc.MasterServicer):
         if decided.reply is not None:
             return decided.reply
         decision, next_plan = self.master.outcome(worker_id, epoch, step, want_next=True)
-        reply = pb.CommitReply(decision=pb.CommitReply.COMMIT if decision.value == "commit" else pb.CommitReply.ABORT,
+        reply = pb.CommitReply(decision=pb.CommitReply.COMMIT if decision == Decision.COMMIT else pb.CommitReply.ABORT,
                                membership_epoch=epoch, step=step)
         if next_plan is not None:
             reply.next.CopyFrom(self._plan_message(next_plan, known_epoch=epoch))
@@ -288,17 +395,79 @@ class MasterServicer(pb_grpc.MasterServicer):
             self._members_cache = (m.epoch, [pb.Member(worker_id=w, vnodes=list(v)) for w, v in zip(m.members, m.vnodes)])
         return self._members_cache[1]
 
-    @_guard
+    @_guard(pb.LeaveRequest)
     async def Leave(self, request, context):
+        self._authenticate(request.worker_id, request.session_key)
         self.master.leave(request.worker_id)
         return pb.LeaveReply()
 
-    @_guard
+    @_guard(pb.FailRequest)
     async def Fail(self, request, context):
-        self.master.fail(request.worker_id, request.message, request.error)
+        self._authenticate(request.worker_id, request.session_key)
+        _check(bool(request.message), "a Fail request needs a message saying what went wrong")
+        # Text only, bounded: the master keeps it and shows it.
+        self.master.fail(request.worker_id, request.message[:65536], request.error_type[:256],
+                         request.traceback[-65536:])
         return pb.FailReply()
 
-    @_guard
+    async def GetCode(self, data, context):
+        """Stream the job's code package to an admitted worker."""
+        try:
+            request = _parse(pb.CodeRequest, data, "GetCode")
+            self._authenticate(request.worker_id, request.session_key)
+            if self.code is None or request.digest != self.code.digest:
+                raise BadRequest(f"this job's code package is {self.code.digest if self.code else 'none'}, not "
+                                 f"{request.digest!r}: register again to learn it")
+        except Exception as exc:  # noqa: BLE001 - as in _guard
+            if isinstance(exc, (grpc.RpcError, asyncio.CancelledError)) or type(exc).__name__ == "AbortError":
+                raise
+            await _abort(context, exc, "GetCode")
+        for chunk in self.code.chunks():
+            yield pb.CodeChunk(data=chunk)
+
+    @_guard(pb.EpochStatusRequest)
+    async def EpochStatus(self, request, context):
+        self._authenticate(request.worker_id, request.session_key)
+        _check_number("membership_epoch", request.membership_epoch, 0)
+        superseded, arrived = self.master.epoch_status(request.worker_id, request.membership_epoch, request.arrive)
+        return pb.EpochStatusReply(superseded=superseded, arrived=arrived)
+
+    @_guard(pb.StoreRequest)
+    async def Store(self, request, context):
+        self._authenticate(request.worker_id, request.session_key)
+        op, keys, store = request.op, list(request.keys), self.store
+        _check(all(0 < len(k) <= MAX_STORE_KEY for k in keys) and len(keys) <= 4096,
+               f"store keys must be 1 to {MAX_STORE_KEY} characters, at most 4096 of them")
+        _check(len(request.value) <= MAX_STORE_VALUE_BYTES and len(request.expected) <= MAX_STORE_VALUE_BYTES,
+               f"store values are at most {MAX_STORE_VALUE_BYTES} bytes")
+        _check(op in (pb.StoreRequest.CHECK, pb.StoreRequest.WAIT, pb.StoreRequest.NUM_KEYS) or len(keys) == 1,
+               f"store operation {pb.StoreRequest.Op.Name(op)} takes exactly one key, got {len(keys)}")
+        timeout_s = min(STORE_WAIT_CAP_S, request.timeout_s) if math.isfinite(request.timeout_s) else 0.0
+        timeout_s = max(0.0, timeout_s)
+        reply = pb.StoreReply()
+        if op == pb.StoreRequest.SET:
+            store.set(keys[0], request.value)
+        elif op == pb.StoreRequest.GET:
+            value = await store.get(keys[0], timeout_s)
+            reply.ready = value is not None
+            reply.value = value or b""
+        elif op == pb.StoreRequest.ADD:
+            reply.number = store.add(keys[0], request.amount)
+        elif op == pb.StoreRequest.CHECK:
+            reply.ready = store.check(keys)
+        elif op == pb.StoreRequest.WAIT:
+            reply.ready = await store.wait(keys, timeout_s)
+        elif op == pb.StoreRequest.COMPARE_SET:
+            reply.value = store.compare_set(keys[0], request.expected, request.value)
+        elif op == pb.StoreRequest.DELETE:
+            reply.number = int(store.delete(keys[0]))
+        elif op == pb.StoreRequest.NUM_KEYS:
+            reply.number = store.num_keys()
+        else:
+            raise BadRequest(f"unknown store operation {op}: speak the same vnodes protocol as the master")
+        return reply
+
+    @_guard(pb.StatusRequest)
     async def Status(self, request, context):
         m = self.master
         with m._cond:
@@ -345,8 +514,10 @@ class MasterServer:
                                                      self.loop).result()
 
     async def _start(self, servicer, address, interceptors, tls) -> int:
-        self.server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0), *MESSAGE_LIMITS])
-        pb_grpc.add_MasterServicer_to_server(servicer, self.server)
+        options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                   *(o for o in MESSAGE_LIMITS if o[0] != "grpc.max_receive_message_length")]
+        self.server = grpc.aio.server(interceptors=interceptors, options=options)
+        self.server.add_generic_rpc_handlers((servicer.handler(),))
         if tls is not None:
             bound = self.server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
         else:

@@ -143,7 +143,7 @@ def test_bad_events_are_refused_without_corrupting_state():
 def test_nan_fails_the_job_and_stops_everyone():
     m, ids, clock = make()
     [m.plan(i, 0, timeout_s=0) for i in ids]
-    m.fail(ids[0], "loss is nan at step 0 on virtual node 3", b"")
+    m.fail(ids[0], "loss is nan at step 0 on virtual node 3", "NonFiniteLoss")
     assert all(m.plan(i, 0, timeout_s=0).kind == PlanKind.STOP for i in ids)
     assert m.state == JobState.FAILED
 

@@ -28,7 +28,7 @@ def test_generated_code_matches_the_proto():
 def server(request):
     token = getattr(request, "param", None)
     master = Master(4, 10, expected_workers=1, start_grace_s=0)
-    servicer = MasterServicer(master, b"job", "127.0.0.1", 1, "/tmp", 0)
+    servicer = MasterServicer(master, b"job", "/tmp", 0)
     server, port = serve(servicer, token=token)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield pb_grpc.MasterStub(channel), master, servicer
@@ -44,7 +44,7 @@ def code_of(call):
 
 def test_bad_messages_get_one_clear_status_and_the_master_survives(server):
     stub, master, servicer = server
-    code, details = code_of(lambda: stub.GetPlan(pb.PlanRequest(worker_id="ghost"), timeout=5))
+    code, details = code_of(lambda: stub.GetPlan(pb.PlanRequest(worker_id="ghost", session_key="k"), timeout=5))
     assert code == grpc.StatusCode.NOT_FOUND and "ghost" in details
     code, details = code_of(lambda: stub.Register(pb.RegisterRequest(worker=pb.WorkerDescription(host="h", pid=1)),
                                                   timeout=5))  # an older worker: no protocol version
@@ -52,19 +52,19 @@ def test_bad_messages_get_one_clear_status_and_the_master_survives(server):
     reply = stub.Register(pb.RegisterRequest(worker=pb.WorkerDescription(host="h", pid=1),
                                              protocol_version=PROTOCOL_VERSION), timeout=5)
     assert reply.protocol_version == PROTOCOL_VERSION
-    wid = reply.worker_id
-    assert reply.job == b"job" and reply.commit_timeout_s == 120.0
+    wid, key = reply.worker_id, reply.session_key
+    assert reply.job == b"job" and reply.commit_timeout_s == 120.0 and len(key) == 32
     code, details = code_of(lambda: stub.Register(pb.RegisterRequest(worker_id=wid, protocol_version=PROTOCOL_VERSION),
                                                   timeout=5))
     assert code == grpc.StatusCode.ALREADY_EXISTS
     code, details = code_of(lambda: stub.Register(
         pb.RegisterRequest(worker=pb.WorkerDescription(throughput=-1), protocol_version=PROTOCOL_VERSION), timeout=5))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "-1" in details
-    plan = stub.GetPlan(pb.PlanRequest(worker_id=wid, held_step=0), timeout=10)
+    plan = stub.GetPlan(pb.PlanRequest(worker_id=wid, session_key=key, held_step=0), timeout=10)
     assert plan.kind == pb.Plan.RUN
     # Commits travel on the session stream: a wrong one is refused in-band, the stream stays open.
     outbox = queue.Queue()
-    outbox.put(pb.WorkerMessage(worker_id=wid, heartbeat=pb.Heartbeat()))
+    outbox.put(pb.WorkerMessage(worker_id=wid, session_key=key, heartbeat=pb.Heartbeat()))
     replies = stub.Session(iter(outbox.get, None), timeout=20)
 
     def commit(**fields):
@@ -106,7 +106,7 @@ def test_token_is_required_when_configured(server):
 
 def test_listening_beyond_loopback_needs_a_token():
     with pytest.raises(ValueError, match="token"):
-        serve(MasterServicer(Master(4, 1), b"", "127.0.0.1", 1, "/tmp", 0), host="0.0.0.0")
+        serve(MasterServicer(Master(4, 1), b"", "/tmp", 0), host="0.0.0.0")
 
 
 def test_the_worker_waits_for_a_decision_as_long_as_the_master_says():
@@ -114,7 +114,7 @@ def test_the_worker_waits_for_a_decision_as_long_as_the_master_says():
     from vnodes.runtime.master_client import COMMIT_WAIT_MARGIN_S, MasterClient
 
     master = Master(4, 10, expected_workers=1, start_grace_s=0)
-    server, port = serve(MasterServicer(master, b"job", "127.0.0.1", 1, "/tmp", 0, commit_timeout_s=300.0))
+    server, port = serve(MasterServicer(master, b"job", "/tmp", 0, commit_timeout_s=300.0))
     client = MasterClient(f"127.0.0.1:{port}")
     try:
         client.register(host="h", pid=1, device="cpu", device_kind="cpu", memory_bytes=0, throughput=1.0,
