@@ -22,13 +22,13 @@ import dataclasses
 import logging
 import math
 import warnings
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
 from .data import BatchKey, BatchLoader, move_batch
-from .errors import InvalidJobSpec, NonFiniteLoss
+from .errors import InvalidJobSpec, JobCodeError, NonFiniteLoss
 from .faults import maybe_fail
 from .fused import (FusionContext, FusionUnsupported, LayoutUnknown, check_fusable, check_no_stray_draws,
                     default_generator_states, interleave_batches, is_out_of_memory, leading_rows, patch_model,
@@ -44,9 +44,60 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(device: Optional[str]) -> torch.device:
+    """The device a worker computes on (``None``: CUDA when available, else the CPU).
+
+    Raises:
+        InvalidJobSpec: ``device`` is not a device, or not one this machine has.
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidJobSpec("device", f"{device!r} is not a device ({exc}); use cpu, cuda or cuda:K") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InvalidJobSpec("device", f"{device!r}: this machine has no usable CUDA device; use cpu")
+        if resolved.index is not None and resolved.index >= count:
+            raise InvalidJobSpec("device", f"{device!r}: this machine has {count} CUDA device(s), "
+                                 f"cuda:0 to cuda:{count - 1}")
+    return resolved
+
+
+def call_job_code(role: str, function: Callable, *args: Any) -> Any:
+    """Call one of the job's own functions; an exception it raises names that function and where.
+
+    Raises:
+        JobCodeError: ``function`` raised (the original is its ``__cause__``).
+    """
+    try:
+        return function(*args)
+    except Exception as exc:
+        raise JobCodeError.wrap(role, function, exc) from exc
+
+
+def build_dataset(spec: JobSpec) -> Any:
+    """The job's dataset, checked: map-style, with ``(input, target)`` items.
+
+    Raises:
+        InvalidJobSpec: it has no ``__len__``, is empty, or its items are not pairs.
+        JobCodeError: the job's dataset code raised.
+    """
+    dataset = call_job_code("dataset builder", spec.dataset)
+    try:
+        size = len(dataset)
+    except TypeError:
+        raise InvalidJobSpec("dataset", f"must build a map-style dataset with __len__, got "
+                             f"{type(dataset).__name__}") from None
+    if size == 0:
+        raise InvalidJobSpec("dataset", "built an empty dataset")
+    item = call_job_code("dataset's __getitem__ (item 0)", dataset.__getitem__, 0)
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        shape = f"a {type(item).__name__}" + (f" of {len(item)}" if isinstance(item, (tuple, list)) else "")
+        raise InvalidJobSpec("dataset", f"items must be (input, target) pairs, but item 0 is {shape}; "
+                             "return (x, y) from the dataset's __getitem__")
+    return dataset
 
 
 @dataclasses.dataclass
@@ -107,29 +158,24 @@ class StepEngine:
 
         Raises:
             InvalidJobSpec: a callable returned the wrong kind of object, or the dataset is too small.
+            JobCodeError: one of the job's functions raised.
         """
         spec.validate()
         device = device or resolve_device(spec.device)
-        dataset = spec.dataset()
-        try:
-            dataset_len = len(dataset)
-        except TypeError:
-            raise InvalidJobSpec(
-                "dataset", f"must build a map-style dataset with __len__, got {type(dataset).__name__}"
-            ) from None
-        sampler = VNodeSampler(dataset_len, spec.virtual_nodes, spec.vnode_batch_size, spec.seed)
+        dataset = build_dataset(spec)
+        sampler = VNodeSampler(len(dataset), spec.virtual_nodes, spec.vnode_batch_size, spec.seed)
 
         torch.manual_seed(spec.seed)  # the initial weights are part of the job
-        model = spec.model()
+        model = call_job_code("model builder", spec.model)
         if not isinstance(model, nn.Module):
             raise InvalidJobSpec("model", f"must build an nn.Module, got {type(model).__name__}")
         model.to(device).train()
-        optimizer = spec.optimizer(model.parameters())
+        optimizer = call_job_code("optimizer builder", spec.optimizer, model.parameters())
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise InvalidJobSpec(
                 "optimizer", f"must build a torch.optim.Optimizer from parameters, got {type(optimizer).__name__}"
             )
-        lr_scheduler = spec.lr_scheduler(optimizer) if spec.lr_scheduler is not None else None
+        lr_scheduler = call_job_code("lr_scheduler builder", spec.lr_scheduler, optimizer) if spec.lr_scheduler else None
         loader = BatchLoader(dataset, sampler, spec.seed, spec.collate_fn, spec.loader_workers,
                              pin_memory=device.type == "cuda")
         return cls(spec, model, optimizer, lr_scheduler, sampler, loader, device)

@@ -140,13 +140,12 @@ class MasterClient:
             raise MasterUnavailable(self.address, details) from cause
         if code == grpc.StatusCode.ALREADY_EXISTS:  # our old session is not yet seen as closed
             raise MasterUnavailable(self.address, f"still registered: {details}") from cause
-        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-            raise MasterRefused(self.address, details) from cause
         if code == grpc.StatusCode.NOT_FOUND:  # a restarted master does not know us yet
             raise MasterUnavailable(self.address, f"master forgot this worker: {details}") from cause
-        if cause is not None:
-            raise cause
-        raise VnodesError(f"the master refused a request ({code.name}): {details}")
+        # Anything else is final: a wrong token or key, a protocol mismatch, a refused value.
+        raise MasterRefused(self.address, details if code in (grpc.StatusCode.UNAUTHENTICATED,
+                                                              grpc.StatusCode.INVALID_ARGUMENT)
+                            else f"{code.name}: {details}") from cause
 
     def register(self, *, host: str, pid: int, device: str, device_kind: str, memory_bytes: int,
                  throughput: float, launch_index: int, worker_id: str = "", held_step: int = -1,

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -79,6 +80,25 @@ def load_job(target: str) -> JobSpec:
     return obj
 
 
+def _int_at_least(minimum: int, maximum: Optional[int] = None):
+    """An argparse type: an integer in [minimum, maximum], refused with the range otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: it must be {bound}")
+        return value
+
+    return parse
+
+
+_STEPS, _EVERY, _COUNT, _PORT = _int_at_least(0), _int_at_least(1), _int_at_least(1), _int_at_least(0, 65535)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vnodes",
@@ -95,15 +115,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("job", metavar="JOB.py[:NAME]",
                      help="a Python file defining a JobSpec (`spec`, the only one, NAME, or a function `job()`)")
-    run.add_argument("--steps", type=int, required=True, help="total global steps (resumed steps count)")
+    run.add_argument("--steps", type=_STEPS, required=True, help="total global steps (resumed steps count)")
     run.add_argument("--checkpoint-dir", metavar="D", help="resume from and write atomic checkpoints to D")
-    run.add_argument("--checkpoint-every", type=int, metavar="N", help="also write a checkpoint every N steps")
+    run.add_argument("--checkpoint-every", type=_EVERY, metavar="N", help="also write a checkpoint every N steps")
     run.add_argument("--deterministic", action="store_true",
                      help="bitwise-reproducible mode (fixes the thread count, canonical reduction order)")
-    run.add_argument("--workers", type=int, default=1, metavar="M",
+    run.add_argument("--workers", type=_COUNT, default=1, metavar="M",
                      help="local worker processes (default 1: in this process); more start a master here")
     run.add_argument("--run-dir", metavar="D", help="alias of --checkpoint-dir (the master's run directory)")
-    run.add_argument("--master-port", type=int, default=0, metavar="P",
+    run.add_argument("--master-port", type=_PORT, default=0, metavar="P",
                      help="with --workers > 1: the embedded master's gRPC port (default: any free port)")
     run.add_argument("--launcher", choices=("local", "ray"), default="local",
                      help="local processes (default) or one actor per device of a Ray cluster")
@@ -119,20 +139,19 @@ def _parser() -> argparse.ArgumentParser:
         "join at the next step boundary. Listening beyond 127.0.0.1 requires --token.",
     )
     master.add_argument("job", metavar="JOB.py[:NAME]")
-    master.add_argument("--steps", type=int, required=True, help="total global steps")
-    master.add_argument("--port", type=int, default=29400, help="gRPC port (default 29400; 0 picks one)")
+    master.add_argument("--steps", type=_STEPS, required=True, help="total global steps")
+    master.add_argument("--port", type=_PORT, default=29400, help="gRPC port (default 29400; 0 picks one)")
     master.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    master.add_argument("--advertise-host", help="address workers use to reach this machine's rendezvous "
-                        "store (default: --host, or this host's address when --host is 0.0.0.0)")
     master.add_argument("--token", default=os.environ.get("VNODES_TOKEN"),
                         help="shared token that workers must present (env VNODES_TOKEN)")
     master.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (needs --tls-key); "
                         "workers then pass --tls-ca")
     master.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     master.add_argument("--run-dir", required=True, metavar="D", help="checkpoints and resumable state")
-    master.add_argument("--checkpoint-every", type=int, default=0, metavar="N")
+    master.add_argument("--checkpoint-every", type=_EVERY, metavar="N",
+                        help="also write a checkpoint every N steps (default: only at the end)")
     master.add_argument("--placement", choices=("throughput", "even"), default="throughput")
-    master.add_argument("--min-workers", type=int, default=1, help="workers to wait for before step 0")
+    master.add_argument("--min-workers", type=_COUNT, default=1, help="workers to wait for before step 0")
 
     worker = commands.add_parser("worker", help="join a running job as a worker",
                                  description="Join a running job; SIGTERM drains (finishes the step, leaves).")
@@ -185,14 +204,19 @@ def _master(args: argparse.Namespace) -> int:
 
     from vnodes.runtime.master_client import read_pem
 
+    from .errors import InsecureListen
+    from .servicer import is_loopback
+
+    if not is_loopback(args.host) and not args.token:  # before anything is built
+        raise InsecureListen(args.host)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise VnodesError("TLS needs both --tls-cert and --tls-key (got only "
                           f"{'--tls-cert' if args.tls_cert else '--tls-key'})")
     tls = (read_pem(args.tls_key, "--tls-key"), read_pem(args.tls_cert, "--tls-cert")) if args.tls_cert else None
     spec = load_job(args.job)
-    handle = start_master(spec, args.steps, check_checkpoint_dir(args.run_dir), checkpoint_every=args.checkpoint_every,
+    handle = start_master(spec, args.steps, check_checkpoint_dir(args.run_dir), checkpoint_every=args.checkpoint_every or 0,
                           expected_workers=args.min_workers, host=args.host, port=args.port, token=args.token,
-                          placement=args.placement, advertise_host=args.advertise_host, tls=tls)
+                          placement=args.placement, tls=tls)
     print(f"vnodes master listening on {handle.address} (run dir {args.run_dir})", flush=True)
     try:
         handle.master.wait(lambda m: m.done, timeout_s=float("inf"))
@@ -202,7 +226,7 @@ def _master(args: argparse.Namespace) -> int:
     finally:
         handle.stop()
     if handle.master.failure:
-        print(f"vnodes: job failed: {handle.master.failure[0]}", file=sys.stderr)
+        print(f"vnodes: job failed: {handle.master.failure.message}", file=sys.stderr)
         return 1
     print(f"done: {handle.master.step} steps", flush=True)
     return 0
@@ -240,6 +264,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return {"run": _run, "master": _master, "worker": _worker, "status": _status}[args.command](args)
     except VnodesError as exc:
+        if args.verbose:
+            traceback.print_exc()
         print(f"vnodes: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from vnodes.runtime.errors import StaleEpoch, VnodesError
 
 __all__ = ["MasterError", "UnknownWorker", "DuplicateRegistration", "BadRequest", "StaleEpoch", "Undecided",
-           "NotYourRegistration", "TooManyWorkers", "StoreFull"]
+           "NotYourRegistration", "TooManyWorkers", "StoreFull", "InsecureListen",
+           "CodeTooLarge"]
 
 
 class MasterError(VnodesError):
@@ -77,3 +78,39 @@ class StoreFull(MasterError):
     def __str__(self) -> str:
         return (f"the rendezvous store is full ({self.what}); keys of superseded membership epochs are dropped "
                 "as the job moves on, so this means a worker writes keys it should not")
+
+
+class InsecureListen(MasterError, ValueError):
+    """A master asked to listen beyond loopback without a token."""
+
+    def __init__(self, host: str):
+        super().__init__(host)
+        self.host = host
+
+    def __str__(self) -> str:
+        return (f"listening on {self.host} needs a shared token that workers present (--token or VNODES_TOKEN); "
+                "without one, listen on 127.0.0.1")
+
+
+class CodeTooLarge(VnodesError):
+    """The job's folder holds more than the master ships to its workers (``code_package.py``).
+
+    Raised while packing, before the master serves: not a gRPC error. ``size_bytes`` is what was
+    counted when packing stopped (at least that much); ``biggest`` the largest files seen, as
+    ``(path relative to the folder, bytes)``.
+    """
+
+    def __init__(self, folder: str, size_bytes: int, cap_bytes: int, biggest: list[tuple[str, int]], env_var: str):
+        super().__init__(folder, size_bytes, cap_bytes, biggest, env_var)
+        self.folder, self.size_bytes, self.cap_bytes = folder, size_bytes, cap_bytes
+        self.biggest, self.env_var = list(biggest), env_var
+
+    def __str__(self) -> str:
+        def mib(n: int) -> str:
+            return f"{n / 2**20:.1f} MiB"
+
+        files = ", ".join(f"{path} ({mib(size)})" for path, size in self.biggest)
+        return (f"the job's folder {self.folder} holds more than {mib(self.cap_bytes)} of files to ship to the "
+                f"workers (at least {mib(self.size_bytes)}; the biggest: {files}). Move data and outputs out of "
+                f"{self.folder} (or list them in its .vnodesignore), or raise the cap: "
+                f"{self.env_var}={max(self.size_bytes * 2, self.cap_bytes * 2)} (bytes)")

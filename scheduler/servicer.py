@@ -40,7 +40,7 @@ from google.protobuf.message import DecodeError
 from vnodes.protos import MESSAGE_LIMITS, PROTOCOL_VERSION
 from vnodes.protos import vnodes_pb2 as pb
 
-from .errors import (BadRequest, DuplicateRegistration, NotYourRegistration, StaleEpoch, StoreFull, TooManyWorkers,
+from .errors import (BadRequest, DuplicateRegistration, InsecureListen, NotYourRegistration, StaleEpoch, StoreFull, TooManyWorkers,
                      Undecided, UnknownWorker)
 from .master import Decision, Master, PlanKind, Report, WorkerInfo
 from .rendezvous import RendezvousStore
@@ -539,6 +539,11 @@ def is_loopback(host: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets (``[::1]:29400``) as gRPC and workers read it."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def serve(servicer: MasterServicer, host: str = "127.0.0.1", port: int = 0, token: Optional[str] = None,
           tls: Optional[tuple[bytes, bytes]] = None) -> tuple[MasterServer, int]:
     """Start the master's gRPC server; returns it and the bound port.
@@ -546,12 +551,11 @@ def serve(servicer: MasterServicer, host: str = "127.0.0.1", port: int = 0, toke
     Listening beyond loopback requires a shared ``token``; ``tls=(key_pem, cert_pem)`` adds TLS.
 
     Raises:
-        ValueError: a non-loopback ``host`` without a token.
+        InsecureListen: a non-loopback ``host`` without a token (a ``ValueError``).
         OSError: the address cannot be bound.
     """
     if not is_loopback(host) and not token:
-        raise ValueError(f"listening on {host} needs a shared token (--token or VNODES_TOKEN); "
-                         "without one, listen on 127.0.0.1")
+        raise InsecureListen(host)
     interceptors = [_TokenInterceptor(token)] if token else []
-    server = MasterServer(servicer, f"{host}:{port}", interceptors, tls)
+    server = MasterServer(servicer, host_port(host, port), interceptors, tls)
     return server, server.port
