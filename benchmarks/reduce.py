@@ -3,8 +3,8 @@
     python benchmarks/reduce.py            # about 2 minutes on 2 CPU cores
     python benchmarks/reduce.py --quick    # a smaller payload, fewer repetitions
 
-W worker processes form a real gloo group through ``EpochGroup`` (loopback, the store in this
-process). Each holds the gradients of its share of N = 16 virtual nodes (ResNet-18's parameter
+W worker processes form a real gloo group through ``EpochGroup`` (loopback: a real master in
+this process serves the rendezvous on its gRPC channel; each worker registers with it). Each holds the gradients of its share of N = 16 virtual nodes (ResNet-18's parameter
 shapes, 11.2M float32 values per node, random) and reduces them three ways, interleaved, after one
 warm-up round:
 
@@ -23,7 +23,6 @@ time from a barrier to the result; the table gives medians.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import sys
@@ -31,11 +30,11 @@ import tempfile
 import time
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from loopback import join, start_master  # noqa: E402
 from models import resnet18  # noqa: E402
 from vnodes.runtime.collectives import EpochGroup  # noqa: E402
 from vnodes.runtime.engine import StepPartial  # noqa: E402
@@ -59,8 +58,10 @@ def node_ranges(world: int) -> list[range]:
     return [range(bounds[r], bounds[r + 1]) for r in range(world)]
 
 
-def _rank_main(rank: int, world: int, port: int, shapes: list[torch.Size], rounds: int, out: str) -> None:
+def _rank_main(index: int, world: int, address: str, shapes: list[torch.Size], rounds: int, out: str) -> None:
     torch.set_num_threads(1)
+    client, plan = join(address)
+    rank = plan.rank_of(client.worker_id)  # the master's choice: it decides which nodes this rank holds
     reducer = TreeReducer()
     for v in node_ranges(world)[rank]:
         g = torch.Generator().manual_seed(v)
@@ -70,8 +71,8 @@ def _rank_main(rank: int, world: int, port: int, shapes: list[torch.Size], round
     summed = [t.clone() for t in blocks[0].payload]
     for b in blocks[1:]:
         torch._foreach_add_(summed, b.payload)
-    group = EpochGroup("127.0.0.1", port, torch.device("cpu"), namespace="bench", timeout_s=300)
-    group.form(epoch=0, rank=rank, world_size=world)
+    group = EpochGroup(client, torch.device("cpu"), timeout_s=300)
+    group.form(plan.membership_epoch, rank, world)
 
     ways = {
         "fast": lambda: group.reduce(StepPartial(0, [t.clone() for t in summed], [], {}, used), False),
@@ -98,11 +99,12 @@ def _rank_main(rank: int, world: int, port: int, shapes: list[torch.Size], round
 def measure(world: int, shapes: list[torch.Size], rounds: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pt")
-        server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                               timeout=datetime.timedelta(seconds=300))
-        mp.start_processes(_rank_main, args=(world, server.port, shapes, rounds, out), nprocs=world,
-                           join=True, start_method="spawn")
-        del server
+        server, address = start_master(world)
+        try:
+            mp.start_processes(_rank_main, args=(world, address, shapes, rounds, out), nprocs=world,
+                               join=True, start_method="spawn")
+        finally:
+            server.stop(0)
         return torch.load(out)
 
 

@@ -5,7 +5,8 @@
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .engine import StepEngine
-from .errors import CheckpointMismatch, InvalidJobSpec, NonFiniteLoss, StaleEpoch, VnodesError
+from .errors import (CheckpointMismatch, InvalidJobSpec, JobFailed, NonFiniteLoss, StaleEpoch, StorageError,
+                     VnodesError)
 from .events import Callback, Event, RunState
 from .sampler import VNodeSampler
 from .seeding import vnode_seed
@@ -13,7 +14,7 @@ from .spec import JobSpec
 from .train import TrainResult, train
 
 __all__ = [
-    "Callback", "Checkpoint", "CheckpointMismatch", "Event", "InvalidJobSpec", "JobSpec",
-    "NonFiniteLoss", "RunState", "StaleEpoch", "StepEngine", "TrainResult",
+    "Callback", "Checkpoint", "CheckpointMismatch", "Event", "InvalidJobSpec", "JobFailed", "JobSpec",
+    "NonFiniteLoss", "RunState", "StaleEpoch", "StepEngine", "StorageError", "TrainResult",
     "VNodeSampler", "VnodesError", "load_checkpoint", "train", "vnode_seed",
 ]

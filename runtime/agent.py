@@ -27,15 +27,17 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from typing import Optional
 
 import psutil
 import torch
 
 from .checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
+from .code_cache import install as install_code
 from .collectives import EpochGroup
 from .engine import StepEngine, resolve_device
-from .errors import StaleEpoch, VnodesError
+from .errors import JobCodeMissing, StaleEpoch, StorageError, VnodesError
 from .faults import maybe_fail
 from .master_client import MasterClient, MasterUnavailable, PlanView, read_pem
 from .train import execution_context
@@ -44,16 +46,30 @@ from .watchdog import DEFAULT_HANG_TIMEOUT_S, Watchdog, hang_timeout_from_env
 log = logging.getLogger(__name__)
 
 
-def load_job(data: bytes):
+def load_job(data: bytes, main_file: Optional[str] = None, code_dir: str = ""):
     """Unpickle the job, resolving ``__main__`` to the launching script (as multiprocessing does).
 
     A script that calls ``train(spec, workers=3)`` defines its builders in ``__main__``; here that
     script is imported under another name, so its ``if __name__ == "__main__":`` block does not run.
+    ``main_file`` is that script in the code the master shipped (``code_cache.install``; unpacked
+    in ``code_dir``); without one, ``VNODES_MAIN_FILE`` (set for local workers of a script run with
+    ``python -m``, whose folder is not shipped).
+
+    Raises:
+        JobCodeMissing: a module the job refers to (or a name in it) cannot be imported here.
     """
-    main_file = os.environ.get("VNODES_MAIN_FILE")
+    main_file = main_file or os.environ.get("VNODES_MAIN_FILE")
 
     class JobUnpickler(pickle.Unpickler):
         def find_class(self, module, name):
+            try:
+                return self._find_class(module, name)
+            except ModuleNotFoundError as exc:  # the job's module, or one it imports
+                raise JobCodeMissing(exc.name or module, "", f"{type(exc).__name__}: {exc}", code_dir) from exc
+            except AttributeError as exc:
+                raise JobCodeMissing(module, name, f"{type(exc).__name__}: {exc}", code_dir) from exc
+
+        def _find_class(self, module, name):
             if module == "__main__" and main_file:
                 main = sys.modules.get("__vnodes_main__")
                 if main is None:
@@ -62,7 +78,11 @@ def load_job(data: bytes):
                     spec = importlib.util.spec_from_file_location("__vnodes_main__", main_file)
                     main = importlib.util.module_from_spec(spec)
                     sys.modules["__vnodes_main__"] = main
-                    spec.loader.exec_module(main)
+                    try:
+                        spec.loader.exec_module(main)
+                    except BaseException:
+                        del sys.modules["__vnodes_main__"]  # half-run: never hand it out
+                        raise
                 return getattr(main, name)
             return super().find_class(module, name)
 
@@ -128,13 +148,26 @@ class WorkerAgent:
             log.info("SIGTERM drain unavailable outside the main thread")
         self.held_step, self.checkpoint_step = 0, -1
         reg = self._connect(worker_id="", timeout_s=30.0)
-        spec = load_job(reg.job)
+        try:
+            main_file, code_dir = None, ""
+            if reg.code is not None:  # the job's folder, shipped by the master: first on sys.path
+                installed = install_code(self.client, reg.code)
+                main_file, code_dir = installed.main_file, str(installed.folder)
+            spec = load_job(reg.job, str(main_file) if main_file else None, code_dir)
+        except BaseException:  # this worker cannot run the job (others may): leave, close the session
+            self.group.destroy()
+            self.client.close()
+            raise
         if self.watchdog is not None:
             self.watchdog.start()
         try:
             with execution_context(spec):
                 self._phase("build")
-                engine = StepEngine.build(spec, self.device)
+                try:
+                    engine = StepEngine.build(spec, self.device)
+                except VnodesError as exc:  # the job's own code or spec is wrong: it cannot run anywhere
+                    self._report_fatal(exc)
+                    raise
                 self._loop(engine, reg.run_dir)
         finally:
             if self.watchdog is not None:
@@ -153,9 +186,11 @@ class WorkerAgent:
             MasterUnavailable: no master answered within ``timeout_s``.
         """
         kind, memory = _describe_device(self.device)
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline, attempts = started + timeout_s, 0
         while True:
             client = MasterClient(self.master_address, self.token, self.tls_root_cert)
+            attempts += 1
             try:
                 reg = client.register(host=socket.gethostname(), pid=os.getpid(), device=str(self.device),
                                       device_kind=kind, memory_bytes=memory, throughput=self.throughput,
@@ -163,15 +198,17 @@ class WorkerAgent:
                                       held_step=self.held_step if worker_id else -1,
                                       connect_timeout_s=max(1.0, min(5.0, deadline - time.monotonic())))
                 break
-            except MasterUnavailable:
+            except MasterUnavailable as exc:
                 client.close()
                 if time.monotonic() >= deadline:
-                    raise
+                    raise MasterUnavailable(self.master_address, f"no master answered for "
+                                            f"{time.monotonic() - started:.0f} s ({attempts} attempts; the last: "
+                                            f"{exc.detail}); check that it runs and listens there") from None
                 time.sleep(0.5)
         self.client, self.worker_id = client, reg.worker_id
-        client.start_session(reg.worker_id)
+        client.start_session()
         older = getattr(self, "group", None)
-        self.group = EpochGroup(reg.store_host, reg.store_port, self.device, reg.store_namespace)
+        self.group = EpochGroup(client, self.device)
         if older is not None:  # its abandoned groups must outlive it (dropping one blocks)
             self.group.adopt_abandoned(older)
         return reg
@@ -201,10 +238,10 @@ class WorkerAgent:
         while True:
             if self._draining and not self._left:
                 self._phase("plan")  # an RPC: a waiting phase, not a local one the watchdog judges
-                client.leave(worker_id)
+                client.leave()
                 self._left, self._next_plan = True, None
             self._phase("plan")
-            plan = self._next_plan or client.plan(worker_id, self.held_step, self.checkpoint_step)
+            plan = self._next_plan or client.plan(self.held_step, self.checkpoint_step)
             self._next_plan = None
             if plan.kind == "stop":
                 log.info("worker %s stops: %s", worker_id, plan.stop_reason)
@@ -213,7 +250,11 @@ class WorkerAgent:
                 continue
             if plan.kind == "checkpoint":  # this worker holds the state: no group needed
                 self._phase("checkpoint")
-                self._checkpoint(engine, run_dir, plan, self.held_step, plan.membership_epoch)
+                try:
+                    self._checkpoint(engine, run_dir, plan, self.held_step, plan.membership_epoch)
+                except StorageError as exc:  # read-only or full run dir: fatal for the job, a clean stop
+                    self._report_fatal(exc)
+                    return True
                 self.checkpoint_step = self.held_step
                 continue
             rank = plan.rank_of(worker_id)
@@ -240,8 +281,7 @@ class WorkerAgent:
             try:
                 partial = engine.compute(step, engine.loader.iterate((step, v) for v in vnodes))
             except VnodesError as exc:  # NaN loss, a loss that is not per-sample...: fatal for the job
-                self._phase("plan")  # reporting is an RPC: a waiting phase
-                client.fail(worker_id, str(exc), pickle.dumps(exc))
+                self._report_fatal(exc)
                 return True
             if self.slowdown > 1.0:
                 time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
@@ -267,6 +307,15 @@ class WorkerAgent:
                 engine.apply(total, used)
                 self.held_step = step + 1
 
+    def _report_fatal(self, exc: BaseException) -> None:
+        """Tell the master the job cannot go on (it stops every worker): the error as text, never pickled."""
+        self._phase("plan")  # reporting is an RPC: a waiting phase
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            self.client.fail(str(exc) or type(exc).__name__, type(exc).__name__, text)
+        except VnodesError as report_error:  # the master is gone too: this worker's own exit says it
+            log.warning("could not report %s to the master: %s", type(exc).__name__, report_error)
+
     def _join_epoch(self, plan: PlanView, rank: int, engine: StepEngine, group: EpochGroup,
                     held_step: int, run_dir: str) -> int:
         group.form(plan.membership_epoch, rank, len(plan.members))  # SYNC: rendezvous of every member
@@ -289,6 +338,12 @@ class WorkerAgent:
 
     def _checkpoint(self, engine: StepEngine, run_dir: str, plan: PlanView, held_step: int,
                     membership_epoch: Optional[int]) -> None:
+        """Write the job's checkpoint at ``held_step`` into the run directory.
+
+        Raises:
+            StorageError: the run directory is read-only or full (the OS error wrapped, no temporary
+                file left). The caller fails the job: a clean stop, resumable once it is fixed.
+        """
         ckpt = Checkpoint(step=held_step, epoch=engine.sampler.epoch_of(held_step),
                           fingerprint=engine.spec.fingerprint(), losses=list(plan.losses),
                           sampler={"steps_per_epoch": engine.sampler.steps_per_epoch, "position": held_step},
@@ -342,6 +397,8 @@ def run_worker(args: argparse.Namespace) -> int:
             os._exit(code)
         return code
     except VnodesError as exc:
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
         print(f"vnodes worker: error: {exc}", file=sys.stderr)
         return 2
 

@@ -4,26 +4,37 @@ A checkpoint holds the job's state, never the workers': whoever wrote it (1 work
 on any number. It is written to a temporary name in the same directory, fsynced, renamed over its
 final name and the directory fsynced, so a process killed at any instant leaves either the previous
 checkpoint or the new one, never half of one. Leftover temporary files are ignored and swept.
+
+A checkpoint is verified before it is read: ``torch.save`` writes a zip archive holding a CRC-32 of
+every record (the pickled structure and each tensor's bytes), which ``torch.load`` never checks, so a
+flipped byte on disk would load as a wrong weight. ``newest_checkpoint`` checks them all and is the
+one place that decides which checkpoint a job resumes from; a damaged one is renamed aside.
+
+A write that fails (a read-only or full directory) raises ``StorageError`` and leaves no temporary
+file: the job stops cleanly and resumes from its last checkpoint once the directory is fixed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import re
+import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
-from .errors import CheckpointMismatch, InvalidJobSpec
+from .errors import CheckpointMismatch, InvalidJobSpec, StorageError
 from .faults import maybe_fail
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 _TMP_PREFIX = ".tmp-"
+CORRUPT_SUFFIX = ".corrupt"  # a damaged checkpoint, renamed aside: kept as evidence, never read
 FORMAT_VERSION = 1
 
 
@@ -64,7 +75,7 @@ def check_checkpoint_dir(path: Optional[str | os.PathLike]) -> Optional[Path]:
     """Validate (and create) a checkpoint directory before any training.
 
     Raises:
-        InvalidJobSpec: the parent does not exist, or the path is a file.
+        InvalidJobSpec: the parent does not exist, the path is a file, or it cannot be created.
     """
     if path is None:
         return None
@@ -76,7 +87,11 @@ def check_checkpoint_dir(path: Optional[str | os.PathLike]) -> Optional[Path]:
             "checkpoint_dir",
             f"the parent of {path} ({path.parent}) does not exist; create it first or choose another path",
         )
-    path.mkdir(exist_ok=True)
+    try:
+        path.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise InvalidJobSpec("checkpoint_dir", f"cannot create {path}: {exc}; make {path.parent} writable "
+                             "or choose another path") from exc
     return path
 
 
@@ -98,20 +113,48 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(directory: str | os.PathLike, ckpt: Checkpoint, keep: int = 2) -> Path:
-    """Write ``ckpt`` atomically; then drop all but the newest ``keep`` checkpoints."""
+    """Write ``ckpt`` atomically; then drop all but the newest ``keep`` checkpoints.
+
+    Raises:
+        StorageError: the directory is read-only, full or gone. The temporary file is removed and
+            the previous checkpoints are untouched.
+    """
     directory = Path(directory)
     final = checkpoint_path(directory, ckpt.step)
     tmp = directory / f"{_TMP_PREFIX}{os.getpid()}-{final.name}"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt.to_dict(), f)
-        f.flush()
-        os.fsync(f.fileno())
-    maybe_fail("checkpoint_write", ckpt.step - 1)  # the phase of the step just applied
-    os.replace(tmp, final)  # atomic on POSIX: readers see the old name set or the new one
-    _fsync_dir(directory)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt.to_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        maybe_fail("checkpoint_write", ckpt.step - 1)  # the phase of the step just applied
+        os.replace(tmp, final)  # atomic on POSIX: readers see the old name set or the new one
+        _fsync_dir(directory)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # e.g. a read-only directory: it was never created
+            tmp.unlink(missing_ok=True)
+        cause = _os_error(exc) if isinstance(exc, Exception) else None
+        if cause is None:
+            raise
+        raise StorageError.from_os_error(f"checkpoint {final.name}", directory, cause) from exc
     for _, old in list_checkpoints(directory)[:-keep]:
-        old.unlink(missing_ok=True)
+        try:
+            old.unlink(missing_ok=True)
+        except OSError as exc:  # the new checkpoint is safe: an old one left over is harmless
+            log.warning("cannot remove the old checkpoint %s: %s", old, exc)
     return final
+
+
+def _os_error(exc: BaseException) -> Optional[OSError]:
+    """The ``OSError`` behind ``exc``: ``torch.save`` reports a failed write of its file object as a
+    ``RuntimeError`` ("unexpected pos ...") raised while handling the ``OSError`` (ENOSPC, EROFS)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -126,16 +169,67 @@ def sweep_temporaries(directory: Path) -> None:
     """Remove temporary files a killed writer left behind (they are never read)."""
     for entry in directory.iterdir():
         if entry.name.startswith(_TMP_PREFIX):
-            entry.unlink(missing_ok=True)
+            try:
+                entry.unlink(missing_ok=True)
+            except OSError as exc:  # a read-only directory: the next write says so clearly
+                log.warning("cannot remove the temporary file %s: %s", entry, exc)
+
+
+def verify_checkpoint(path: str | os.PathLike) -> Optional[str]:
+    """Why the checkpoint file ``path`` is damaged, or ``None`` if every record matches its CRC-32.
+
+    ``zipfile`` checks the checksums that ``torch.save`` stored and ``torch.load`` ignores; a
+    truncated file has lost its central directory and does not open.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as exc:  # noqa: BLE001 - whatever stops the archive from being read is damage
+        return f"not a readable checkpoint archive ({type(exc).__name__}: {exc})"
+    if bad is not None:
+        return f"record {bad} does not match its CRC-32 checksum"
+    return None
+
+
+def _verified_checkpoints(directory: str | os.PathLike) -> Iterator[tuple[int, Path]]:
+    """Checkpoints that verify, newest first; each damaged one met is renamed aside, with a warning."""
+    for step, path in reversed(list_checkpoints(directory)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            yield step, path
+            continue
+        aside = path.with_name(path.name + CORRUPT_SUFFIX)
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:
+            continue  # another reader (a peer worker) set it aside and warned first
+        except OSError as exc:  # a read-only directory: every reader skips it the same way
+            log.warning("checkpoint %s is damaged (%s); skipping it (it could not be renamed aside: %s)",
+                        path, problem, exc)
+            continue
+        log.warning("checkpoint %s is damaged (%s); renamed it to %s and falling back to an older checkpoint",
+                    path, problem, aside.name)
+
+
+def newest_checkpoint(directory: str | os.PathLike) -> Optional[tuple[int, Path]]:
+    """``(step, path)`` of the newest checkpoint in ``directory`` whose checksums verify, or ``None``.
+
+    The one place that decides where a job resumes: ``train``, the master (at start and when it
+    rolls back to disk) and the workers that load the checkpoint all ask here, so they agree. A
+    damaged checkpoint is renamed to ``step-XXXXXXXX.pt.corrupt`` so that every later reader skips
+    it too, and the evidence is kept.
+    """
+    return next(_verified_checkpoints(directory), None)
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Optional[Checkpoint]:
-    """The newest readable checkpoint in ``directory``, or ``None`` if there is none.
+    """The newest checkpoint in ``directory`` that verifies (see ``newest_checkpoint``) and loads,
+    or ``None`` if there is none.
 
-    A checkpoint that fails to load (a damaged disk; never a killed writer) is skipped with a
-    warning and the one before it is used.
+    A damaged checkpoint is renamed aside with a warning and the one before it is used; one that
+    verifies but fails to load (e.g. written by an incompatible version) is skipped with a warning.
     """
-    for step, path in reversed(list_checkpoints(directory)):
+    for step, path in _verified_checkpoints(directory):
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file falls back to the previous one

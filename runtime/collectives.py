@@ -1,11 +1,20 @@
 """The gradient path: a torch.distributed process group per membership epoch.
 
-The master hosts one long-lived ``TCPStore``; epoch ``e`` rendezvouses under the key prefix
-``<namespace>/epoch/e/``, so re-forming a group takes milliseconds and a stale member of an old epoch
-can never join a new one. The namespace is per job and handed only to workers the master admitted;
-with a token that makes it a secret, so a stranger who reaches the store's port cannot find or join
-a rendezvous (without one, on loopback, any local process may register and learn it). Gradients
-travel here (gloo on CPU, NCCL on GPU), never over gRPC.
+What crosses which channel:
+
+- **Membership** (the master's gRPC channel, ``EpochStatus``): a worker arrives at epoch ``e``'s
+  rendezvous and learns whether the master has moved on from ``e``. The master alone decides both;
+  nothing a worker (or anyone else) writes into the store can count as an arrival or abort an epoch.
+- **torch.distributed's own rendezvous** (the master's gRPC channel, ``Store``, via
+  ``master_store.MasterStore``): gloo's and NCCL's address exchange, under the key prefix
+  ``vnodes.protos.epoch_store_prefix(e)``, so a stale member of an old epoch never joins a new one.
+  Only admitted workers reach it (a per-registration session key, behind the job's token and TLS);
+  the master listens on no other port and drops old epochs' keys as it moves on (bounded).
+- **Gradients and state broadcasts** (gloo on CPU, NCCL on GPU), never over gRPC.
+
+What remains exposed, as in torch itself: the peer-to-peer TCP connections gloo and NCCL open
+between workers (addresses learned through the store) carry no authentication or encryption, so
+workers must share a network you trust.
 """
 
 from __future__ import annotations
@@ -20,17 +29,12 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from vnodes.protos import epoch_store_prefix
+
 from .engine import StepPartial
+from .master_client import MasterUnavailable
+from .master_store import MasterStore
 from .reduction import Block, Payload, canonical_sum
-
-
-ARRIVED_KEY = "vnodes-arrived"
-ABORT_KEY = "vnodes-abort"  # set by the master when it moves on from an epoch
-
-
-def epoch_prefix(namespace: str, epoch: int) -> str:
-    """Where epoch ``epoch`` of the job with store namespace ``namespace`` rendezvouses."""
-    return f"{namespace}/epoch/{epoch}/"
 
 
 class EpochSuperseded(RuntimeError):
@@ -40,22 +44,24 @@ class EpochSuperseded(RuntimeError):
 class EpochGroup:
     """This worker's membership in the current epoch's process group.
 
-    On the CPU each epoch gets a process-group object of its own (``ProcessGroupGloo``), not the
-    global default group, and every collective is waited for in short polls that also watch the
-    master's abort key. So when a peer is *stopped* rather than dead (SIGSTOP, a frozen VM: its
-    sockets stay open, its collective never completes), the survivors leave the collective as soon as
-    the master has declared it lost and moved on, instead of after the group timeout; the abandoned
-    group is kept until its pending collective expires on its own (destroying it earlier would block
-    until then). On GPUs (NCCL) the epoch's group is the default group, as before.
+    ``client`` is the worker's registered ``MasterClient`` (anything with its ``store`` and
+    ``epoch_status`` methods). On the CPU each epoch gets a process-group object of its own
+    (``ProcessGroupGloo``), not the global default group, and every collective is waited for in short
+    polls that also ask the master whether it moved on from the epoch. So when a peer is *stopped*
+    rather than dead (SIGSTOP, a frozen VM: its sockets stay open, its collective never completes),
+    the survivors leave the collective as soon as the master has declared it lost and moved on,
+    instead of after the group timeout; the abandoned group is kept until its pending collective
+    expires on its own (destroying it earlier would block until then). A master that cannot be
+    reached meanwhile (restarting) does not end a collective: it may still complete, and otherwise
+    times out. On GPUs (NCCL) the epoch's group is the default group, as before.
     """
 
     POLL = datetime.timedelta(seconds=0.25)
+    ARRIVAL_POLL_S = (0.002, 0.02)  # first and longest pause between arrival polls (doubling)
 
-    def __init__(self, store_host: str, store_port: int, device: torch.device, namespace: str,
-                 timeout_s: float = 60.0):
-        self.namespace = namespace
-        self.store = dist.TCPStore(store_host, store_port, is_master=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+    def __init__(self, client, device: torch.device, timeout_s: float = 60.0):
+        self.client = client
+        self.store = MasterStore(client, timeout_s)
         self.backend = "nccl" if device.type == "cuda" else "gloo"
         self.device = device
         self.timeout = datetime.timedelta(seconds=timeout_s)
@@ -66,49 +72,61 @@ class EpochGroup:
         self._pending: Optional[Any] = None  # the newest collective's work, until it completes
         self._abandoned: list[tuple[Any, Any]] = []  # (group, work) left to expire on their own
         self._connecting: list[threading.Thread] = []  # connect attempts left to time out on their own
+        self._retired_stores: list[MasterStore] = []  # replaced objects' stores that those may still call
 
     def form(self, epoch: int, rank: int, world_size: int) -> None:
         """Leave the previous epoch's group and join epoch ``epoch``'s.
 
         Raises:
-            RuntimeError: a peer did not arrive within the timeout.
+            EpochSuperseded: the master moved on before every member arrived and connected.
+            RuntimeError: a peer did not arrive or connect within the timeout.
+            MasterUnavailable: the master cannot be reached while the members arrive.
         """
         self.destroy()
-        prefix = epoch_prefix(self.namespace, epoch)
-        # Gather every member first, polling the master's abort key: a member that died before
-        # arriving must not hold the survivors for the whole store timeout.
-        self.store.add(prefix + ARRIVED_KEY, 1)
+        # Gather every member first, as the master counts them: a member that died before arriving
+        # must not hold the survivors for the whole timeout. Every poll arrives again (idempotent).
         deadline = time.monotonic() + self.timeout.total_seconds()
-        while self.store.add(prefix + ARRIVED_KEY, 0) < world_size:
-            if self.store.check([prefix + ABORT_KEY]):
+        pause_s, longest_s = self.ARRIVAL_POLL_S
+        while True:
+            superseded, arrived = self.client.epoch_status(epoch, arrive=True)
+            if superseded:
                 raise EpochSuperseded(f"epoch {epoch} was superseded before all {world_size} members arrived")
+            if arrived >= world_size:
+                break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"epoch {epoch}: members missing after {self.timeout.total_seconds():.0f} s")
-            time.sleep(0.02)
+                raise RuntimeError(f"epoch {epoch}: {world_size - arrived} of {world_size} members missing "
+                                   f"after {self.timeout.total_seconds():.0f} s")
+            time.sleep(pause_s)
+            pause_s = min(2 * pause_s, longest_s)
+        store = dist.PrefixStore(epoch_store_prefix(epoch), self.store)
         if self.backend == "gloo":
-            self.pg = self._connect_gloo(epoch, rank, world_size)
+            self.pg = self._connect_gloo(store, epoch, rank, world_size)
         else:
-            store = dist.PrefixStore(prefix, self.store)
             dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size, timeout=self.timeout)
             self.pg = dist.group.WORLD
         self.epoch, self.rank, self.world_size = epoch, rank, world_size
 
-    def _connect_gloo(self, epoch: int, rank: int, world_size: int):
-        """Build epoch ``epoch``'s gloo group in a helper thread while polling the master's abort key:
-        a member that arrived and then vanished before connecting must not hold the survivors for
-        the whole group timeout. The thread has a store connection of its own (the rendezvous blocks
-        on it), and an abandoned attempt ends by itself at the timeout.
+    def _superseded(self, epoch: int) -> bool:
+        """Whether the master moved on from ``epoch``; a master out of reach has not (yet): it
+        may be restarting, and a collective that can complete should."""
+        try:
+            return self.client.epoch_status(epoch)[0]
+        except MasterUnavailable:
+            return False
+
+    def _connect_gloo(self, store, epoch: int, rank: int, world_size: int):
+        """Build epoch ``epoch``'s gloo group on ``store`` in a helper thread while asking the master
+        whether it moved on: a member that arrived and then vanished before connecting must not hold
+        the survivors for the whole group timeout. An abandoned attempt ends by itself at the timeout.
 
         Raises:
             EpochSuperseded: the master moved on while the members were connecting.
         """
-        prefix = epoch_prefix(self.namespace, epoch)
         built: dict[str, Any] = {}
 
         def connect() -> None:
             try:
-                own = dist.TCPStore(self.store.host, self.store.port, is_master=False, timeout=self.timeout)
-                built["pg"] = dist.ProcessGroupGloo(dist.PrefixStore(prefix, own), rank, world_size, self.timeout)
+                built["pg"] = dist.ProcessGroupGloo(store, rank, world_size, self.timeout)
             except Exception as exc:  # noqa: BLE001 - handed to the caller
                 built["error"] = exc
 
@@ -118,7 +136,7 @@ class EpochGroup:
             thread.join(self.POLL.total_seconds())
             if not thread.is_alive():
                 break
-            if self.store.check([prefix + ABORT_KEY]):
+            if self._superseded(epoch):
                 self._connecting.append(thread)  # inside the C++ constructor until its timeout
                 raise EpochSuperseded(f"epoch {epoch} was superseded while its members connected")
         if "error" in built:
@@ -140,7 +158,10 @@ class EpochGroup:
         older.destroy()
         self._abandoned.extend(older._abandoned)
         self._connecting.extend(older._connecting)
-        older._abandoned, older._connecting = [], []
+        if older._abandoned or older._connecting:  # their stores' Python halves must outlive them too
+            self._retired_stores.append(older.store)
+        self._retired_stores.extend(older._retired_stores)
+        older._abandoned, older._connecting, older._retired_stores = [], [], []
 
     @property
     def holds_abandoned(self) -> bool:
@@ -161,7 +182,6 @@ class EpochGroup:
             work.wait()
             return
         self._pending = work
-        abort_key = epoch_prefix(self.namespace, self.epoch) + ABORT_KEY
         deadline = time.monotonic() + self.timeout.total_seconds()
         while True:
             try:
@@ -175,7 +195,7 @@ class EpochGroup:
                     self._pending = None
                     work.wait()
                     return
-            if self.store.check([abort_key]):
+            if self._superseded(self.epoch):
                 raise EpochSuperseded(f"epoch {self.epoch} was superseded during a collective")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"epoch {self.epoch}: collective not done after "

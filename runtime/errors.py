@@ -1,15 +1,19 @@
 """Errors raised beside a device.
 
 Fatal errors a user acts on (``InvalidJobSpec``, ``CheckpointMismatch``, ``NonFiniteLoss``,
-``StaleEpoch``). Recoverable events (a lost peer: the step is redone; a membership change: the group
-is re-formed) are not exceptions that reach the user: the worker agent handles them in its loop
-(``runtime/agent.py``), and a lost master is ``master_client.MasterUnavailable`` (retried).
+``StaleEpoch``, ``StorageError``). Recoverable events (a lost peer: the step is redone; a membership
+change: the group is re-formed) are not exceptions that reach the user: the worker agent handles them
+in its loop (``runtime/agent.py``), and a lost master is ``master_client.MasterUnavailable`` (retried).
 
 Every exception pickles (its constructor arguments are kept in ``args``) so it can cross a process
-boundary unchanged.
+boundary unchanged. An error crossing the network does not: the master never unpickles what it
+receives, so a worker's fatal error reaches the caller of ``train`` as ``JobFailed``, with the
+worker's error type, message and traceback as text.
 """
 
 from __future__ import annotations
+
+import os
 
 
 class VnodesError(Exception):
@@ -79,3 +83,108 @@ class StaleEpoch(VnodesError):
 
     def __str__(self) -> str:
         return f"membership epoch {self.got} is stale (current is {self.current}); re-register"
+
+
+class StorageError(VnodesError):
+    """A file of the job (a checkpoint, the master's state) could not be written: the directory is
+    read-only, full, or gone. Fatal: the job stops cleanly and can be resumed once it is fixed.
+
+    ``what`` names the file (e.g. ``"checkpoint step-00000004.pt"``); ``reason`` is the OS error.
+    """
+
+    def __init__(self, what: str, directory: str, reason: str):
+        super().__init__(what, directory, reason)
+        self.what = what
+        self.directory = directory
+        self.reason = reason
+
+    @classmethod
+    def from_os_error(cls, what: str, directory: str | os.PathLike, exc: OSError) -> "StorageError":
+        """``reason`` is the error without its (often temporary) file name: ``[Errno 28] No space left on device``."""
+        reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.errno is not None and exc.strerror else str(exc)
+        return cls(what, str(directory), reason)
+
+    def __str__(self) -> str:
+        return (f"cannot write {self.what} in {self.directory}: {self.reason}; make {self.directory} writable "
+                "(or free space on its disk) and run the same command again to resume from the last checkpoint")
+
+
+class JobFailed(VnodesError):
+    """A worker ended the job with a fatal error (or the master did: ``worker_id`` is then empty).
+
+    ``error_type`` is the class name of the worker's exception (e.g. ``"NonFiniteLoss"``),
+    ``traceback`` its formatted traceback on the worker.
+    """
+
+    def __init__(self, message: str, error_type: str = "", traceback: str = "", worker_id: str = ""):
+        super().__init__(message, error_type, traceback, worker_id)
+        self.message, self.error_type, self.traceback, self.worker_id = message, error_type, traceback, worker_id
+
+    def __str__(self) -> str:
+        where = f" on worker {self.worker_id}" if self.worker_id else ""
+        return f"the job failed{where}: {self.error_type + ': ' if self.error_type else ''}{self.message}"
+
+
+class JobCodeError(VnodesError):
+    """One of the job's own functions (a builder, the dataset) raised; the original is ``__cause__``.
+
+    ``role`` says which (e.g. ``"model builder"``), ``where`` the innermost frame (``file:line``).
+    """
+
+    def __init__(self, role: str, function_name: str, error_type: str, message: str, where: str = ""):
+        super().__init__(role, function_name, error_type, message, where)
+        self.role, self.function_name, self.error_type, self.message, self.where = (
+            role, function_name, error_type, message, where)
+
+    @classmethod
+    def wrap(cls, role: str, function, exc: BaseException) -> "JobCodeError":
+        import traceback
+
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+        name = getattr(function, "__qualname__", None) or type(function).__name__
+        return cls(role, name, type(exc).__name__, str(exc), where)
+
+    def __str__(self) -> str:
+        at = f" at {self.where}" if self.where else ""
+        return (f"the job's {self.role} {self.function_name} raised {self.error_type}: {self.message}{at}; "
+                "fix it there (run with -v for the whole traceback)")
+
+
+class CodePackageError(VnodesError):
+    """The job's code package a worker received is not what the master announced (its digest or size
+    differ), holds a path outside its folder, or cannot be stored in the worker's code cache. Nothing
+    of it is imported. The message names the bad value and what to do."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class JobCodeMissing(VnodesError):
+    """The job refers to code this worker cannot import: a module (``name`` empty), or a name in one.
+
+    ``detail`` is the import error's own text; ``code_dir`` where this worker unpacked the job's
+    folder ("" when the master shipped none).
+    """
+
+    def __init__(self, module: str, name: str = "", detail: str = "", code_dir: str = ""):
+        super().__init__(module, name, detail, code_dir)
+        self.module, self.name, self.detail, self.code_dir = module, name, detail, code_dir
+
+    def __str__(self) -> str:
+        import sys
+
+        shipped = "the job's folder (the job file's, or the launching script's), which the master ships to every worker"
+        if self.code_dir:
+            shipped += f" (unpacked here in {self.code_dir})"
+        if self.name:
+            return (f"the job needs {self.module}.{self.name}, but the module {self.module!r} this worker imports "
+                    f"does not define it ({self.detail}); give the worker the same version of {self.module!r} as "
+                    f"the master: update it in this worker's Python environment ({sys.executable}), or keep it "
+                    f"in {shipped}")
+        return (f"the job needs the module {self.module!r}, which this worker cannot import ({self.detail}); "
+                f"install it in this worker's Python environment ({sys.executable}), or put it in {shipped}")

@@ -90,13 +90,21 @@ def train(
             cluster, following the cluster as nodes come and go; ``workers`` caps their number).
         address: for ``launcher="ray"``: ``"auto"``, ``"HOST:PORT"``, or ``None`` to start Ray locally.
         launch_options: extra launcher settings: local: ``placement`` ("throughput" | "even"),
-            ``worker_env``; ray: ``worker_options`` (``RayWorkerOptions``), ``ray_init_kwargs``.
+            ``worker_env``; ray: ``worker_options`` (``RayWorkerOptions``), ``ray_init_kwargs``; both:
+            ``code`` (a ``vnodes.scheduler.code_package.CodePackage``), the code every worker
+            imports the job from, by default the folder of the script run as ``python script.py``
+            (see ``scheduler/code_package.py`` for what is left out and the size cap).
         progress: show a live progress display; ``None`` shows it when stderr is a terminal.
 
     Raises:
         InvalidJobSpec: bad input, before any training.
+        CodeTooLarge: with workers in other processes, the launching script's folder passes the
+            cap on the code shipped to them (``VNODES_MAX_CODE_BYTES``), before any training.
         CheckpointMismatch: ``checkpoint_dir`` holds a checkpoint of a different job.
         NonFiniteLoss: a virtual node's loss was NaN or infinite; that step was not applied.
+        StorageError: a checkpoint could not be written (``checkpoint_dir`` read-only or full). The
+            run stops there (no temporary file left); the same call resumes from the last checkpoint
+            once the directory is fixed.
     """
     spec.validate()
     _check_int("steps", steps, 0)

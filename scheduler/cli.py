@@ -28,6 +28,29 @@ class JobFileError(VnodesError):
     """The job file cannot be loaded or defines no usable ``JobSpec``."""
 
 
+def _job_path(target: str) -> tuple[Path, str]:
+    """The file and the name of ``path/to/job.py[:name]``. Raises ``JobFileError`` if it is missing."""
+    path_text, _, name = target.partition(":")
+    path = Path(path_text).expanduser().absolute()
+    if not path.is_file():
+        raise JobFileError(f"job file {path_text!r} does not exist; pass path/to/job.py[:name]")
+    return path, name
+
+
+def pack_job_folder(target: str, run_dir: Optional[str | os.PathLike]):
+    """The job file's folder, packed for workers in other processes (``code_package.py``), leaving
+    out the run directory. Done first: a folder past the cap fails before anything slow.
+
+    Raises:
+        JobFileError: the job file is missing.
+        CodeTooLarge: the folder passes the cap (``VNODES_MAX_CODE_BYTES``).
+    """
+    from .code_package import CodePackage
+
+    path, _ = _job_path(target)
+    return CodePackage.from_folder(path.parent, exclude=[run_dir] if run_dir else [])
+
+
 def load_job(target: str) -> JobSpec:
     """Load ``path/to/job.py[:name]``.
 
@@ -37,10 +60,8 @@ def load_job(target: str) -> JobSpec:
     Raises:
         JobFileError: the file is missing, fails to import, or defines no ``JobSpec``.
     """
-    path_text, _, name = target.partition(":")
-    path = Path(path_text).expanduser().absolute()
-    if not path.is_file():
-        raise JobFileError(f"job file {path_text!r} does not exist; pass path/to/job.py[:name]")
+    path, name = _job_path(target)
+    path_text = target.partition(":")[0]
     folder = str(path.parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)
@@ -170,6 +191,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    code = None
+    if args.launcher == "ray":  # actors may run on other machines: they fetch the job file's folder
+        code = pack_job_folder(args.job, args.checkpoint_dir or args.run_dir)
     spec = load_job(args.job)
     if args.deterministic:
         spec = dataclasses.replace(spec, deterministic=True)
@@ -178,6 +202,8 @@ def _run(args: argparse.Namespace) -> int:
         from .launcher_ray import RayWorkerOptions
 
         launch_options = {"worker_options": RayWorkerOptions(num_cpus=args.num_cpus)}
+    if launch_options is not None:
+        launch_options["code"] = code
     result = train(spec, steps=args.steps, checkpoint_dir=args.checkpoint_dir or args.run_dir,
                    checkpoint_every=args.checkpoint_every, workers=args.workers, launcher=args.launcher,
                    address=args.address, launch_options=launch_options,
@@ -213,10 +239,12 @@ def _master(args: argparse.Namespace) -> int:
         raise VnodesError("TLS needs both --tls-cert and --tls-key (got only "
                           f"{'--tls-cert' if args.tls_cert else '--tls-key'})")
     tls = (read_pem(args.tls_key, "--tls-key"), read_pem(args.tls_cert, "--tls-cert")) if args.tls_cert else None
+    run_dir = check_checkpoint_dir(args.run_dir)
+    code = pack_job_folder(args.job, run_dir)
     spec = load_job(args.job)
-    handle = start_master(spec, args.steps, check_checkpoint_dir(args.run_dir), checkpoint_every=args.checkpoint_every or 0,
+    handle = start_master(spec, args.steps, run_dir, checkpoint_every=args.checkpoint_every or 0,
                           expected_workers=args.min_workers, host=args.host, port=args.port, token=args.token,
-                          placement=args.placement, tls=tls)
+                          placement=args.placement, tls=tls, code=code)
     print(f"vnodes master listening on {handle.address} (run dir {args.run_dir})", flush=True)
     try:
         handle.master.wait(lambda m: m.done, timeout_s=float("inf"))

@@ -3,16 +3,22 @@
 ``master.json`` (written atomically at every commit) holds the committed step, the membership
 epoch counter and the newest checkpoint; ``losses.f64`` is an append-only file of per-step losses
 (little-endian float64), truncated to the committed step when read back.
+
+A write that fails (a read-only or full run directory) raises ``StorageError``: the master fails the
+job cleanly (``Master._persist``) rather than go on with state it cannot keep.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import struct
 from pathlib import Path
 from typing import Optional
+
+from vnodes.runtime.errors import StorageError
 
 
 @dataclasses.dataclass
@@ -32,6 +38,11 @@ class DurableState:
         self._written_losses = 0
 
     def load(self) -> Optional[MasterRecord]:
+        """The recorded state, or ``None`` if this run directory has none.
+
+        Raises:
+            StorageError: ``losses.f64`` cannot be truncated to the committed step (read-only directory).
+        """
         if not self.path.exists():
             return None
         data = json.loads(self.path.read_text())
@@ -39,24 +50,46 @@ class DurableState:
         n = min(len(raw) // 8, data["step"])
         losses = list(struct.unpack(f"<{n}d", raw[:8 * n]))
         self._written_losses = n
-        with open(self.losses_path, "ab") as f:
-            f.truncate(8 * n)
+        try:
+            with open(self.losses_path, "ab") as f:
+                f.truncate(8 * n)
+        except OSError as exc:
+            raise StorageError.from_os_error(f"the master's state ({self.losses_path.name})", self.path.parent,
+                                             exc) from exc
         return MasterRecord(data["step"], data["epoch_counter"], data["checkpoint_step"], losses,
                             data.get("fingerprint", {}))
 
     def save(self, step: int, epoch_counter: int, checkpoint_step: int, losses: list[float]) -> None:
-        """Append new losses, then atomically replace ``master.json`` (tmp, fsync, rename)."""
+        """Append new losses, then atomically replace ``master.json`` (tmp, fsync, rename).
+
+        Raises:
+            StorageError: a write failed; no temporary file is left and ``master.json`` is the old one.
+        """
+        tmp = self.path.with_suffix(".json.tmp")
+        try:
+            self._save(tmp, step, epoch_counter, checkpoint_step, losses)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise StorageError.from_os_error(f"the master's state ({self.path.name}, {self.losses_path.name})",
+                                             self.path.parent, exc) from exc
+
+    def _save(self, tmp: Path, step: int, epoch_counter: int, checkpoint_step: int, losses: list[float]) -> None:
         if len(losses) < self._written_losses:  # rolled back (e.g. to a checkpoint)
             with open(self.losses_path, "ab") as f:
                 f.truncate(8 * len(losses))
             self._written_losses = len(losses)
         if len(losses) > self._written_losses:
-            with open(self.losses_path, "ab") as f:
-                f.write(struct.pack(f"<{len(losses) - self._written_losses}d", *losses[self._written_losses:]))
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(self.losses_path, "ab") as f:
+                    f.write(struct.pack(f"<{len(losses) - self._written_losses}d", *losses[self._written_losses:]))
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError:  # a full disk may have taken part of a record: the next append must start aligned
+                with contextlib.suppress(OSError):
+                    os.truncate(self.losses_path, 8 * self._written_losses)
+                raise
             self._written_losses = len(losses)
-        tmp = self.path.with_suffix(".json.tmp")
         with open(tmp, "w") as f:
             json.dump({"step": step, "epoch_counter": epoch_counter, "checkpoint_step": checkpoint_step,
                        "fingerprint": self.fingerprint}, f)

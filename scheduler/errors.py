@@ -106,11 +106,14 @@ class CodeTooLarge(VnodesError):
         self.biggest, self.env_var = list(biggest), env_var
 
     def __str__(self) -> str:
-        def mib(n: int) -> str:
-            return f"{n / 2**20:.1f} MiB"
+        def size(n: int) -> str:
+            for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+                if n >= scale:
+                    return f"{n / scale:.1f} {unit}"
+            return f"{n} bytes"
 
-        files = ", ".join(f"{path} ({mib(size)})" for path, size in self.biggest)
-        return (f"the job's folder {self.folder} holds more than {mib(self.cap_bytes)} of files to ship to the "
-                f"workers (at least {mib(self.size_bytes)}; the biggest: {files}). Move data and outputs out of "
-                f"{self.folder} (or list them in its .vnodesignore), or raise the cap: "
-                f"{self.env_var}={max(self.size_bytes * 2, self.cap_bytes * 2)} (bytes)")
+        files = ", ".join(f"{path} ({size(n)})" for path, n in self.biggest)
+        return (f"the job's folder {self.folder} holds more than the {size(self.cap_bytes)} of files the master "
+                f"ships to its workers (at least {size(self.size_bytes)}; the biggest: {files}). Move data and "
+                f"outputs out of {self.folder}, or list them in its .vnodesignore, or raise the cap: "
+                f"{self.env_var}=<bytes> (now {self.cap_bytes})")

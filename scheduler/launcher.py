@@ -12,8 +12,6 @@ import dataclasses
 import logging
 import os
 import pickle
-import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,19 +20,19 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch.distributed as dist
-
-from vnodes.runtime.errors import CheckpointMismatch
-from vnodes.runtime.collectives import ABORT_KEY, epoch_prefix
-from vnodes.runtime.checkpoint import check_checkpoint_dir, latest_checkpoint, list_checkpoints
+from vnodes.runtime.errors import CheckpointMismatch, JobFailed
+from vnodes.runtime.checkpoint import check_checkpoint_dir, latest_checkpoint, newest_checkpoint
+from vnodes.runtime.engine import build_dataset
 from vnodes.runtime.events import Callback, Event, RunState, fire
 from vnodes.runtime.sampler import VNodeSampler
 from vnodes.runtime.spec import JobSpec
 from vnodes.runtime.train import TrainResult
 
+from .code_package import CodePackage
 from .durable import DurableState
 from .master import JobState, Master
-from .servicer import COMMIT_WAIT_S, MasterServicer, serve
+from .rendezvous import RendezvousStore
+from .servicer import COMMIT_WAIT_S, MasterServicer, host_port, serve
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +43,8 @@ class MasterHandle:
 
     master: Master
     server: object
-    store: dist.TCPStore
+    store: RendezvousStore  # served on the gRPC channel: the master listens on one port only
     address: str
-    store_namespace: str  # secret prefix of the rendezvous keys (see runtime/collectives.py)
     _stopped: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def stop(self) -> None:
@@ -68,10 +65,17 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
                  expected_workers: int = 1, host: str = "127.0.0.1", port: int = 0,
                  token: Optional[str] = None, placement: str = "throughput",
                  heartbeat_timeout_s: float = 10.0, start_grace_s: float = 60.0,
-                 advertise_host: Optional[str] = None,
                  tls: Optional[tuple[bytes, bytes]] = None,
-                 commit_timeout_s: float = COMMIT_WAIT_S) -> MasterHandle:
+                 commit_timeout_s: float = COMMIT_WAIT_S, await_holders: bool = True,
+                 code: Optional[CodePackage] = None) -> MasterHandle:
     """Validate the job, resume from ``run_dir`` if it holds a checkpoint, and serve the master.
+
+    ``await_holders``: when ``run_dir`` shows a master that stopped past its newest checkpoint, wait
+    up to ``start_grace_s`` for workers that still hold that state to reconnect before rolling back
+    to the checkpoint. A launcher whose workers are all new (``train``) passes False.
+
+    ``code``: the job's folder, packed (``code_package.py``), for every admitted worker to import
+    from; None: workers import the job from their own environment.
 
     Raises:
         InvalidJobSpec: bad input (checked here, before any worker starts).
@@ -79,7 +83,7 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
     """
     spec.validate()
     spec.check_picklable("workers > 1 (worker processes)")
-    sampler = VNodeSampler(len(spec.dataset()), spec.virtual_nodes, spec.vnode_batch_size, spec.seed)
+    sampler = VNodeSampler(len(build_dataset(spec)), spec.virtual_nodes, spec.vnode_batch_size, spec.seed)
     ckpt = latest_checkpoint(run_dir)
     start, losses, epoch_counter = 0, [], 0
     if ckpt is not None:
@@ -92,33 +96,37 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
                         if record.fingerprint.get(k) != durable.fingerprint.get(k))
         if differ:
             raise CheckpointMismatch(differ, str(run_dir))
+    # A master restarted on its run directory past its newest checkpoint: the workers that still hold
+    # the newer state reconnect, and the master waits for them (a grace period) before rolling back
+    # to the checkpoint. At the checkpoint's step (a job resumed to train longer) nobody holds more.
+    restored = await_holders and record is not None and record.step > start
     if record is not None and record.step >= start:
-        # A master restarted on its run directory: workers that still hold the state reconnect.
         start, losses, epoch_counter = record.step, record.losses, record.epoch_counter + 1
 
     def on_disk() -> Optional[int]:
-        found = list_checkpoints(run_dir)
-        return found[-1][0] if found else None
+        # The same verified answer as ``latest_checkpoint`` above and in the workers that load it: a
+        # damaged newest checkpoint was renamed aside, so nobody resumes at its step.
+        found = newest_checkpoint(run_dir)
+        return found[0] if found is not None else None
 
     master = Master(spec.virtual_nodes, steps, start_step=start, losses=losses, checkpoint_every=checkpoint_every or 0,
                     checkpoint_step=ckpt.step if ckpt is not None else -1, expected_workers=expected_workers,
                     steps_per_epoch=sampler.steps_per_epoch, vnode_batch_size=spec.vnode_batch_size,
                     start_grace_s=start_grace_s,
                     heartbeat_timeout_s=heartbeat_timeout_s, placement_policy=placement,
-                    can_resume_from_checkpoint=on_disk, durable=durable, restored=record is not None,
+                    can_resume_from_checkpoint=on_disk, durable=durable, restored=restored,
                     epoch_counter=epoch_counter)
     # Fresh workers hold step 0; when start > 0 the master has them load the checkpoint.
-    store_host = "127.0.0.1" if host in ("127.0.0.1", "localhost") else host
-    store = dist.TCPStore(store_host, 0, is_master=True, wait_for_workers=False)
-    # Workers dial the store at an address they can reach: not a wildcard like 0.0.0.0.
-    advertised = advertise_host or (store_host if store_host not in ("0.0.0.0", "::", "") else
-                                    socket.gethostbyname(socket.gethostname()))
-    namespace = secrets.token_hex(16)  # a fresh one per master: a restarted master re-admits everyone
-    master.on_epoch_superseded = lambda epoch: store.set(epoch_prefix(namespace, epoch) + ABORT_KEY, "1")
-    servicer = MasterServicer(master, pickle.dumps(spec), advertised, store.port, str(run_dir),
-                              checkpoint_every or 0, store_namespace=namespace, commit_timeout_s=commit_timeout_s)
+    store = RendezvousStore()
+    # The superseded epoch's members learn it from EpochStatus; its keys are of no use to anyone now.
+    master.on_epoch_superseded = lambda epoch: store.forget_epochs_before(epoch + 1)
+    servicer = MasterServicer(master, pickle.dumps(spec), str(run_dir), checkpoint_every or 0,
+                              commit_timeout_s=commit_timeout_s, code=code, store=store)
+    if code is not None:
+        log.info("workers get the job's code from %s: %d files, %d bytes packed, sha256 %s", code.folder,
+                 code.file_count, code.size_bytes, code.digest)
     server, bound = serve(servicer, host=host, port=port, token=token, tls=tls)
-    handle = MasterHandle(master, server, store, f"{host}:{bound}", namespace)
+    handle = MasterHandle(master, server, store, host_port(host, bound))
     handle.start_reaper()
     return handle
 
@@ -156,12 +164,11 @@ def fire_commits(master: Master, seen: int, callbacks: Sequence[Callback], state
 
 def job_result(master: Master, spec: JobSpec, run_dir: Path, keep_dir: bool, start: int, steps: int,
                t0: float) -> TrainResult:
-    """Re-raise the job's failure (e.g. ``NonFiniteLoss``), or read the result off the final checkpoint."""
+    """Raise the job's failure (``JobFailed``, naming e.g. ``NonFiniteLoss``), or read the result off the
+    final checkpoint."""
     if master.state == JobState.FAILED:
-        message, error = master.failure
-        if error:
-            raise pickle.loads(error)
-        raise RuntimeError(f"the job failed: {message}")
+        f = master.failure
+        raise JobFailed(f.message, f.error_type, f.traceback, f.worker_id)
     wall = time.perf_counter() - t0
     ckpt = latest_checkpoint(run_dir)
     return TrainResult(model_state_dict=ckpt.model if ckpt is not None else {}, losses=list(master.losses),
@@ -192,12 +199,16 @@ def run_until_done(handle: MasterHandle, processes: list[subprocess.Popen], call
 def train_local(spec: JobSpec, steps: int, workers: int, checkpoint_dir: Optional[Path],
                 checkpoint_every: Optional[int], callbacks: Sequence[Callback] = (),
                 worker_env: Optional[dict] = None, placement: str = "throughput",
-                master_port: int = 0) -> TrainResult:
-    """Train with a master in this process and ``workers`` local worker processes."""
+                master_port: int = 0, code: Optional[CodePackage] = None) -> TrainResult:
+    """Train with a master in this process and ``workers`` local worker processes.
+
+    ``code``: the job's code for the workers to fetch. By default none: local workers share this
+    machine's files and import what this process imports (its ``sys.path``, its launching script).
+    """
     with contextlib.ExitStack() as stack:
         run_dir = open_run_dir(stack, checkpoint_dir)
-        handle = start_master(spec, steps, run_dir, checkpoint_every=checkpoint_every or 0,
-                              expected_workers=workers, placement=placement, port=master_port)
+        handle = start_master(spec, steps, run_dir, checkpoint_every=checkpoint_every or 0, await_holders=False,
+                              expected_workers=workers, placement=placement, port=master_port, code=code)
         stack.callback(handle.stop)
         master = handle.master
         start = master.step

@@ -30,6 +30,7 @@ from vnodes.runtime.events import Callback, Event, RunState, fire
 from vnodes.runtime.spec import JobSpec
 from vnodes.runtime.train import TrainResult
 
+from .code_package import CodePackage, launching_script, package_for_script
 from .launcher import fire_commits, job_result, open_run_dir, start_master
 
 log = logging.getLogger(__name__)
@@ -166,10 +167,16 @@ def train_ray(spec: JobSpec, steps: int, checkpoint_dir: Optional[Path], checkpo
               callbacks: Sequence[Callback] = (), address: Optional[str] = None,
               worker_options: Optional[RayWorkerOptions] = None, max_workers: Optional[int] = None,
               poll_s: float = 1.0, ray_init_kwargs: Optional[dict] = None, fleet_hook=None,
-              max_failures_without_progress: int = 5) -> TrainResult:
-    """Train on a Ray cluster (``address=None`` starts a local Ray instance)."""
+              max_failures_without_progress: int = 5, code: Optional[CodePackage] = None) -> TrainResult:
+    """Train on a Ray cluster (``address=None`` starts a local Ray instance).
+
+    ``code``: the job's code, fetched by every actor from the master (default: the launching
+    script's folder, if any), so nodes need only vnodes and the job's dependencies installed.
+    """
     ray = _import_ray()
     options = worker_options or RayWorkerOptions()
+    if code is None:  # before Ray starts: a folder past the cap fails at once
+        code = package_for_script(exclude=[checkpoint_dir] if checkpoint_dir is not None else [])
     with contextlib.ExitStack() as stack:
         if not ray.is_initialized():
             ray.init(address=address, **(ray_init_kwargs or {}))
@@ -180,13 +187,14 @@ def train_ray(spec: JobSpec, steps: int, checkpoint_dir: Optional[Path], checkpo
         host = "127.0.0.1" if single_host else ray.util.get_node_ip_address()
         token = None if single_host else secrets.token_hex(16)
         handle = start_master(spec, steps, run_dir, checkpoint_every=checkpoint_every or 0, expected_workers=1,
-                              host=host, token=token, start_grace_s=0)
+                              await_holders=False,
+                              host=host, token=token, start_grace_s=0, code=code)
         stack.callback(handle.stop)
         env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         if "VNODES_HANG_TIMEOUT" in os.environ:  # actors start from the raylet's environment, not ours
             env["VNODES_HANG_TIMEOUT"] = os.environ["VNODES_HANG_TIMEOUT"]
         main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-        if main_file:
+        if main_file and launching_script() is None:  # run with -m: not shipped, found by path
             env["VNODES_MAIN_FILE"] = os.path.abspath(main_file)
         if options.num_gpus is None:
             options = dataclasses.replace(options, num_gpus=1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)

@@ -440,13 +440,15 @@ class Master:
             info.last_seen_s = self.clock()
             m = self.membership
             superseded = m is None or m.epoch != epoch or self.done
+            if superseded:  # a question about another epoch must not erase the current one's count
+                return True, len(self._arrived[1]) if self._arrived[0] == epoch else 0
             if self._arrived[0] != epoch:
                 self._arrived = (epoch, set())
-            if arrive and not superseded:
+            if arrive:
                 if worker_id not in m:
                     raise BadRequest(f"worker {worker_id} is not a member of epoch {epoch}")
                 self._arrived[1].add(worker_id)
-            return superseded, len(self._arrived[1])
+            return False, len(self._arrived[1])
 
     def is_decided(self, epoch: int, step: int) -> bool:
         with self._cond:

@@ -4,9 +4,12 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ from jobs import cnn_spec, small_cnn
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 STEPS = 12
+JOBS = Path(__file__).parent / "jobs.py"
 
 
 def f32_spec(**kw):
@@ -124,20 +128,133 @@ def test_losing_every_worker_waits_then_resumes_from_checkpoint(tmp_path, refere
     assert_bitwise(load_checkpoint(tmp_path)["model"], reference.model_state_dict)
 
 
-def test_rendezvous_keys_live_under_a_secret_namespace(tmp_path):
-    """Only admitted workers learn where epochs rendezvous: a stranger on the store's port finds nothing."""
-    handles = [start_master(f32_spec(), 2, check_checkpoint_dir(tmp_path / str(i)), start_grace_s=0) for i in range(2)]
+def listening_sockets(pid):
+    """Every socket process ``pid`` listens on: TCP in LISTEN, and bound UDP, as ``(ip, port)`` (an
+    IPv4 address mapped into IPv6, as gRPC binds it, as the IPv4 address: the same interface)."""
+    import ipaddress
+
+    import psutil
+
+    def plain(ip):
+        address = ipaddress.ip_address(ip)
+        mapped = getattr(address, "ipv4_mapped", None)
+        return str(mapped or address)
+
+    return sorted((plain(c.laddr.ip), c.laddr.port) for c in psutil.Process(pid).net_connections(kind="inet")
+                  if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and c.laddr))
+
+
+def test_the_master_listens_on_one_port_on_its_address_only(tmp_path):
+    """The rendezvous once lived in a TCPStore on a second port, on every interface even for a master
+    on 127.0.0.1. Now the master process listens on exactly its gRPC port, on the job's address,
+    also while a worker rendezvouses through it."""
+    master = subprocess.Popen([sys.executable, "-m", "vnodes.scheduler.cli", "master", f"{JOBS}:det_f32_spec",
+                               "--steps", "40", "--host", "127.0.0.1", "--port", "0", "--run-dir", str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    worker = None
     try:
-        worker = spawn_worker(handles[0].address, 0)
-        assert worker.wait(timeout=90) == 0
-        ns = handles[0].store_namespace
-        assert len(ns) == 32 and ns != handles[1].store_namespace
-        store = handles[0].store
-        assert store.check([f"{ns}/epoch/1/vnodes-arrived"])
-        assert not store.check(["epoch/1/vnodes-arrived"]) and not store.check(["vnodes/epoch/1/vnodes-arrived"])
+        line = master.stdout.readline()
+        assert "listening on 127.0.0.1:" in line, line
+        port = int(line.split("listening on 127.0.0.1:")[1].split()[0])
+        worker = spawn_worker(f"127.0.0.1:{port}", 0, extra_args=["--slowdown", "20"])
+        from vnodes.runtime.master_client import MasterClient
+
+        client = MasterClient(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 60
+        while client.status()["step"] < 2:  # the worker formed its epoch through the master's store
+            assert time.monotonic() < deadline and worker.poll() is None
+            time.sleep(0.2)
+        client.close()
+        assert listening_sockets(master.pid) == [("127.0.0.1", port)]
     finally:
-        for h in handles:
-            h.stop()
+        for p in (worker, master):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _stranger(address, token, stop, seen):
+    """What an outsider on the master's port tries, over and over: fake arrivals at the epochs and
+    fake arrival and abort keys in the store (the old attack), a bogus peer address, a guessed
+    session key; with no token, and with the token but no session key (it then learns the worker
+    ids from Status). Appends ``(call, status code or "OK", token sent, a real worker's id)``."""
+    import grpc
+
+    from vnodes.protos import epoch_store_prefix
+    from vnodes.protos import vnodes_pb2 as pb
+    from vnodes.protos import vnodes_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(address)
+    stub = pb_grpc.MasterStub(channel)
+    with_token = (("vnodes-token", token),)
+
+    def attempt(call, request, metadata, known):
+        try:
+            getattr(stub, call)(request, timeout=5, metadata=metadata)
+            seen.append((call, "OK", bool(metadata), known))
+        except grpc.RpcError as exc:
+            seen.append((call, exc.code(), bool(metadata), known))
+
+    while not stop.is_set():
+        try:
+            ids = [w.id for w in stub.Status(pb.StatusRequest(), timeout=5, metadata=with_token).workers]
+        except grpc.RpcError:
+            ids = []
+        for metadata in ((), with_token):
+            for worker_id in ids + ["stranger"]:
+                known = worker_id in ids
+                for epoch in (1, 2):
+                    prefix = epoch_store_prefix(epoch)
+                    attempt("EpochStatus", pb.EpochStatusRequest(worker_id=worker_id, membership_epoch=epoch,
+                                                                 arrive=True), metadata, known)
+                    for request in (
+                            pb.StoreRequest(worker_id=worker_id, op=pb.StoreRequest.SET, keys=[prefix + "vnodes-abort"],
+                                            value=b"1"),
+                            pb.StoreRequest(worker_id=worker_id, op=pb.StoreRequest.ADD,
+                                            keys=[prefix + "vnodes-arrived"], amount=100),
+                            pb.StoreRequest(worker_id=worker_id, op=pb.StoreRequest.SET, keys=[prefix + "/0/1"],
+                                            value=b"a bogus peer address"),
+                            pb.StoreRequest(worker_id=worker_id, session_key="0" * 32, op=pb.StoreRequest.NUM_KEYS)):
+                        attempt("Store", request, metadata, known)
+        stop.wait(0.05)
+    channel.close()
+
+
+def test_a_stranger_can_neither_stall_nor_steer_a_token_protected_job(tmp_path, reference):
+    """The old attack: four writes of fake arrival and abort keys stalled a token-protected job for
+    180 s. A stranger hammering the Store and EpochStatus calls now gets UNAUTHENTICATED (no token) or
+    PERMISSION_DENIED / NOT_FOUND (token, no session key); the job runs its one epoch to the end, bit
+    for bit the trajectory of the undisturbed run."""
+    import grpc
+
+    token = "s3cret-token"
+    handle = start_master(f32_spec(), STEPS, check_checkpoint_dir(tmp_path), expected_workers=2,
+                          start_grace_s=60, token=token)
+    stop, seen = threading.Event(), []
+    stranger = threading.Thread(target=_stranger, args=(handle.address, token, stop, seen), daemon=True)
+    stranger.start()
+    procs = [spawn_worker(handle.address, i, env={"VNODES_TOKEN": token}) for i in range(2)]
+    t0 = time.monotonic()
+    try:
+        assert handle.master.wait(lambda m: m.done, timeout_s=120)
+        took_s = time.monotonic() - t0
+    finally:
+        stop.set()
+        stranger.join(10)
+        stop_all(procs, handle)
+    assert handle.master.state.value == "done" and handle.master.epoch_counter == 1  # never re-formed
+    assert handle.master.losses == reference.losses
+    assert_bitwise(load_checkpoint(tmp_path)["model"], reference.model_state_dict)
+    assert took_s < 60, f"the job took {took_s:.0f} s"  # the attack cost 180 s
+    print(f"job took {took_s:.1f} s under {len(seen)} stranger calls")
+    assert len(seen) > 100  # the stranger kept trying for the whole job
+    outcomes = set(seen)
+    assert {call for call, *_ in outcomes} == {"Store", "EpochStatus"}
+    assert not any(code == "OK" for _, code, _, _ in outcomes), outcomes
+    assert {code for _, code, token_sent, _ in outcomes if not token_sent} == {grpc.StatusCode.UNAUTHENTICATED}
+    with_token = {(code, known) for _, code, token_sent, known in outcomes if token_sent}
+    assert (grpc.StatusCode.PERMISSION_DENIED, True) in with_token  # a real worker's id, no session key
+    assert {code for code, _ in with_token} <= {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND}
 
 
 def test_sigkill_at_a_random_time(tmp_path, reference):

@@ -251,3 +251,18 @@ def test_a_stale_session_cannot_kill_or_keep_alive_a_new_registration():
     assert m.workers[w].last_seen_s == 5.0
     m.lost(w, "new session stream broke", new)
     assert m.workers[w].state == WorkerState.DEAD
+
+
+def test_a_restarted_master_waits_for_holders_then_resumes_from_the_checkpoint():
+    """The grace period for reconnecting holders ends in a re-form, however many plans asked during it
+    (regression: the first re-form attempt returned early and nothing tried again)."""
+    clock = Clock()
+    m = Master(4, 10, start_step=5, losses=[1.0] * 5, restored=True, start_grace_s=5, clock=clock,
+               can_resume_from_checkpoint=lambda: 3)
+    fresh = m.register(WorkerInfo(""))
+    for _ in range(3):  # a fresh worker holds step 0: not the state of step 5
+        assert m.plan(fresh, 0, timeout_s=0).kind == PlanKind.WAIT
+    clock.t = 6.0  # nobody holding step 5 came back
+    plan = m.plan(fresh, 0, timeout_s=0)
+    assert plan.kind == PlanKind.RUN and plan.step == 3 and plan.membership.sync_source_rank == -2
+    assert m.losses == [1.0] * 3

@@ -76,7 +76,7 @@ def test_master_killed_and_restarted_resumes_bitwise(tmp_path):
     assert len(final["losses"]) == STEPS
 
 
-def test_master_beyond_loopback_needs_the_token_and_advertises_a_reachable_store(tmp_path):
+def test_master_beyond_loopback_needs_the_token(tmp_path):
     port = free_port()
     master = vnodes("master", JOB, "--steps", "4", "--port", str(port), "--run-dir", str(tmp_path),
                     "--host", "0.0.0.0", "--token", "s3cret")

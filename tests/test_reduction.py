@@ -95,18 +95,22 @@ def _float32_cnn():
     return small_cnn(torch.float32)
 
 
-def _reduce_in_group(rank, world, port, groups, out):
-    """One member of a real gloo group: pre-reduce its own nodes, then ``EpochGroup.reduce``."""
+def _reduce_in_group(index, address, groups, out):
+    """One member of a real gloo group, formed through a real master: pre-reduce its own nodes (the
+    master's rank decides which), then ``EpochGroup.reduce``."""
+    from loopback import join
     from vnodes.runtime.collectives import EpochGroup
     from vnodes.runtime.engine import StepPartial
 
+    client, plan = join(address)
+    rank = plan.rank_of(client.worker_id)
     values = mixed_leaves(13)
     local = TreeReducer()
     for v in groups[rank]:
         local.push(Block(v, 1, [t.clone() for t in values[v]]))
     used = [rank == 1, False, rank == 2]
-    group = EpochGroup("127.0.0.1", port, torch.device("cpu"), namespace="test", timeout_s=30)
-    group.form(epoch=0, rank=rank, world_size=world)
+    group = EpochGroup(client, torch.device("cpu"), timeout_s=30)
+    group.form(plan.membership_epoch, rank, len(plan.members))
     total, used = group.reduce(StepPartial(0, None, local.blocks(), {}, used), deterministic=True)
     torch.save((total, used), f"{out}/{rank}.pt")
     group.all_gather_objects(None)  # leave together
@@ -120,11 +124,8 @@ def mixed_leaves(n):
 
 def test_reduce_over_a_real_gloo_group_gives_the_one_worker_bits(tmp_path):
     """Three processes, interleaved node sets: the reduce-scatter sum equals one worker's tree sum."""
-    import datetime
-
-    import torch.distributed as dist
     import torch.multiprocessing as mp
-    from ddp_reference import free_port
+    from loopback import LoopbackMaster
 
     values = mixed_leaves(13)
     reference = TreeReducer()
@@ -132,12 +133,12 @@ def test_reduce_over_a_real_gloo_group_gives_the_one_worker_bits(tmp_path):
         reference.push(Block(v, 1, [t.clone() for t in values[v]]))
     expected = reference.total()
     groups = [[0, 1, 2, 3, 8, 9], [4, 5, 10], [6, 7, 11, 12]]
-    port = free_port()
-    server = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
-                           timeout=datetime.timedelta(seconds=30))
-    mp.start_processes(_reduce_in_group, args=(3, port, groups, str(tmp_path)), nprocs=3, join=True,
-                       start_method="spawn")
-    del server
+    master = LoopbackMaster(workers=3)
+    try:
+        mp.start_processes(_reduce_in_group, args=(master.address, groups, str(tmp_path)), nprocs=3, join=True,
+                           start_method="spawn")
+    finally:
+        master.stop()
     for rank in range(3):
         total, used = torch.load(tmp_path / f"{rank}.pt")
         assert used == [True, False, True]
