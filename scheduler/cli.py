@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 
 from vnodes.runtime import JobSpec, VnodesError, train
 
+from .job_options import add_job_options, apply_job_options, int_in_range, parse_overrides
+
 EXIT_USAGE = 2
 
 
@@ -101,23 +103,7 @@ def load_job(target: str) -> JobSpec:
     return obj
 
 
-def _int_at_least(minimum: int, maximum: Optional[int] = None):
-    """An argparse type: an integer in [minimum, maximum], refused with the range otherwise."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-            raise argparse.ArgumentTypeError(f"{value} is out of range: it must be {bound}")
-        return value
-
-    return parse
-
-
-_STEPS, _EVERY, _COUNT, _PORT = _int_at_least(0), _int_at_least(1), _int_at_least(1), _int_at_least(0, 65535)
+_COUNT, _PORT = int_in_range(1), int_in_range(0, 65535)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -134,16 +120,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Train the JobSpec defined in a Python file until --steps global steps are applied. "
         "With --checkpoint-dir, resume from its latest checkpoint and write one at the end.",
     )
-    run.add_argument("job", metavar="JOB.py[:NAME]",
-                     help="a Python file defining a JobSpec (`spec`, the only one, NAME, or a function `job()`)")
-    run.add_argument("--steps", type=_STEPS, required=True, help="total global steps (resumed steps count)")
-    run.add_argument("--checkpoint-dir", metavar="D", help="resume from and write atomic checkpoints to D")
-    run.add_argument("--checkpoint-every", type=_EVERY, metavar="N", help="also write a checkpoint every N steps")
-    run.add_argument("--deterministic", action="store_true",
-                     help="bitwise-reproducible mode (fixes the thread count, canonical reduction order)")
+    add_job_options(run, run_dir_required=False)
     run.add_argument("--workers", type=_COUNT, default=1, metavar="M",
                      help="local worker processes (default 1: in this process); more start a master here")
-    run.add_argument("--run-dir", metavar="D", help="alias of --checkpoint-dir (the master's run directory)")
     run.add_argument("--master-port", type=_PORT, default=0, metavar="P",
                      help="with --workers > 1: the embedded master's gRPC port (default: any free port)")
     run.add_argument("--launcher", choices=("local", "ray"), default="local",
@@ -159,8 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve a job's master. Workers started anywhere with `vnodes worker --master HOST:PORT` "
         "join at the next step boundary. Listening beyond 127.0.0.1 requires --token.",
     )
-    master.add_argument("job", metavar="JOB.py[:NAME]")
-    master.add_argument("--steps", type=_STEPS, required=True, help="total global steps")
+    add_job_options(master, run_dir_required=True)
     master.add_argument("--port", type=_PORT, default=29400, help="gRPC port (default 29400; 0 picks one)")
     master.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     master.add_argument("--token", default=os.environ.get("VNODES_TOKEN"),
@@ -168,9 +146,6 @@ def _parser() -> argparse.ArgumentParser:
     master.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (needs --tls-key); "
                         "workers then pass --tls-ca")
     master.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
-    master.add_argument("--run-dir", required=True, metavar="D", help="checkpoints and resumable state")
-    master.add_argument("--checkpoint-every", type=_EVERY, metavar="N",
-                        help="also write a checkpoint every N steps (default: only at the end)")
     master.add_argument("--placement", choices=("throughput", "even"), default="throughput")
     master.add_argument("--min-workers", type=_COUNT, default=1, help="workers to wait for before step 0")
 
@@ -186,17 +161,17 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--tls-ca", metavar="PEM", default=os.environ.get("VNODES_TLS_CA"),
                         help="CA certificate of a master started with --tls-cert (env VNODES_TLS_CA)")
     status.add_argument("--json", action="store_true",
-                        help="JSON with step, epoch, workers[{id, pid, host, device, vnodes, step_time_s}]")
+                        help="print JSON instead of a table: step, steps, epoch, membership_epoch, state, loss, "
+                             "workers[{id, pid, host, device, vnodes, step_time_s, state}]")
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
     code = None
     if args.launcher == "ray":  # actors may run on other machines: they fetch the job file's folder
-        code = pack_job_folder(args.job, args.checkpoint_dir or args.run_dir)
-    spec = load_job(args.job)
-    if args.deterministic:
-        spec = dataclasses.replace(spec, deterministic=True)
+        code = pack_job_folder(args.job, args.run_dir)
+    parse_overrides(args.overrides)  # a typo fails before the job file is imported
+    spec = apply_job_options(load_job(args.job), args)
     launch_options = {"master_port": args.master_port} if args.workers > 1 and args.launcher == "local" else None
     if args.launcher == "ray":
         from .launcher_ray import RayWorkerOptions
@@ -204,7 +179,7 @@ def _run(args: argparse.Namespace) -> int:
         launch_options = {"worker_options": RayWorkerOptions(num_cpus=args.num_cpus)}
     if launch_options is not None:
         launch_options["code"] = code
-    result = train(spec, steps=args.steps, checkpoint_dir=args.checkpoint_dir or args.run_dir,
+    result = train(spec, steps=args.steps, checkpoint_dir=args.run_dir,
                    checkpoint_every=args.checkpoint_every, workers=args.workers, launcher=args.launcher,
                    address=args.address, launch_options=launch_options,
                    progress=False if args.no_progress else True)
@@ -240,8 +215,9 @@ def _master(args: argparse.Namespace) -> int:
                           f"{'--tls-cert' if args.tls_cert else '--tls-key'})")
     tls = (read_pem(args.tls_key, "--tls-key"), read_pem(args.tls_cert, "--tls-cert")) if args.tls_cert else None
     run_dir = check_checkpoint_dir(args.run_dir)
+    parse_overrides(args.overrides)
     code = pack_job_folder(args.job, run_dir)
-    spec = load_job(args.job)
+    spec = apply_job_options(load_job(args.job), args)
     handle = start_master(spec, args.steps, run_dir, checkpoint_every=args.checkpoint_every or 0,
                           expected_workers=args.min_workers, host=args.host, port=args.port, token=args.token,
                           placement=args.placement, tls=tls, code=code)
@@ -277,12 +253,31 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status))
         return 0
-    print(f"step {status['step']}/{status['steps']}  data epoch {status['epoch']}  "
-          f"membership epoch {status['membership_epoch']}  state {status['state']}")
+    from rich.console import Console
+    from rich.table import Table
+
+    loss = "-" if status["loss"] is None else f"{status['loss']:.4f}"
+    table = Table(title=f"{args.master}: {status['state']}, step {status['step']}/{status['steps']}, "
+                        f"data epoch {status['epoch']}, membership epoch {status['membership_epoch']}, loss {loss}",
+                  title_justify="left")
+    for column in ("worker", "state", "host", "pid", "device", "virtual nodes", "step time"):
+        table.add_column(column, justify="right" if column in ("pid", "step time") else "left")
     for w in status["workers"]:
-        print(f"  {w['id']}  pid {w['pid']}  {w['host']}  {w['device']}  vnodes {w['vnodes']}  "
-              f"step {w['step_time_s']:.3f} s  {w['state']}")
+        table.add_row(w["id"], w["state"], w["host"], str(w["pid"]), w["device"], _ranges(w["vnodes"]),
+                      f"{w['step_time_s']:.3f} s" if w["step_time_s"] else "-")
+    Console(width=max(100, Console().width)).print(table)
     return 0
+
+
+def _ranges(vnodes: list[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``0-2, 5``."""
+    parts: list[str] = []
+    for v in vnodes:
+        if parts and v == int(parts[-1].split("-")[-1]) + 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{v}"
+        else:
+            parts.append(str(v))
+    return ", ".join(parts) or "-"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
