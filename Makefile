@@ -3,18 +3,21 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
 # The CPU wheel of torch that lies on this machine's disk; installed first so that nothing pulls
 # an unpinned (multi-GB CUDA) torch.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast bench proto clean
+.PHONY: setup demo test test-fast docs bench proto clean
 
+# pip's and setuptools' chatter goes to $(VENV)/install.log; it is shown only if the install fails.
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev,examples,ray]"
-	touch $@
+	@echo "setting up $(VENV) (log: $(VENV)/install.log)"
+	@$(PYTHON) -m venv $(VENV)
+	@( $(PIP) install -q --upgrade pip && $(PIP) install -q "$(TORCH)" && \
+	   $(PIP) install -q -e ".[dev,docs,examples,ray]" ) > $(VENV)/install.log 2>&1 \
+	   || { cat $(VENV)/install.log; echo "install failed (log: $(VENV)/install.log)"; exit 1; }
+	@touch $@
 
 setup: $(VENV)/.installed
 
@@ -23,9 +26,14 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+	$(MKDOCS) build --strict --site-dir site
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The documentation site (docs/, mkdocs.yml) on http://127.0.0.1:8000; `make test` builds it with --strict.
+docs: setup
+	$(MKDOCS) serve
 
 bench: setup
 	$(PY) benchmarks/throughput.py
@@ -35,4 +43,4 @@ bench: setup
 	$(PY) benchmarks/fused.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache
