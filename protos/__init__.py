@@ -1,4 +1,11 @@
-"""vnodes.protos: the wire contract between workers and the master."""
+"""vnodes.protos: the wire contract between workers and the master.
+
+The generated messages (``vnodes_pb2``) and the constants both sides share: the token's metadata
+key, the store's key scheme, the state-sync sentinels, and the plan and decision kinds as Python
+enums with their one mapping to the wire's (so neither side compares strings or magic numbers).
+"""
+
+import enum
 
 # Master and workers must speak the same version of this contract (checked at registration): enum
 # numbers and field meanings change between versions (2: CommitReply.Decision starts at UNSPECIFIED;
@@ -19,3 +26,51 @@ def epoch_store_prefix(membership_epoch: int) -> str:
     """The key prefix under which membership epoch ``membership_epoch`` rendezvouses in the store
     (the master drops an epoch's keys once it is superseded)."""
     return f"{EPOCH_STORE_PREFIX}{membership_epoch}/"
+
+
+TOKEN_METADATA_KEY = "vnodes-token"  # gRPC metadata that carries the job's shared token
+
+# Plan.sync_source_rank: >= 0 names the rank that broadcasts its state to the epoch's other members.
+SYNC_NONE = -1  # every member holds the state of the step
+SYNC_FROM_CHECKPOINT = -2  # nobody does: every member loads the newest checkpoint
+
+
+class PlanKind(str, enum.Enum):
+    """What a worker does next (``Plan.Kind`` on the wire)."""
+
+    RUN = "run"
+    WAIT = "wait"
+    STOP = "stop"
+    CHECKPOINT = "checkpoint"  # rank 0 writes a checkpoint of the state it holds; the others wait
+
+
+class Decision(str, enum.Enum):
+    """How the master decided a step (``CommitReply.Decision`` on the wire)."""
+
+    COMMIT = "commit"  # every member reported: each applies the step
+    ABORT = "abort"  # the epoch was superseded or a member failed: redo the step in the next epoch
+
+
+def plan_kind_to_wire(kind: PlanKind) -> int:
+    from . import vnodes_pb2 as pb
+
+    return pb.Plan.Kind.Value(kind.name)
+
+
+def plan_kind_from_wire(value: int) -> PlanKind:
+    from . import vnodes_pb2 as pb
+
+    return PlanKind[pb.Plan.Kind.Name(value)]
+
+
+def decision_to_wire(decision: Decision) -> int:
+    from . import vnodes_pb2 as pb
+
+    return pb.CommitReply.Decision.Value(decision.name)
+
+
+def decision_from_wire(value: int) -> Decision:
+    """Raises ``KeyError`` for a value that is not COMMIT or ABORT (e.g. REFUSED, UNSPECIFIED)."""
+    from . import vnodes_pb2 as pb
+
+    return Decision[pb.CommitReply.Decision.Name(value)]

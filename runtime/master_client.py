@@ -12,13 +12,13 @@ from typing import Iterator, Optional, Sequence
 
 import grpc
 
-from vnodes.protos import MESSAGE_LIMITS, PROTOCOL_VERSION
+from vnodes.protos import (MESSAGE_LIMITS, PROTOCOL_VERSION, TOKEN_METADATA_KEY, PlanKind, SYNC_NONE,
+                           decision_from_wire, plan_kind_from_wire)
 
 from .errors import StaleEpoch, VnodesError
 
 log = logging.getLogger(__name__)
 
-TOKEN_METADATA = "vnodes-token"
 COMMIT_WAIT_MARGIN_S = 30.0
 
 
@@ -91,11 +91,11 @@ class StoreResult:
 
 @dataclasses.dataclass
 class PlanView:
-    kind: str  # "run" | "wait" | "stop" | "checkpoint"
+    kind: PlanKind
     membership_epoch: int = 0
     step: int = 0
     members: list[tuple[str, list[int]]] = dataclasses.field(default_factory=list)  # rank order
-    sync_source_rank: int = -1
+    sync_source_rank: int = SYNC_NONE
     stop_reason: str = ""
     losses: list[float] = dataclasses.field(default_factory=list)
 
@@ -117,7 +117,7 @@ class MasterClient:
         else:
             self.channel = grpc.insecure_channel(address, options=MESSAGE_LIMITS)
         self.stub = vnodes_pb2_grpc.MasterStub(self.channel)
-        self.metadata = ((TOKEN_METADATA, token),) if token else ()
+        self.metadata = ((TOKEN_METADATA_KEY, token),) if token else ()
         self.worker_id, self.session_key = "", ""  # set by register(): who this client speaks for
         self._members: tuple[int, list] = (-1, [])  # the last full member list: (epoch, members)
         self._session: Optional[threading.Thread] = None
@@ -213,9 +213,7 @@ class MasterClient:
         return self._plan_view(reply)
 
     def _plan_view(self, reply) -> PlanView:
-        pb = self.pb
-        kind = {pb.Plan.RUN: "run", pb.Plan.WAIT: "wait", pb.Plan.STOP: "stop",
-                pb.Plan.CHECKPOINT: "checkpoint"}[reply.kind]
+        kind = plan_kind_from_wire(reply.kind)
         if reply.members_unchanged and self._members[0] == reply.membership_epoch:
             members = self._members[1]
         else:
@@ -230,7 +228,7 @@ class MasterClient:
                timeout_s: Optional[float] = None) -> tuple[str, Optional[PlanView]]:
         """Send a commit on the session stream and wait for its decision.
 
-        Returns ``("commit" | "abort", the next plan if the master already knows it)``.
+        Returns ``(Decision.COMMIT | Decision.ABORT, the next plan if the master already knows it)``.
 
         Raises:
             MasterUnavailable: the session broke or no decision came within ``timeout_s`` (default:
@@ -261,10 +259,11 @@ class MasterClient:
                         reply.step, reply.membership_epoch, step, epoch)
         if reply.decision == pb.CommitReply.REFUSED:
             self._raise_for(_STATUS_CODES.get(reply.error_code, grpc.StatusCode.UNKNOWN), reply.error)
-        if reply.decision not in (pb.CommitReply.COMMIT, pb.CommitReply.ABORT):
+        try:
+            decision = decision_from_wire(reply.decision)
+        except (KeyError, ValueError):
             raise VnodesError(f"the master answered step {step} with decision {reply.decision}, which this "
-                              "worker does not know: upgrade the worker to the master's vnodes version")
-        decision = "commit" if reply.decision == pb.CommitReply.COMMIT else "abort"
+                              "worker does not know: upgrade the worker to the master's vnodes version") from None
         return decision, self._plan_view(reply.next) if reply.HasField("next") else None
 
     def leave(self) -> None:

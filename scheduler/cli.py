@@ -9,7 +9,6 @@ file's ``spec`` is used, else its only ``JobSpec``, else a function called ``job
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import logging

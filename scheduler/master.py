@@ -32,6 +32,8 @@ from typing import Callable, Optional
 
 from vnodes.runtime.errors import StorageError
 
+from vnodes.protos import SYNC_FROM_CHECKPOINT, SYNC_NONE, Decision, PlanKind
+
 from . import placement
 from .durable import DurableState
 from .errors import BadRequest, DuplicateRegistration, NotYourRegistration, StaleEpoch, TooManyWorkers, UnknownWorker
@@ -39,8 +41,6 @@ from .errors import BadRequest, DuplicateRegistration, NotYourRegistration, Stal
 COMMITTED_KEPT = 4096  # committed steps kept for observers that poll (progress, callbacks)
 MAX_LIVE_WORKERS = 4096  # registrations not yet dead or left; more are refused (a bounded table)
 DEPARTED_KEPT = 256  # dead or left registrations remembered (for Status and re-registration)
-SYNC_NONE = -1  # every member holds the state of the step
-SYNC_CHECKPOINT = -2  # nobody does: every member loads the latest checkpoint
 
 
 class WorkerState(str, enum.Enum):
@@ -118,24 +118,12 @@ class Membership:
         return {w: r for r, w in enumerate(self.members)}
 
 
-class PlanKind(str, enum.Enum):
-    RUN = "run"
-    WAIT = "wait"
-    STOP = "stop"
-    CHECKPOINT = "checkpoint"
-
-
 @dataclasses.dataclass(frozen=True)
 class Plan:
     kind: PlanKind
     membership: Optional[Membership] = None
     step: int = 0
     stop_reason: str = ""
-
-
-class Decision(str, enum.Enum):
-    COMMIT = "commit"
-    ABORT = "abort"
 
 
 @dataclasses.dataclass
@@ -627,7 +615,7 @@ class Master:
             self._persist()
             if self.state == JobState.FAILED:  # the run directory cannot be written
                 return
-            sync = SYNC_CHECKPOINT
+            sync = SYNC_FROM_CHECKPOINT
         if self._next_counts is not None and self.membership is not None and \
                 tuple(w.worker_id for w in candidates) == self.membership.members:
             vnodes = placement.ranges(self._next_counts)

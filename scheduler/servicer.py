@@ -37,17 +37,17 @@ from typing import Optional
 import grpc
 from google.protobuf.message import DecodeError
 
-from vnodes.protos import MESSAGE_LIMITS, PROTOCOL_VERSION
+from vnodes.protos import (MESSAGE_LIMITS, PROTOCOL_VERSION, TOKEN_METADATA_KEY, PlanKind, decision_to_wire,
+                           plan_kind_to_wire)
 from vnodes.protos import vnodes_pb2 as pb
 
 from .errors import (BadRequest, DuplicateRegistration, InsecureListen, NotYourRegistration, StaleEpoch, StoreFull, TooManyWorkers,
                      Undecided, UnknownWorker)
-from .master import Decision, Master, PlanKind, Report, WorkerInfo
+from .master import Master, Report, WorkerInfo
 from .rendezvous import RendezvousStore
 
 log = logging.getLogger(__name__)
 
-TOKEN_METADATA = "vnodes-token"
 _CODES = [
     (UnknownWorker, grpc.StatusCode.NOT_FOUND),
     (DuplicateRegistration, grpc.StatusCode.ALREADY_EXISTS),
@@ -58,8 +58,6 @@ _CODES = [
     (TooManyWorkers, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
-_PLAN_KINDS = {PlanKind.RUN: pb.Plan.RUN, PlanKind.WAIT: pb.Plan.WAIT, PlanKind.STOP: pb.Plan.STOP,
-               PlanKind.CHECKPOINT: pb.Plan.CHECKPOINT}
 
 
 COMMIT_WAIT_S = 120.0
@@ -326,7 +324,7 @@ class MasterServicer:
         return self._plan_message(plan)
 
     def _plan_message(self, plan, known_epoch: int = -1):
-        reply = pb.Plan(kind=_PLAN_KINDS[plan.kind], step=plan.step, stop_reason=plan.stop_reason)
+        reply = pb.Plan(kind=plan_kind_to_wire(plan.kind), step=plan.step, stop_reason=plan.stop_reason)
         if plan.membership is not None:
             m = plan.membership
             reply.membership_epoch = m.epoch
@@ -369,7 +367,7 @@ class MasterServicer:
         if decided.reply is not None:
             return decided.reply
         decision, next_plan = self.master.outcome(worker_id, epoch, step, want_next=True)
-        reply = pb.CommitReply(decision=pb.CommitReply.COMMIT if decision == Decision.COMMIT else pb.CommitReply.ABORT,
+        reply = pb.CommitReply(decision=decision_to_wire(decision),
                                membership_epoch=epoch, step=step)
         if next_plan is not None:
             reply.next.CopyFrom(self._plan_message(next_plan, known_epoch=epoch))
@@ -496,7 +494,7 @@ class _TokenInterceptor(grpc.aio.ServerInterceptor):
         self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
 
     async def intercept_service(self, continuation, handler_call_details):
-        given = dict(handler_call_details.invocation_metadata or ()).get(TOKEN_METADATA, "")
+        given = dict(handler_call_details.invocation_metadata or ()).get(TOKEN_METADATA_KEY, "")
         if hmac.compare_digest(given.encode(), self.token.encode()):
             return await continuation(handler_call_details)
         return self._deny_stream if handler_call_details.method.endswith("/Session") else self._deny
