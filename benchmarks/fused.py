@@ -33,7 +33,7 @@ from models import with_segment_major_batchnorm  # noqa: E402
 from throughput import build_dataset, build_model, per_sample_loss  # noqa: E402
 
 from vnodes.runtime import JobSpec  # noqa: E402
-from vnodes.runtime import fused as fused_module  # noqa: E402
+from vnodes.runtime.fused import randomness  # noqa: E402
 from vnodes.runtime.engine import StepEngine  # noqa: E402
 
 
@@ -92,11 +92,11 @@ class PerNodeCalls(EngineSide):
     kernel draws differently from ATen's CPU code (CUDA)."""
 
     def run(self) -> None:
-        saved, fused_module.NOISE_DEVICES = fused_module.NOISE_DEVICES, set()
+        saved, randomness.NOISE_DEVICES = randomness.NOISE_DEVICES, set()
         try:
             super().run()
         finally:
-            fused_module.NOISE_DEVICES = saved
+            randomness.NOISE_DEVICES = saved
 
 
 class PlainBatch:

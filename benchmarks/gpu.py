@@ -280,6 +280,28 @@ def profile_sequential(spec: JobSpec, device: str) -> None:
     pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
 
 
+def device_assignment_row(device: str) -> tuple:
+    """What ``vnodes run --workers G`` gives each local worker here (worker i on cuda:i), and that a
+    worker's bare "cuda" resolves to an indexed device ``torch.cuda.set_device`` accepts (issue 12:
+    workers crashed at start on a GPU host). Reported, not raised."""
+    from vnodes.runtime.engine import resolve_device
+    from vnodes.scheduler.devices import assign_devices, visible_cuda_devices
+
+    try:
+        visible = visible_cuda_devices() if device == "cuda" else 0
+        assigned = assign_devices(max(1, visible), visible)
+        resolved = resolve_device(None, "cuda" if device == "cuda" else "cpu")
+        if resolved.type == "cuda":
+            torch.cuda.set_device(resolved)
+        ok = assigned == ([f"cuda:{i}" for i in range(visible)] or ["cpu"]) and \
+            str(resolved) == ("cuda:0" if device == "cuda" else "cpu")
+        given = "cuda" if device == "cuda" else "cpu"
+        return (f"device assignment: {len(assigned)} local workers on {', '.join(assigned)}; a worker given "
+                f"{given!r} computes on {resolved}", "", "", "worker i on cuda:i" + ("" if ok else " MISSED"))
+    except Exception as exc:  # noqa: BLE001 - report and go on: the session has one GPU run
+        return (f"device assignment FAILED: {type(exc).__name__}: {str(exc)[:200]}", "", "", "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
@@ -293,7 +315,7 @@ def main() -> None:
     width, (big_n, big_b), (few_n, few_b) = (8, (8, 4), (2, 16)) if args.smoke else (64, (64, 16), (8, 128))
     repeats = 2 if args.smoke else args.repeats
     t0 = time.perf_counter()
-    rows = []
+    rows = [device_assignment_row(device)]
 
     total = big_n * big_b
     data = image_data(total)

@@ -1,6 +1,6 @@
 """The worker agent: joins a master, runs the virtual nodes it is given, survives its peers.
 
-    vnodes worker --master HOST:PORT [--device cuda:1]
+    vnodes worker --master HOST:PORT [--device cuda:1] [--master-timeout 60]
 
 One step, seen from a worker (every point where processes synchronise is marked)::
 
@@ -14,6 +14,22 @@ One step, seen from a worker (every point where processes synchronise is marked)
 
 ``vnode_id`` survives every remap; ``worker_rank`` changes with every membership epoch.
 SIGTERM drains: the current step finishes (or aborts), the worker leaves at the boundary, exit 0.
+
+The device: the job's ``JobSpec.device`` fixes its type; ``--device`` (a launcher's assignment)
+picks which one; a bare ``cuda`` is ``LOCAL_RANK``'s device, else ``cuda:0`` (``devices.py``).
+
+A lost master (killed, restarting, unreachable) is retried: the worker keeps its state and registers
+again, under the same id and with the step it holds, with whichever master answers at the same
+address. It gives up ``--master-timeout`` seconds (default 60, env ``VNODES_MASTER_TIMEOUT``) after
+it noticed the loss (a broken session stream or call), and exits with code 4.
+
+Exit codes:
+
+    0  the master said stop: the job finished (or failed elsewhere), or this worker left (SIGTERM)
+    2  this worker cannot run: bad arguments, refused by the master (token, protocol), the job's code
+       or spec unusable here, or no master answered at start (within 30 s)
+    3  hung: the watchdog ended it (``watchdog.py``); the job goes on without it
+    4  master lost: the master went away mid-job and none answered within --master-timeout
 """
 
 from __future__ import annotations
@@ -37,13 +53,36 @@ from .checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from .code_cache import install as install_code
 from .collectives import EpochGroup
 from .engine import StepEngine, resolve_device
-from .errors import JobCodeMissing, StaleEpoch, StorageError, VnodesError
+from .errors import JobCodeMissing, MasterLost, StaleEpoch, StorageError, VnodesError
 from .faults import maybe_fail
+from .lifecycle import WorkerPhase
 from .master_client import MasterClient, MasterUnavailable, PlanView, read_pem
 from .train import execution_context
 from .watchdog import DEFAULT_HANG_TIMEOUT_S, Watchdog, hang_timeout_from_env
 
 log = logging.getLogger(__name__)
+
+EXIT_FATAL = 2  # this worker cannot run (see the module docstring)
+EXIT_MASTER_LOST = 4  # the master went away mid-job and did not come back in time
+DEFAULT_MASTER_TIMEOUT_S = 60.0
+
+
+def master_timeout_from_env() -> float:
+    """``VNODES_MASTER_TIMEOUT`` (seconds a worker waits for a lost master), else 60.
+
+    Raises:
+        VnodesError: it is not a positive number.
+    """
+    text = os.environ.get("VNODES_MASTER_TIMEOUT")
+    if text is None:
+        return DEFAULT_MASTER_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise VnodesError(f"VNODES_MASTER_TIMEOUT={text!r} is not a positive number of seconds")
+    return value
 
 
 def load_job(data: bytes, main_file: Optional[str] = None, code_dir: str = ""):
@@ -109,15 +148,18 @@ def _describe_device(device: torch.device) -> tuple[str, int]:
 class WorkerAgent:
     def __init__(self, master: str, device: Optional[str] = None, token: Optional[str] = None,
                  launch_index: int = -1, throughput: float = 0.0, slowdown: float = 1.0,
-                 reconnect_timeout_s: float = 60.0, hang_timeout_s: Optional[float] = None,
+                 reconnect_timeout_s: float = DEFAULT_MASTER_TIMEOUT_S, hang_timeout_s: Optional[float] = None,
                  tls_root_cert: Optional[bytes] = None):
-        """``hang_timeout_s``: end this process (see ``watchdog.py``) when its main thread is stuck
-        that long outside of waits on peers or the master. Only for a process of its own (the
-        ``vnodes worker`` command, spawned workers, Ray actors); None: no watchdog."""
+        """``device``: this worker's own device (``--device``: a launcher's assignment, or the
+        operator's); the job's ``device`` fixes the type (``devices.choose_device``). Resolved in
+        ``run``: nothing here touches a device. ``reconnect_timeout_s``: how long a lost master is
+        retried before ``run`` raises ``MasterLost``. ``hang_timeout_s``: end this process (see
+        ``watchdog.py``) when its main thread is stuck that long outside of waits on peers or the
+        master. Only for a process of its own (the ``vnodes worker`` command, spawned workers, Ray
+        actors); None: no watchdog."""
         self.master_address = master
-        self.device = resolve_device(device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        self.own_device = device
+        self.device: Optional[torch.device] = None  # set by run()
         self.token = token
         self.tls_root_cert = tls_root_cert  # PEM of the CA that signed the master's certificate
         self.launch_index = launch_index
@@ -129,7 +171,7 @@ class WorkerAgent:
         self._next_plan: Optional[PlanView] = None
         self.watchdog = Watchdog(hang_timeout_s) if hang_timeout_s else None
 
-    def _phase(self, name: str, work: int = 1) -> None:
+    def _phase(self, name: WorkerPhase, work: int = 1) -> None:
         if self.watchdog is not None:
             self.watchdog.enter(name, work)
 
@@ -140,13 +182,18 @@ class WorkerAgent:
         """Join the job and work until the master says stop. Returns the exit code.
 
         Raises:
-            MasterUnavailable: the master cannot be reached.
+            InvalidJobSpec: this worker's device (or the job's) is not one this machine has.
+            MasterUnavailable: no master answered at the start.
+            MasterLost: the master went away mid-job and none answered within ``reconnect_timeout_s``.
         """
         try:
             signal.signal(signal.SIGTERM, self._on_sigterm)
         except ValueError:  # not the main thread (e.g. some actor runtimes): no drain on SIGTERM
             log.info("SIGTERM drain unavailable outside the main thread")
         self.held_step, self.checkpoint_step = 0, -1
+        # Before the job is known: what this worker would run a job of no stated device on (it
+        # describes itself with it when registering; a bad --device fails here, before any call).
+        self.device = resolve_device(None, self.own_device)
         reg = self._connect(worker_id="", timeout_s=30.0)
         try:
             main_file, code_dir = None, ""
@@ -154,6 +201,7 @@ class WorkerAgent:
                 installed = install_code(self.client, reg.code)
                 main_file, code_dir = installed.main_file, str(installed.folder)
             spec = load_job(reg.job, str(main_file) if main_file else None, code_dir)
+            self._use_device(resolve_device(spec.device, self.own_device), spec.device)
         except BaseException:  # this worker cannot run the job (others may): leave, close the session
             self.group.destroy()
             self.client.close()
@@ -162,7 +210,7 @@ class WorkerAgent:
             self.watchdog.start()
         try:
             with execution_context(spec):
-                self._phase("build")
+                self._phase(WorkerPhase.BUILD)
                 try:
                     engine = StepEngine.build(spec, self.device)
                 except VnodesError as exc:  # the job's own code or spec is wrong: it cannot run anywhere
@@ -175,6 +223,18 @@ class WorkerAgent:
             self.group.destroy()
             self.client.close()
         return 0
+
+    def _use_device(self, device: torch.device, job_device: Optional[str]) -> None:
+        """Compute on ``device`` (the job's device honoured); no collective has run yet."""
+        if self.own_device is not None and torch.device(self.own_device).type != device.type:
+            log.warning("the job's device is %r: computing on %s, not on --device %s", job_device, device,
+                        self.own_device)
+        if device != self.device:  # registered with the other one: the group must use this one's backend
+            log.info("the job's device %r: computing on %s (registered as %s)", job_device, device, self.device)
+            self.device = device
+            self.group = EpochGroup(self.client, device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # always indexed ("cuda:K"): NCCL and the caching allocator follow it
 
     def _connect(self, worker_id: str, timeout_s: float):
         """(Re-)register with the master and open the heartbeat stream and the rendezvous store.
@@ -214,11 +274,19 @@ class WorkerAgent:
         return reg
 
     def _reconnect(self, reason: Exception) -> None:
-        log.warning("lost the master (%s); reconnecting as %s, holding step %d", reason, self.worker_id,
-                    self.held_step)
+        """Register again with whichever master answers at the same address.
+
+        Raises:
+            MasterLost: none answered within ``reconnect_timeout_s``.
+        """
+        log.warning("lost the master (%s); reconnecting as %s, holding step %d (for up to %.0f s)", reason,
+                    self.worker_id, self.held_step, self.reconnect_timeout_s)
         self.group.destroy()
         self.client.close()
-        self._connect(self.worker_id, timeout_s=self.reconnect_timeout_s)
+        try:
+            self._connect(self.worker_id, timeout_s=self.reconnect_timeout_s)
+        except MasterUnavailable as exc:
+            raise MasterLost(self.master_address, self.reconnect_timeout_s, self.held_step, exc.detail) from None
 
     def _loop(self, engine: StepEngine, run_dir: str) -> None:
         while True:
@@ -227,7 +295,7 @@ class WorkerAgent:
                     return
             except MasterUnavailable as exc:
                 self._next_plan = None
-                self._phase("join")
+                self._phase(WorkerPhase.JOIN)
                 self._reconnect(exc)
 
     def _iterate(self, engine: StepEngine, run_dir: str) -> bool:
@@ -237,10 +305,10 @@ class WorkerAgent:
         deterministic = engine.spec.deterministic
         while True:
             if self._draining and not self._left:
-                self._phase("plan")  # an RPC: a waiting phase, not a local one the watchdog judges
+                self._phase(WorkerPhase.PLAN)  # an RPC: a waiting phase, not a local one the watchdog judges
                 client.leave()
                 self._left, self._next_plan = True, None
-            self._phase("plan")
+            self._phase(WorkerPhase.PLAN)
             plan = self._next_plan or client.plan(self.held_step, self.checkpoint_step)
             self._next_plan = None
             if plan.kind == "stop":
@@ -249,7 +317,7 @@ class WorkerAgent:
             if plan.kind == "wait":
                 continue
             if plan.kind == "checkpoint":  # this worker holds the state: no group needed
-                self._phase("checkpoint")
+                self._phase(WorkerPhase.CHECKPOINT)
                 try:
                     self._checkpoint(engine, run_dir, plan, self.held_step, plan.membership_epoch)
                 except StorageError as exc:  # read-only or full run dir: fatal for the job, a clean stop
@@ -259,7 +327,7 @@ class WorkerAgent:
                 continue
             rank = plan.rank_of(worker_id)
             if plan.membership_epoch != group.epoch:
-                self._phase("join")
+                self._phase(WorkerPhase.JOIN)
                 try:
                     self.held_step = self._join_epoch(plan, rank, engine, group, self.held_step, run_dir)
                 except RuntimeError as exc:  # a peer vanished during the rendezvous or the broadcast
@@ -276,7 +344,7 @@ class WorkerAgent:
 
             step = plan.step
             vnodes = plan.members[rank][1]
-            self._phase("compute", len(vnodes))
+            self._phase(WorkerPhase.COMPUTE, len(vnodes))
             t0 = time.perf_counter()
             try:
                 partial = engine.compute(step, engine.loader.iterate((step, v) for v in vnodes))
@@ -286,8 +354,8 @@ class WorkerAgent:
             if self.slowdown > 1.0:
                 time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
             compute_s = time.perf_counter() - t0
-            maybe_fail("reduce", step)
-            self._phase("reduce")
+            maybe_fail(WorkerPhase.REDUCE, step)
+            self._phase(WorkerPhase.REDUCE)
             try:
                 total, used = group.reduce(partial, deterministic)  # SYNC: every member of the epoch
                 ok, loss = True, float(total[-1].item())
@@ -295,21 +363,21 @@ class WorkerAgent:
                 log.warning("step %d: reduction failed (%s); reporting it", step, exc)
                 group.destroy()
                 ok, loss = False, 0.0
-            maybe_fail("commit", step)
-            self._phase("commit")
+            maybe_fail(WorkerPhase.COMMIT, step)
+            self._phase(WorkerPhase.COMMIT)
             try:
                 decision, self._next_plan = client.commit(plan.membership_epoch, step, ok, loss,
                                                           partial.vnode_losses, compute_s)  # SYNC: master decides
             except StaleEpoch:  # superseded and forgotten: the step did not commit here
                 decision, self._next_plan = "abort", None
             if decision == "commit":
-                self._phase("apply")
+                self._phase(WorkerPhase.APPLY)
                 engine.apply(total, used)
                 self.held_step = step + 1
 
     def _report_fatal(self, exc: BaseException) -> None:
         """Tell the master the job cannot go on (it stops every worker): the error as text, never pickled."""
-        self._phase("plan")  # reporting is an RPC: a waiting phase
+        self._phase(WorkerPhase.PLAN)  # reporting is an RPC: a waiting phase
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         try:
             self.client.fail(str(exc) or type(exc).__name__, type(exc).__name__, text)
@@ -357,9 +425,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     return run_worker(parser.parse_args(argv))
 
 
+EXIT_CODES_HELP = """exit codes:
+  0  the master said stop: the job finished (or failed elsewhere), or this worker left (SIGTERM)
+  2  this worker cannot run: bad arguments, refused by the master, the job's code or spec
+     unusable here, or no master answered at start (within 30 s)
+  3  hung: the watchdog ended it (--hang-timeout); the job goes on without it
+  4  master lost: the master went away mid-job and none answered within --master-timeout
+"""
+
+
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``vnodes worker`` options (and, in its ``--help``, its exit codes)."""
+    parser.epilog = EXIT_CODES_HELP
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--master", required=True, metavar="HOST:PORT", help="the job's master")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--device", help="this worker's device: cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK, else "
+                        "cuda:0, if CUDA is available, else cpu); the job's device, if it names one, fixes the type")
     parser.add_argument("--token", default=os.environ.get("VNODES_TOKEN"),
                         help="shared token when the master listens beyond loopback (env VNODES_TOKEN)")
     parser.add_argument("--tls-ca", metavar="PEM", default=os.environ.get("VNODES_TLS_CA"),
@@ -373,6 +454,10 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                              "peers or the master, so the job goes on without this worker; at least 10x "
                              "the longest local phase seen; 0: never (default: env VNODES_HANG_TIMEOUT, "
                              f"else {DEFAULT_HANG_TIMEOUT_S:.0f})")
+    parser.add_argument("--master-timeout", type=float, metavar="SECONDS", default=None,
+                        help="when the master is lost mid-job (killed, restarting), keep trying to reach it "
+                             "this long, then exit with code 4 (default: env VNODES_MASTER_TIMEOUT, else "
+                             f"{DEFAULT_MASTER_TIMEOUT_S:.0f})")
     parser.add_argument("--slowdown", type=float, default=1.0,
                         help="test knob: stretch each step by this factor (simulates a slower device)")
 
@@ -384,13 +469,21 @@ def run_worker(args: argparse.Namespace) -> int:
         hang_timeout = hang_timeout_from_env() if args.hang_timeout is None else args.hang_timeout
         if hang_timeout is not None and hang_timeout < 0:
             raise VnodesError(f"--hang-timeout {args.hang_timeout} is negative; use 0 to turn the watchdog off")
+        master_timeout = master_timeout_from_env() if args.master_timeout is None else args.master_timeout
+        if not master_timeout > 0:
+            raise VnodesError(f"--master-timeout {args.master_timeout} is not a positive number of seconds")
         tls_root_cert = read_pem(args.tls_ca, "--tls-ca") if args.tls_ca else None
         agent = WorkerAgent(args.master, args.device, args.token, args.launch_index, args.throughput,
-                            args.slowdown, hang_timeout_s=hang_timeout, tls_root_cert=tls_root_cert)
-        code = agent.run()
+                            args.slowdown, reconnect_timeout_s=master_timeout, hang_timeout_s=hang_timeout,
+                            tls_root_cert=tls_root_cert)
+        try:
+            code = agent.run()
+        except MasterLost as exc:
+            print(f"vnodes worker: error: {exc}", file=sys.stderr)
+            code = EXIT_MASTER_LOST
         if getattr(agent, "group", None) is not None and agent.group.holds_abandoned:
             # A stopped peer's collective is still pending in an abandoned group; its finalizer
-            # would hold this exit until the group timeout. The job is done: leave now.
+            # would hold this exit until the group timeout. This worker is done: leave now.
             log.info("exiting without finalizers: an abandoned collective is still pending")
             sys.stdout.flush()
             sys.stderr.flush()
@@ -400,7 +493,7 @@ def run_worker(args: argparse.Namespace) -> int:
         if getattr(args, "verbose", False):
             traceback.print_exc()
         print(f"vnodes worker: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_FATAL
 
 
 if __name__ == "__main__":

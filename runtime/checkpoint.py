@@ -29,6 +29,7 @@ import torch
 
 from .errors import CheckpointMismatch, InvalidJobSpec, StorageError
 from .faults import maybe_fail
+from .lifecycle import WorkerPhase
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def save_checkpoint(directory: str | os.PathLike, ckpt: Checkpoint, keep: int = 
             torch.save(ckpt.to_dict(), f)
             f.flush()
             os.fsync(f.fileno())
-        maybe_fail("checkpoint_write", ckpt.step - 1)  # the phase of the step just applied
+        maybe_fail(WorkerPhase.CHECKPOINT_WRITE, ckpt.step - 1)  # the phase of the step just applied
         os.replace(tmp, final)  # atomic on POSIX: readers see the old name set or the new one
         _fsync_dir(directory)
     except BaseException as exc:
@@ -175,28 +176,34 @@ def sweep_temporaries(directory: Path) -> None:
                 log.warning("cannot remove the temporary file %s: %s", entry, exc)
 
 
-def verify_checkpoint(path: str | os.PathLike) -> Optional[str]:
-    """Why the checkpoint file ``path`` is damaged, or ``None`` if every record matches its CRC-32.
+def verify_checkpoint(path: str | os.PathLike) -> tuple[Optional[str], Optional[dict[str, Any]]]:
+    """``(why the checkpoint file is damaged, None)``, or ``(None, its contents)``.
 
-    ``zipfile`` checks the checksums that ``torch.save`` stored and ``torch.load`` ignores; a
-    truncated file has lost its central directory and does not open.
+    ``zipfile`` checks the CRC-32 that ``torch.save`` stored for every record and ``torch.load``
+    ignores (a flipped byte in a tensor otherwise loads silently); then the file must load. Both
+    belong to one verdict, so that every reader (one process, the master, its workers) agrees on
+    which checkpoint is the newest good one.
     """
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except Exception as exc:  # noqa: BLE001 - whatever stops the archive from being read is damage
-        return f"not a readable checkpoint archive ({type(exc).__name__}: {exc})"
+        return f"not a readable checkpoint archive ({type(exc).__name__}: {exc})", None
     if bad is not None:
-        return f"record {bad} does not match its CRC-32 checksum"
-    return None
+        return f"record {bad} does not match its CRC-32 checksum", None
+    try:
+        return None, torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - an index damaged outside every checksum, a foreign file...
+        return f"does not load ({type(exc).__name__}: {exc})", None
 
 
-def _verified_checkpoints(directory: str | os.PathLike) -> Iterator[tuple[int, Path]]:
-    """Checkpoints that verify, newest first; each damaged one met is renamed aside, with a warning."""
+def _good_checkpoints(directory: str | os.PathLike) -> Iterator[tuple[int, Path, dict[str, Any]]]:
+    """Checkpoints that verify, newest first, with their contents; each damaged one met is renamed
+    aside, with a warning."""
     for step, path in reversed(list_checkpoints(directory)):
-        problem = verify_checkpoint(path)
+        problem, data = verify_checkpoint(path)
         if problem is None:
-            yield step, path
+            yield step, path, data
             continue
         aside = path.with_name(path.name + CORRUPT_SUFFIX)
         try:
@@ -208,35 +215,25 @@ def _verified_checkpoints(directory: str | os.PathLike) -> Iterator[tuple[int, P
                         path, problem, exc)
             continue
         log.warning("checkpoint %s is damaged (%s); renamed it to %s and falling back to an older checkpoint",
-                    path, problem, aside.name)
+                    path, problem, aside)
 
 
 def newest_checkpoint(directory: str | os.PathLike) -> Optional[tuple[int, Path]]:
-    """``(step, path)`` of the newest checkpoint in ``directory`` whose checksums verify, or ``None``.
+    """``(step, path)`` of the newest checkpoint in ``directory`` that verifies, or ``None``.
 
     The one place that decides where a job resumes: ``train``, the master (at start and when it
     rolls back to disk) and the workers that load the checkpoint all ask here, so they agree. A
     damaged checkpoint is renamed to ``step-XXXXXXXX.pt.corrupt`` so that every later reader skips
     it too, and the evidence is kept.
     """
-    return next(_verified_checkpoints(directory), None)
+    found = next(_good_checkpoints(directory), None)
+    return None if found is None else found[:2]
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Optional[Checkpoint]:
-    """The newest checkpoint in ``directory`` that verifies (see ``newest_checkpoint``) and loads,
-    or ``None`` if there is none.
-
-    A damaged checkpoint is renamed aside with a warning and the one before it is used; one that
-    verifies but fails to load (e.g. written by an incompatible version) is skipped with a warning.
-    """
-    for step, path in _verified_checkpoints(directory):
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file falls back to the previous one
-            log.warning("skipping unreadable checkpoint %s: %s", path, exc)
-            continue
-        return Checkpoint.from_dict(data)
-    return None
+    """The newest checkpoint in ``directory`` that verifies (see ``newest_checkpoint``), or ``None``."""
+    found = next(_good_checkpoints(directory), None)
+    return None if found is None else Checkpoint.from_dict(found[2])
 
 
 def load_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import warnings
 from typing import Any, Callable, Iterable, Optional
 
@@ -28,11 +29,13 @@ import torch
 from torch import nn
 
 from .data import BatchKey, BatchLoader, move_batch
+from .devices import choose_device
 from .errors import InvalidJobSpec, JobCodeError, NonFiniteLoss
 from .faults import maybe_fail
-from .fused import (FusionContext, FusionUnsupported, LayoutUnknown, check_fusable, check_no_stray_draws,
-                    default_generator_states, interleave_batches, is_out_of_memory, leading_rows, patch_model,
-                    segment_means)
+from .lifecycle import WorkerPhase
+from .fused import (FusionContext, GroupFailure, HalveGroup, Raise, Reraise, RunSequentially, check_fusable,
+                    check_no_stray_draws, decide, default_generator_states, group_size_for, interleave_batches,
+                    leading_rows, patch_model, segment_means)
 from .graphs import GroupGraphs, unsupported_reason
 from .reduction import Block, Payload, TreeReducer
 from .sampler import VNodeSampler
@@ -43,26 +46,26 @@ from .vnode_state import RunningStats
 log = logging.getLogger(__name__)
 
 
-def resolve_device(device: Optional[str]) -> torch.device:
-    """The device a worker computes on (``None``: CUDA when available, else the CPU).
+def resolve_device(device: Optional[str], worker_device: Optional[str] = None) -> torch.device:
+    """The device to compute on: the job's ``device`` and this worker's own (``--device``), by the
+    rules of ``devices.choose_device``. On CUDA always indexed (``cuda:K``); a bare ``"cuda"`` (or
+    ``None`` on a machine with CUDA) is this process's local device: ``LOCAL_RANK`` if set, else
+    the current CUDA device (``cuda:0`` in a fresh process).
 
     Raises:
         InvalidJobSpec: ``device`` is not a device, or not one this machine has.
     """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidJobSpec("device", f"{device!r} is not a device ({exc}); use cpu, cuda or cuda:K") from None
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise InvalidJobSpec("device", f"{device!r}: this machine has no usable CUDA device; use cpu")
-        if resolved.index is not None and resolved.index >= count:
-            raise InvalidJobSpec("device", f"{device!r}: this machine has {count} CUDA device(s), "
-                                 f"cuda:0 to cuda:{count - 1}")
-    return resolved
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None:
+        try:
+            local_index = int(local)
+        except ValueError:
+            raise InvalidJobSpec("LOCAL_RANK", f"{local!r} is not an integer; unset it or pass "
+                                 "--device cuda:K") from None
+    else:
+        local_index = torch.cuda.current_device() if count else 0
+    return torch.device(choose_device(device, worker_device, count, local_index))
 
 
 def call_job_code(role: str, function: Callable, *args: Any) -> Any:
@@ -203,16 +206,16 @@ class StepEngine:
         for (batch_step, vnode_id), batch in batches:
             if batch_step != step:
                 raise ValueError(f"batch for step {batch_step} arrived during step {step}")
-            maybe_fail("load", step)
+            maybe_fail(WorkerPhase.LOAD, step)
             self.stats.restore()
             inputs, targets = move_batch(batch, self.device, self.float_dtype)
             seed_generators(vnode_seed(spec.seed, step, vnode_id, MODEL_STREAM), self.device)
-            maybe_fail("forward", step)
+            maybe_fail(WorkerPhase.FORWARD, step)
             per_sample = spec.loss(self.model(inputs), targets)
             if not self._loss_checked:
                 self._check_per_sample(per_sample, targets)
             vnode_loss = per_sample.mean()
-            maybe_fail("backward", step)
+            maybe_fail(WorkerPhase.BACKWARD, step)
             (vnode_loss / n).backward()
 
             vnode_losses[vnode_id] = vnode_loss.detach()
@@ -250,39 +253,42 @@ class StepEngine:
         return StepPartial(step, grads + (buffer_sum or []) + [loss_sum], [], vnode_losses_f, used)
 
     def _compute_fused(self, step: int, batches: list[tuple[BatchKey, Any]]) -> StepPartial:
-        """Fused execution: groups of virtual nodes as one batch. Out of memory, or a shape with two
-        readings -> halve the group, redo, remember; a module that cannot place the group's samples
-        otherwise -> one node per group; anything else unsupported -> sequential from this step on."""
+        """Fused execution: groups of virtual nodes as one batch. When an attempt fails, ``decide``
+        (pure; its table is in ``fused/fallback.py``) says what runs instead: smaller groups, redone
+        and remembered (out of memory, or a module that cannot place the group's samples), sequential
+        execution from this step on (anything else fusion cannot do), or an error. This loop is the
+        one place that applies a decision."""
         while True:
-            size = min(self.group_size or len(batches), len(batches))
+            size = group_size_for(self.group_size, len(batches))
             try:
                 return self._compute_groups(step, batches, size)
-            except FusionUnsupported as exc:
-                if isinstance(exc, LayoutUnknown) and size > 1 and self.graphs is None:
-                    self.group_size = size // 2 if exc.ambiguous else 1  # one node has nothing to place
-                    warnings.warn(f"fused execution runs groups of {self.group_size} virtual node(s) from step {step} "
-                                  f"on (were {size}; fused_group_size={self.group_size} skips this redo): {exc}",
-                                  stacklevel=2)
-                    self._discard_attempt()
-                    continue
-                if self.graphs is not None:
-                    raise InvalidJobSpec("cuda_graphs", f"replays fused groups, but fused execution cannot run "
-                                         f"this model: {exc}; set cuda_graphs=False") from None
-                warnings.warn(f"fused execution falls back to sequential from step {step} on: {exc}", stacklevel=2)
-                self.fusion = None  # the patched modules act as usual from now on (groups == 0)
-                self._discard_attempt()
-                return self.compute(step, batches)
-            except RuntimeError as exc:
-                if not is_out_of_memory(exc) or size == 1:
+            except Exception as exc:
+                failure = GroupFailure.of(exc, size, cuda_graphs=self.graphs is not None)
+                decision = decide(failure)
+                if isinstance(decision, Reraise):
                     raise
-                self.group_size = max(1, size // 2)
-                if self.graphs is not None:
-                    self.graphs.clear()
-                log.warning("out of memory with %d virtual nodes per group; retrying step %d with %d",
-                            size, step, self.group_size)
-                self._discard_attempt()
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                if isinstance(decision, Raise):
+                    raise decision.error from None
+                if isinstance(decision, RunSequentially):
+                    warnings.warn(f"fused execution falls back to sequential from step {step} on: {decision.reason}",
+                                  stacklevel=2)
+                    self.fusion = None  # the patched modules act as usual from now on (groups == 0)
+                    self._discard_attempt()
+                    return self.compute(step, batches)
+                self.group_size = decision.size  # HalveGroup or OneNodePerGroup: redo the step, and remember
+                if isinstance(decision, HalveGroup) and decision.out_of_memory:
+                    if self.graphs is not None:
+                        self.graphs.clear()
+                    log.warning("out of memory with %d virtual nodes per group; retrying step %d with %d",
+                                size, step, self.group_size)
+                    self._discard_attempt()
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                else:
+                    warnings.warn(f"fused execution runs groups of {self.group_size} virtual node(s) from step {step} "
+                                  f"on (were {size}; fused_group_size={self.group_size} skips this redo): "
+                                  f"{failure.message}", stacklevel=2)
+                    self._discard_attempt()
 
     def _discard_attempt(self) -> None:
         """Forget a failed attempt at a step: its gradients, and its running-buffer updates (e.g.
@@ -305,7 +311,7 @@ class StepEngine:
             vnode_ids = [key[1] for key, _ in group]
             if any(key[0] != step for key, _ in group):
                 raise ValueError(f"a batch of another step arrived during step {step}")
-            maybe_fail("load", step)
+            maybe_fail(WorkerPhase.LOAD, step)
             self.stats.restore()
             inputs, targets = move_batch(interleave_batches([b for _, b in group]), self.device, self.float_dtype)
             ctx.groups, ctx.rows = len(group), leading_rows(inputs)
@@ -313,9 +319,9 @@ class StepEngine:
             ctx.weights = torch.tensor(weights, dtype=torch.float64).to(self.device, non_blocking=True)
             ctx.stat_sums = {}
             try:
-                maybe_fail("forward", step)
+                maybe_fail(WorkerPhase.FORWARD, step)
                 if self.graphs is not None:
-                    maybe_fail("backward", step)
+                    maybe_fail(WorkerPhase.BACKWARD, step)
                     means, grads, ctx.stat_sums = self.graphs.run(inputs, targets, ctx.weights, len(group),
                                                                   self.stats.restore)
                     means = means.clone()  # the graph's memory: the next replay overwrites it
@@ -352,7 +358,7 @@ class StepEngine:
         if not self._loss_checked:
             self._check_per_sample(per_sample, targets)
         means = segment_means(per_sample, groups)  # each node's mean loss (rows are interleaved)
-        maybe_fail("backward", step)
+        maybe_fail(WorkerPhase.BACKWARD, step)
         self.fusion.in_backward = True  # a patched module running now is recomputed (checkpointing)
         try:
             (means.sum() / self.spec.virtual_nodes).backward()

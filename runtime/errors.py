@@ -3,7 +3,8 @@
 Fatal errors a user acts on (``InvalidJobSpec``, ``CheckpointMismatch``, ``NonFiniteLoss``,
 ``StaleEpoch``, ``StorageError``). Recoverable events (a lost peer: the step is redone; a membership
 change: the group is re-formed) are not exceptions that reach the user: the worker agent handles them
-in its loop (``runtime/agent.py``), and a lost master is ``master_client.MasterUnavailable`` (retried).
+in its loop (``runtime/agent.py``), and a lost master is ``master_client.MasterUnavailable`` (retried),
+until the worker gives up on it: ``MasterLost`` (the worker exits, code 4).
 
 Every exception pickles (its constructor arguments are kept in ``args``) so it can cross a process
 boundary unchanged. An error crossing the network does not: the master never unpickles what it
@@ -83,6 +84,24 @@ class StaleEpoch(VnodesError):
 
     def __str__(self) -> str:
         return f"membership epoch {self.got} is stale (current is {self.current}); re-register"
+
+
+class MasterLost(VnodesError):
+    """Fatal for this worker (not for the job): its master went away mid-job and no master answered at
+    its address within ``waited_s`` (``--master-timeout``). The worker exits with code 4.
+
+    ``held_step`` is the step whose state the worker held; ``detail`` what the last attempt saw.
+    """
+
+    def __init__(self, address: str, waited_s: float, held_step: int, detail: str):
+        super().__init__(address, waited_s, held_step, detail)
+        self.address, self.waited_s, self.held_step, self.detail = address, waited_s, held_step, detail
+
+    def __str__(self) -> str:
+        return (f"lost the master at {self.address}: {self.detail}. This worker held the state of step "
+                f"{self.held_step} and gave up after --master-timeout {self.waited_s:g} s (exit code 4). Restart "
+                "the master on its run directory (it resumes from its last checkpoint) and start workers again, "
+                "or give workers a longer --master-timeout")
 
 
 class StorageError(VnodesError):

@@ -15,10 +15,12 @@ import os
 import signal
 import threading
 
-PHASES = ("load", "forward", "backward", "reduce", "commit", "checkpoint_write")
+from .lifecycle import FAULT_PHASES, WorkerPhase
+
+PHASES = tuple(p.value for p in FAULT_PHASES)
 
 
-def _parse(text: str) -> dict[tuple[str, int, int | None], str]:
+def _parse(text: str) -> dict[tuple[WorkerPhase, int, int | None], str]:
     faults = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         parts = item.split(":")
@@ -26,7 +28,7 @@ def _parse(text: str) -> dict[tuple[str, int, int | None], str]:
         if len(parts) not in (2, 3) or parts[0] not in PHASES:
             raise ValueError(f"VNODES_FAULT item {item!r}: expected phase:step[:worker][:kill|hang|stop] "
                              f"with phase in {PHASES}")
-        faults[(parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None)] = action
+        faults[(WorkerPhase(parts[0]), int(parts[1]), int(parts[2]) if len(parts) == 3 else None)] = action
     return faults
 
 
@@ -34,7 +36,7 @@ _FAULTS = _parse(os.environ.get("VNODES_FAULT", ""))
 _INDEX = int(os.environ.get("VNODES_LAUNCH_INDEX", "-1"))
 
 
-def maybe_fail(phase: str, step: int) -> None:
+def maybe_fail(phase: WorkerPhase, step: int) -> None:
     """SIGKILL this process (or block this thread forever) if a fault is armed for ``(phase, step)``."""
     if not _FAULTS:
         return

@@ -20,6 +20,11 @@ from .errors import StaleEpoch, VnodesError
 log = logging.getLogger(__name__)
 
 COMMIT_WAIT_MARGIN_S = 30.0
+# While the master is down, gRPC's reconnect backoff (1 s, growing to 2.6 s, 4.2 s... by default)
+# leaves a channel blind to a master that has come back: a reconnecting worker could miss the whole
+# life of a restarted master that finishes the job quickly. Retry at least every second (connection
+# attempts keep gRPC's own timeout: only the pause between attempts is capped).
+RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 1000))
 
 
 class _MasterCallError(VnodesError):
@@ -87,6 +92,7 @@ class StoreResult:
     ready: bool
     value: bytes
     number: int
+    superseded: bool = False  # the keys' membership epoch is over: they are gone
 
 
 @dataclasses.dataclass
@@ -113,9 +119,9 @@ class MasterClient:
         self.address = address
         if tls_root_cert is not None:
             self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(tls_root_cert),
-                                               options=MESSAGE_LIMITS)
+                                               options=[*MESSAGE_LIMITS, *RECONNECT_OPTIONS])
         else:
-            self.channel = grpc.insecure_channel(address, options=MESSAGE_LIMITS)
+            self.channel = grpc.insecure_channel(address, options=[*MESSAGE_LIMITS, *RECONNECT_OPTIONS])
         self.stub = vnodes_pb2_grpc.MasterStub(self.channel)
         self.metadata = ((TOKEN_METADATA_KEY, token),) if token else ()
         self.worker_id, self.session_key = "", ""  # set by register(): who this client speaks for
@@ -309,7 +315,7 @@ class MasterClient:
         reply = self._call(self.stub.Store, pb.StoreRequest(
             worker_id=self.worker_id, session_key=self.session_key, op=pb.StoreRequest.Op.Value(op), keys=list(keys),
             value=value, expected=expected, amount=amount, timeout_s=timeout_s), timeout=timeout_s + 30.0)
-        return StoreResult(reply.ready, reply.value, reply.number)
+        return StoreResult(reply.ready, reply.value, reply.number, reply.superseded)
 
     def status(self, timeout_s: float = 10.0) -> dict:
         """The job's status as plain data: ``step``, ``epoch``, ``workers`` (id, pid, host, device,

@@ -60,6 +60,8 @@ class MasterStore(dist.Store):
             result = self._client.store("GET", [key], timeout_s=_poll_s(deadline))
             if result.ready:
                 return result.value
+            if result.superseded:
+                raise dist.DistStoreError(f"membership epoch of /{key} is superseded: its keys are gone")
             if _expired(deadline):
                 raise dist.DistStoreError(f"wait timeout after {_ms(self.timeout)}ms, keys: /{key}")
 
@@ -78,7 +80,12 @@ class MasterStore(dist.Store):
         timeout = self.timeout if timeout is None else timeout
         deadline = _deadline(timeout)
         keys = list(keys)
-        while not self._client.store("WAIT", keys, timeout_s=_poll_s(deadline)).ready:
+        while True:
+            result = self._client.store("WAIT", keys, timeout_s=_poll_s(deadline))
+            if result.ready:
+                return
+            if result.superseded:
+                raise dist.DistStoreError(f"membership epoch of /{keys[0]} is superseded: its keys are gone")
             if _expired(deadline):
                 raise dist.DistStoreError(f"wait timeout after {_ms(timeout)}ms, keys: "
                                           + ", ".join("/" + k for k in keys))

@@ -19,6 +19,7 @@ from .checkpoint import (Checkpoint, check_checkpoint_dir, latest_checkpoint, li
 from .engine import StepEngine
 from .errors import InvalidJobSpec
 from .faults import maybe_fail
+from .lifecycle import WorkerPhase
 from .events import Callback, Event, RunState, fire
 from .reduction import canonical_sum
 from .spec import JobSpec
@@ -90,7 +91,8 @@ def train(
             cluster, following the cluster as nodes come and go; ``workers`` caps their number).
         address: for ``launcher="ray"``: ``"auto"``, ``"HOST:PORT"``, or ``None`` to start Ray locally.
         launch_options: extra launcher settings: local: ``placement`` ("throughput" | "even"),
-            ``worker_env``; ray: ``worker_options`` (``RayWorkerOptions``), ``ray_init_kwargs``; both:
+            ``worker_env``, ``devices`` (the GPUs, one per worker: worker i on the i-th; default every
+            visible one) and ``share_devices`` (allow more workers than GPUs); ray: ``worker_options`` (``RayWorkerOptions``), ``ray_init_kwargs``; both:
             ``code`` (a ``vnodes.scheduler.code_package.CodePackage``), the code every worker
             imports the job from, by default the folder of the script run as ``python script.py``
             (see ``scheduler/code_package.py`` for what is left out and the size cap).
@@ -162,9 +164,9 @@ def train(
             for step in range(start, steps):
                 t_step = time.perf_counter()
                 partial = engine.compute(step, itertools.islice(batches, spec.virtual_nodes))
-                maybe_fail("reduce", step)
+                maybe_fail(WorkerPhase.REDUCE, step)
                 total = canonical_sum(partial.blocks) if spec.deterministic else partial.payload
-                maybe_fail("commit", step)
+                maybe_fail(WorkerPhase.COMMIT, step)
                 loss = engine.apply(total, partial.used)
                 losses.append(loss)
 

@@ -26,12 +26,12 @@ import time
 from typing import Callable, Optional
 
 from .errors import VnodesError
+from .lifecycle import WorkerPhase
 
 log = logging.getLogger(__name__)
 
 EXIT_HUNG = 3
 DEFAULT_HANG_TIMEOUT_S = 300.0
-WAITING_PHASES = frozenset({"plan", "join", "reduce", "commit", "idle", "build"})
 
 
 class Watchdog:
@@ -55,24 +55,24 @@ class Watchdog:
         self.poll_s = poll_s
         self.clock = clock
         self.on_hang = on_hang or _fence
-        self._current = ("idle", clock(), 1)  # (phase, since, work): one attribute, read and written whole
+        self._current = (WorkerPhase.IDLE, clock(), 1)  # (phase, since, work): one attribute, read and written whole
         self._longest_s: dict[str, float] = {}  # local phase -> its slowest completed run, per unit of work
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def enter(self, phase: str, work: int = 1) -> None:
+    def enter(self, phase: WorkerPhase, work: int = 1) -> None:
         """The main thread starts ``phase`` of ``work`` units (cheap: a clock read, a few assignments)."""
         now = self.clock()
         previous, since, previous_work = self._current
-        if previous not in WAITING_PHASES:
+        if not previous.waits:
             per_unit = (now - since) / max(1, previous_work)
             self._longest_s[previous] = max(self._longest_s.get(previous, 0.0), per_unit)
         self._current = (phase, now, work)
 
-    def budget_s(self, phase: str, work: int = 1) -> Optional[float]:
+    def budget_s(self, phase: WorkerPhase, work: int = 1) -> Optional[float]:
         """Seconds ``phase`` of ``work`` units may run before the worker counts as hung; None: not
         judged (yet)."""
-        if phase in WAITING_PHASES or phase not in self._longest_s:
+        if phase.waits or phase not in self._longest_s:
             return None
         return max(self.timeout_s, self.slack * self._longest_s[phase] * max(1, work))
 
@@ -113,8 +113,8 @@ def hang_timeout_from_env() -> Optional[float]:
     return value or None
 
 
-def _fence(phase: str, stuck_s: float) -> None:
-    print(f"vnodes worker {os.getpid()}: hung in phase {phase!r} for {stuck_s:.1f} s; dumping stacks "
+def _fence(phase: WorkerPhase, stuck_s: float) -> None:
+    print(f"vnodes worker {os.getpid()}: hung in phase {phase.value!r} for {stuck_s:.1f} s; dumping stacks "
           f"and exiting with code {EXIT_HUNG} so that the job goes on without this worker", file=sys.stderr)
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     sys.stderr.flush()

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 from vnodes.runtime import JobSpec, VnodesError, train
 
+from .devices import on_first_device, parse_device_list
 from .job_options import add_job_options, apply_job_options, int_in_range, parse_overrides
 
 EXIT_USAGE = 2
@@ -122,6 +123,11 @@ def _parser() -> argparse.ArgumentParser:
     add_job_options(run, run_dir_required=False)
     run.add_argument("--workers", type=_COUNT, default=1, metavar="M",
                      help="local worker processes (default 1: in this process); more start a master here")
+    run.add_argument("--devices", type=parse_device_list, metavar="I,J,...",
+                     help="the GPUs to use, one per worker, worker i on the i-th (torch's numbers, within "
+                     "CUDA_VISIBLE_DEVICES; default: every visible GPU; CPU-only machines: the CPU)")
+    run.add_argument("--share-devices", action="store_true",
+                     help="allow more workers than GPUs: worker i on GPU i mod G (else that is an error)")
     run.add_argument("--master-port", type=_PORT, default=0, metavar="P",
                      help="with --workers > 1: the embedded master's gRPC port (default: any free port)")
     run.add_argument("--launcher", choices=("local", "ray"), default="local",
@@ -172,6 +178,12 @@ def _run(args: argparse.Namespace) -> int:
     parse_overrides(args.overrides)  # a typo fails before the job file is imported
     spec = apply_job_options(load_job(args.job), args)
     launch_options = {"master_port": args.master_port} if args.workers > 1 and args.launcher == "local" else None
+    if args.devices is not None and args.launcher != "local":
+        raise VnodesError("--devices is for --launcher local: Ray gives each worker actor a GPU of its own")
+    if launch_options is not None:
+        launch_options.update(devices=args.devices, share_devices=args.share_devices)
+    elif args.devices is not None:  # one worker, in this process: on the first device asked for
+        spec = on_first_device(spec, args.devices)
     if args.launcher == "ray":
         from .launcher_ray import RayWorkerOptions
 
@@ -222,10 +234,7 @@ def _master(args: argparse.Namespace) -> int:
                           placement=args.placement, tls=tls, code=code)
     print(f"vnodes master listening on {handle.address} (run dir {args.run_dir})", flush=True)
     try:
-        handle.master.wait(lambda m: m.done, timeout_s=float("inf"))
-        # Serve until every worker has heard STOP and closed its session (or 10 s pass).
-        handle.master.wait(lambda m: all(w.state.value in ("dead", "left") for w in m.workers.values()),
-                           timeout_s=10.0)
+        handle.wait_for_end()  # until every worker has heard the end or is gone (bounded)
     finally:
         handle.stop()
     if handle.master.failure:

@@ -37,7 +37,9 @@ import dataclasses
 import fnmatch
 import hashlib
 import io
+import logging
 import os
+import re
 import stat
 import sys
 import zipfile
@@ -55,6 +57,8 @@ IGNORE_FILE = ".vnodesignore"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can say: no clock in the archive
 _ENVIRONMENT_MARKERS = ("pyvenv.cfg", "conda-meta")
 _BIGGEST_SHOWN = 5
+
+log = logging.getLogger(__name__)
 
 
 def max_code_bytes() -> int:
@@ -135,6 +139,10 @@ def _collect(folder: Path, excluded: set[Path], cap_bytes: int) -> list[_File]:
         for name in sorted(names):
             relative = prefix + name
             if name.startswith(".") or name.endswith((".pyc", ".pyo")) or ignore.match(relative, False):
+                continue
+            if "\\" in relative or re.match(r"^[A-Za-z]:", relative):  # workers refuse such entries (and
+                log.warning("leaving %s out of the job's code: workers refuse a name with a backslash or "
+                            "a drive letter; rename it if the job needs it", relative)  # Python imports none)
                 continue
             path = here_path / name
             try:

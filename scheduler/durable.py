@@ -1,7 +1,9 @@
 """The master's durable state in its run directory, so a restarted master resumes the job.
 
 ``master.json`` (written atomically at every commit) holds the committed step, the membership
-epoch counter and the newest checkpoint; ``losses.f64`` is an append-only file of per-step losses
+epoch counter, the newest checkpoint and the roster: the ids of the workers that may still be running
+the job (rewritten as each one leaves after the end), so that a restarted master waits for them to
+reconnect and tells them the job's end; ``losses.f64`` is an append-only file of per-step losses
 (little-endian float64), truncated to the committed step when read back.
 
 A write that fails (a read-only or full run directory) raises ``StorageError``: the master fails the
@@ -16,7 +18,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from vnodes.runtime.errors import StorageError
 
@@ -28,6 +30,7 @@ class MasterRecord:
     checkpoint_step: int
     losses: list[float]
     fingerprint: dict[str, str]
+    workers: Optional[list[str]] = None  # the roster; None: not recorded (an older version wrote the file)
 
 
 class DurableState:
@@ -56,10 +59,13 @@ class DurableState:
         except OSError as exc:
             raise StorageError.from_os_error(f"the master's state ({self.losses_path.name})", self.path.parent,
                                              exc) from exc
+        workers = data.get("workers")
+        roster = [str(w) for w in workers] if isinstance(workers, list) else None
         return MasterRecord(data["step"], data["epoch_counter"], data["checkpoint_step"], losses,
-                            data.get("fingerprint", {}))
+                            data.get("fingerprint", {}), roster)
 
-    def save(self, step: int, epoch_counter: int, checkpoint_step: int, losses: list[float]) -> None:
+    def save(self, step: int, epoch_counter: int, checkpoint_step: int, losses: list[float],
+             workers: Sequence[str] = ()) -> None:
         """Append new losses, then atomically replace ``master.json`` (tmp, fsync, rename).
 
         Raises:
@@ -67,14 +73,15 @@ class DurableState:
         """
         tmp = self.path.with_suffix(".json.tmp")
         try:
-            self._save(tmp, step, epoch_counter, checkpoint_step, losses)
+            self._save(tmp, step, epoch_counter, checkpoint_step, losses, workers)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             raise StorageError.from_os_error(f"the master's state ({self.path.name}, {self.losses_path.name})",
                                              self.path.parent, exc) from exc
 
-    def _save(self, tmp: Path, step: int, epoch_counter: int, checkpoint_step: int, losses: list[float]) -> None:
+    def _save(self, tmp: Path, step: int, epoch_counter: int, checkpoint_step: int, losses: list[float],
+              workers: Sequence[str]) -> None:
         if len(losses) < self._written_losses:  # rolled back (e.g. to a checkpoint)
             with open(self.losses_path, "ab") as f:
                 f.truncate(8 * len(losses))
@@ -92,7 +99,7 @@ class DurableState:
             self._written_losses = len(losses)
         with open(tmp, "w") as f:
             json.dump({"step": step, "epoch_counter": epoch_counter, "checkpoint_step": checkpoint_step,
-                       "fingerprint": self.fingerprint}, f)
+                       "fingerprint": self.fingerprint, "workers": list(workers)}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)

@@ -6,7 +6,7 @@ from vnodes.runtime.errors import StaleEpoch, VnodesError
 
 __all__ = ["MasterError", "UnknownWorker", "DuplicateRegistration", "BadRequest", "StaleEpoch", "Undecided",
            "NotYourRegistration", "TooManyWorkers", "StoreFull", "InsecureListen",
-           "CodeTooLarge"]
+           "CodeTooLarge", "DevicesUnavailable"]
 
 
 class MasterError(VnodesError):
@@ -92,6 +92,18 @@ class InsecureListen(MasterError, ValueError):
                 "without one, listen on 127.0.0.1")
 
 
+class DevicesUnavailable(VnodesError, ValueError):
+    """The local launcher cannot give each worker a device (``devices.assign_devices``). Raised before
+    any worker starts: not a gRPC error. The message names the workers, the devices and the fix."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class CodeTooLarge(VnodesError):
     """The job's folder holds more than the master ships to its workers (``code_package.py``).
 
@@ -117,3 +129,19 @@ class CodeTooLarge(VnodesError):
                 f"ships to its workers (at least {size(self.size_bytes)}; the biggest: {files}). Move data and "
                 f"outputs out of {self.folder}, or list them in its .vnodesignore, or raise the cap: "
                 f"{self.env_var}=<bytes> (now {self.cap_bytes})")
+
+
+class CannotListen(MasterError, OSError):
+    """The master's address cannot be bound (the port is taken, or the host is not this machine's)."""
+
+    def __init__(self, address: str, detail: str):
+        super().__init__(address, detail)
+        self.address, self.detail = address, detail
+
+    def __str__(self) -> str:
+        return (f"cannot listen on {self.address} ({self.detail}); another process may hold the port: pick "
+                "another --port (0 picks a free one), or a --host of this machine")
+
+
+class WorkersGone(MasterError):
+    """A launcher's workers all ended (or kept failing) before the job finished."""

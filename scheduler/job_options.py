@@ -18,6 +18,9 @@ from typing import Any, Optional, Sequence
 from vnodes.runtime import JobSpec, VnodesError
 
 
+MAX_STEPS = 2**53  # steps are counted in 64-bit fields and float losses index them
+
+
 class BadOverride(VnodesError):
     """A ``--set FIELD=VALUE`` names no settable field or a value of the wrong type."""
 
@@ -42,7 +45,7 @@ def add_job_options(parser: argparse.ArgumentParser, run_dir_required: bool) -> 
     """The options both ``run`` and ``master`` take, with the same names, types and meanings."""
     parser.add_argument("job", metavar="JOB.py[:NAME]",
                         help="a Python file defining a JobSpec (`spec`, the only one, NAME, or a function `job()`)")
-    parser.add_argument("--steps", type=int_in_range(0), required=True,
+    parser.add_argument("--steps", type=int_in_range(0, MAX_STEPS), required=True,
                         help="total global steps of the run (resumed steps count)")
     parser.add_argument("--checkpoint-dir", "--run-dir", dest="run_dir", metavar="D", required=run_dir_required,
                         help="where checkpoints (and a master's resumable state) live: resume from the newest "

@@ -2,7 +2,8 @@
 
 ``train(spec, steps, workers=M)`` and ``vnodes run job.py --workers M`` come here. Workers are real
 processes (``python -m vnodes.runtime.agent``) that can be killed with real signals; the job goes on
-with the survivors.
+with the survivors. Each gets its own device (``devices.assign_devices``: worker ``i`` on ``cuda:i``
+of the visible GPUs, or of ``devices``), passed as ``--device``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -23,18 +25,25 @@ from typing import Optional, Sequence
 from vnodes.runtime.errors import CheckpointMismatch, JobFailed
 from vnodes.runtime.checkpoint import check_checkpoint_dir, latest_checkpoint, newest_checkpoint
 from vnodes.runtime.engine import build_dataset
-from vnodes.runtime.events import Callback, Event, RunState, fire
+from vnodes.runtime.events import Callback, RunState
 from vnodes.runtime.sampler import VNodeSampler
 from vnodes.runtime.spec import JobSpec
 from vnodes.runtime.train import TrainResult
 
 from .code_package import CodePackage
+from .devices import assign_devices, visible_cuda_devices
 from .durable import DurableState
 from .master import JobState, Master
+from .driver import drive
+from .errors import WorkersGone
 from .rendezvous import RendezvousStore
 from .servicer import COMMIT_WAIT_S, MasterServicer, host_port, serve
 
 log = logging.getLogger(__name__)
+
+TOKEN_ENV = "VNODES_TOKEN"  # what `vnodes worker --token` reads
+
+FAREWELL_S = 10.0  # after the end: how long registered workers get to hear it (beyond any start grace left)
 
 
 @dataclasses.dataclass
@@ -50,6 +59,21 @@ class MasterHandle:
     def stop(self) -> None:
         self._stopped.set()
         self.server.stop(grace=0.5)
+
+    def wait_for_end(self, farewell_s: float = FAREWELL_S) -> None:
+        """Block until the job is done (or failed) and every worker that may still run it has heard
+        so or is gone (``Master.outstanding``), then return: the caller may stop serving. A worker
+        that found no master would exit non-zero (``MasterLost``) though the job finished.
+
+        Bounded once the job is done: registered workers get ``farewell_s`` (a hung one is declared
+        dead within the heartbeat timeout); a previous master's workers that have not come back are
+        waited for until the start grace period ends.
+        """
+        master = self.master
+        master.wait(lambda m: m.done, timeout_s=float("inf"))
+        if not master.wait(lambda m: not m.outstanding(), timeout_s=farewell_s + master.start_grace_left_s()):
+            log.warning("stopping with workers that may not have heard the job's end: %s",
+                        ", ".join(master.outstanding()))
 
     def start_reaper(self, interval_s: float = 0.5) -> None:
         """Check heartbeats in the background (hung workers are declared dead)."""
@@ -100,6 +124,8 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
     # the newer state reconnect, and the master waits for them (a grace period) before rolling back
     # to the checkpoint. At the checkpoint's step (a job resumed to train longer) nobody holds more.
     restored = await_holders and record is not None and record.step > start
+    # Workers of the previous master may still run the job: they reconnect (and must hear its end).
+    awaited = (record.workers if record is not None else []) if await_holders else []
     if record is not None and record.step >= start:
         start, losses, epoch_counter = record.step, record.losses, record.epoch_counter + 1
 
@@ -115,7 +141,7 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
                     start_grace_s=start_grace_s,
                     heartbeat_timeout_s=heartbeat_timeout_s, placement_policy=placement,
                     can_resume_from_checkpoint=on_disk, durable=durable, restored=restored,
-                    epoch_counter=epoch_counter)
+                    epoch_counter=epoch_counter, awaited=awaited)
     # Fresh workers hold step 0; when start > 0 the master has them load the checkpoint.
     store = RendezvousStore()
     # The superseded epoch's members learn it from EpochStatus; its keys are of no use to anyone now.
@@ -132,9 +158,10 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
 
 
 def spawn_worker(address: str, launch_index: int, env: Optional[dict] = None,
-                 extra_args: Sequence[str] = (), stderr=None) -> subprocess.Popen:
+                 extra_args: Sequence[str] = (), stderr=None, device: Optional[str] = None) -> subprocess.Popen:
     """Start ``python -m vnodes.runtime.agent`` with this process's import path (``stderr``: as
-    for ``subprocess.Popen``)."""
+    for ``subprocess.Popen``), on ``device`` (its ``--device``; None: the worker's default). The
+    worker inherits ``CUDA_VISIBLE_DEVICES``, so ``cuda:K`` means what it means here."""
     child_env = dict(os.environ)
     child_env.update(env or {})
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -142,8 +169,10 @@ def spawn_worker(address: str, launch_index: int, env: Optional[dict] = None,
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     if main_file:  # builders defined in the launching script pickle as __main__.name
         child_env["VNODES_MAIN_FILE"] = os.path.abspath(main_file)
+    device_args = ("--device", device) if device is not None else ()
     return subprocess.Popen([sys.executable, "-m", "vnodes.runtime.agent", "--master", address,
-                             "--launch-index", str(launch_index), *extra_args], env=child_env, stderr=stderr)
+                             "--launch-index", str(launch_index), *device_args, *extra_args], env=child_env,
+                            stderr=stderr)
 
 
 def open_run_dir(stack: contextlib.ExitStack, checkpoint_dir: Optional[Path]) -> Path:
@@ -151,15 +180,6 @@ def open_run_dir(stack: contextlib.ExitStack, checkpoint_dir: Optional[Path]) ->
     if checkpoint_dir is None:
         return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vnodes-run-")))
     return check_checkpoint_dir(checkpoint_dir)
-
-
-def fire_commits(master: Master, seen: int, callbacks: Sequence[Callback], state: RunState) -> int:
-    """Fire ``on_step_end`` for every step committed since the first ``seen``; return the new count."""
-    new, count = master.committed_since(seen)
-    for c in new:
-        state.step, state.loss, state.step_time_s = c.step + 1, c.loss, c.step_time_s
-        fire(list(callbacks), Event.STEP_END, state)
-    return count
 
 
 def job_result(master: Master, spec: JobSpec, run_dir: Path, keep_dir: bool, start: int, steps: int,
@@ -176,62 +196,69 @@ def job_result(master: Master, spec: JobSpec, run_dir: Path, keep_dir: bool, sta
                        wall_time_s=wall, samples_per_s=max(0, steps - start) * spec.global_batch_size / wall)
 
 
-def run_until_done(handle: MasterHandle, processes: list[subprocess.Popen], callbacks: Sequence[Callback],
-                   state: RunState, all_dead_timeout_s: float = 30.0) -> None:
-    """Fire callbacks as steps commit; return when the job is done or failed.
+class LocalFleet:
+    """Worker processes on this machine (``python -m vnodes.runtime.agent``), one per device in
+    ``devices``; real processes, so tests kill them with real signals. The job goes on with the
+    survivors; the fleet gives up only when every process has exited for ``all_gone_s``."""
 
-    Raises:
-        RuntimeError: every local worker exited and none came back within ``all_dead_timeout_s``.
-    """
-    master, seen, all_dead_since = handle.master, 0, None
-    while not master.done:
-        master.wait(lambda m: m.done or m.committed_count > seen, timeout_s=0.2)
-        seen = fire_commits(master, seen, callbacks, state)
-        if all(p.poll() is not None for p in processes):
-            all_dead_since = all_dead_since or time.monotonic()
-            if time.monotonic() - all_dead_since > all_dead_timeout_s and not master.done:
-                codes = [p.returncode for p in processes]
-                raise RuntimeError(f"every local worker exited (exit codes {codes}) before the job finished")
-        else:
-            all_dead_since = None
+    poll_s = 0.2
+
+    def __init__(self, address: str, devices: Sequence[Optional[str]], env: dict[str, str],
+                 all_gone_s: float = 30.0):
+        self.processes = [spawn_worker(address, i, env, device=device) for i, device in enumerate(devices)]
+        self.all_gone_s = all_gone_s
+        self._all_gone_since: Optional[float] = None
+
+    def tend(self, master: Master) -> None:
+        """Raises ``WorkersGone`` once every process has exited for ``all_gone_s`` before the end."""
+        if any(p.poll() is None for p in self.processes):
+            self._all_gone_since = None
+            return
+        self._all_gone_since = self._all_gone_since or time.monotonic()
+        if time.monotonic() - self._all_gone_since > self.all_gone_s and not master.done:
+            raise WorkersGone(f"every local worker exited (exit codes {[p.returncode for p in self.processes]}) "
+                              "before the job finished; their messages are above. Run the same command again to "
+                              "resume from the last checkpoint")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        for p in self.processes:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 def train_local(spec: JobSpec, steps: int, workers: int, checkpoint_dir: Optional[Path],
                 checkpoint_every: Optional[int], callbacks: Sequence[Callback] = (),
                 worker_env: Optional[dict] = None, placement: str = "throughput",
-                master_port: int = 0, code: Optional[CodePackage] = None) -> TrainResult:
+                master_port: int = 0, code: Optional[CodePackage] = None,
+                devices: Optional[Sequence[int]] = None, share_devices: bool = False) -> TrainResult:
     """Train with a master in this process and ``workers`` local worker processes.
 
     ``code``: the job's code for the workers to fetch. By default none: local workers share this
     machine's files and import what this process imports (its ``sys.path``, its launching script).
+    ``devices``: the GPUs to use (torch's numbers, within ``CUDA_VISIBLE_DEVICES``; default: all
+    visible), one per worker unless ``share_devices`` (``devices.assign_devices``).
+
+    Raises:
+        DevicesUnavailable: the workers cannot each get a device (before anything starts).
     """
+    assigned = assign_devices(workers, visible_cuda_devices(), devices, share_devices, spec.device)
     with contextlib.ExitStack() as stack:
         run_dir = open_run_dir(stack, checkpoint_dir)
+        token = secrets.token_hex(16)  # loopback, yet only this job's own workers may join it
         handle = start_master(spec, steps, run_dir, checkpoint_every=checkpoint_every or 0, await_holders=False,
-                              expected_workers=workers, placement=placement, port=master_port, code=code)
+                              expected_workers=workers, placement=placement, port=master_port, code=code,
+                              token=token)
         stack.callback(handle.stop)
         master = handle.master
         start = master.step
         state = RunState(step=start, steps=steps, start_step=start, samples_per_step=spec.global_batch_size)
         t0 = time.perf_counter()
-        processes: list[subprocess.Popen] = []
-        stack.callback(_reap, processes)
         if steps > start:
-            for i in range(workers):
-                processes.append(spawn_worker(handle.address, i, worker_env))
-            fire(list(callbacks), Event.FIT_START, state)
-            try:
-                run_until_done(handle, processes, callbacks, state)
-            finally:
-                fire(list(callbacks), Event.FIT_END, state)
+            fleet = LocalFleet(handle.address, assigned, {**(worker_env or {}), TOKEN_ENV: token})
+            stack.callback(fleet.stop)
+            drive(master, fleet, callbacks, state)
         return job_result(master, spec, run_dir, checkpoint_dir is not None, start, steps, t0)
-
-
-def _reap(processes: list[subprocess.Popen], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    for p in processes:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()

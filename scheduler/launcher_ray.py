@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from vnodes.runtime.errors import InvalidJobSpec
-from vnodes.runtime.events import Callback, Event, RunState, fire
+from vnodes.runtime.events import Callback, RunState
 from vnodes.runtime.spec import JobSpec
 from vnodes.runtime.train import TrainResult
 
 from .code_package import CodePackage, launching_script, package_for_script
-from .launcher import fire_commits, job_result, open_run_dir, start_master
+from .driver import drive
+from .errors import WorkersGone
+from .launcher import job_result, open_run_dir, start_master
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class WorkerActorBody:
         for path in env.get("PYTHONPATH", "").split(os.pathsep):  # the job's modules, as on the driver
             if path and path not in sys.path:
                 sys.path.append(path)
-        from vnodes.runtime.agent import WorkerAgent
+        from vnodes.runtime.agent import WorkerAgent, master_timeout_from_env
         from vnodes.runtime.watchdog import hang_timeout_from_env
 
         device = None
@@ -71,7 +73,7 @@ class WorkerActorBody:
         if gpu_ids:
             device = "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
         return WorkerAgent(master, device=device, token=token, launch_index=launch_index, slowdown=slowdown,
-                           hang_timeout_s=hang_timeout_from_env()).run()
+                           reconnect_timeout_s=master_timeout_from_env(), hang_timeout_s=hang_timeout_from_env()).run()
 
     def node_id(self) -> str:
         import ray
@@ -89,8 +91,12 @@ class RayFleet:
     """The worker actors of one job, kept in step with the cluster's free resources."""
 
     def __init__(self, address: str, token: Optional[str], options: RayWorkerOptions, max_workers: int,
-                 env: dict[str, str]):
+                 env: dict[str, str], poll_s: float = 1.0, hook=None, max_failures_without_progress: int = 5):
+        """``hook(fleet, master)`` runs after every ``tend`` (tests use it to change the cluster)."""
         self.ray = _import_ray()
+        self.poll_s, self.hook = poll_s, hook
+        self.max_failures_without_progress = max_failures_without_progress
+        self._progress, self._failures_at_progress = -1, 0
         self.address = address
         self.token = token
         self.options = options
@@ -155,7 +161,23 @@ class RayFleet:
             # poll, so the driver's loop (reaping, commits, progress) is never held waiting here.
         return started
 
-    def kill_all(self) -> None:
+    def tend(self, master) -> None:
+        """Reap ended actors, start new ones where there is room, run the hook.
+
+        Raises:
+            WorkersGone: ``max_failures_without_progress`` actors failed while the job made no step.
+        """
+        self.reap()
+        if master.step != self._progress:
+            self._progress, self._failures_at_progress = master.step, len(self.failures)
+        elif len(self.failures) - self._failures_at_progress >= self.max_failures_without_progress:
+            raise WorkersGone(f"{len(self.failures) - self._failures_at_progress} worker actors failed without "
+                              f"progress; the last one: {self.failures[-1]}")
+        self.grow()
+        if self.hook is not None:
+            self.hook(self, master)
+
+    def stop(self) -> None:
         for actor, _ in self.actors.values():
             with contextlib.suppress(Exception):
                 self.ray.kill(actor)
@@ -182,45 +204,30 @@ def train_ray(spec: JobSpec, steps: int, checkpoint_dir: Optional[Path], checkpo
             ray.init(address=address, **(ray_init_kwargs or {}))
             stack.callback(ray.shutdown)
         run_dir = open_run_dir(stack, checkpoint_dir)
-        # A cluster spanning machines reaches the master on this node's address, with a token.
+        # A cluster spanning machines reaches the master on this node's address.
         single_host = len({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}) <= 1
         host = "127.0.0.1" if single_host else ray.util.get_node_ip_address()
-        token = None if single_host else secrets.token_hex(16)
+        token = secrets.token_hex(16)  # even on one machine: only this job's actors may join it
         handle = start_master(spec, steps, run_dir, checkpoint_every=checkpoint_every or 0, expected_workers=1,
                               await_holders=False,
                               host=host, token=token, start_grace_s=0, code=code)
         stack.callback(handle.stop)
         env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        if "VNODES_HANG_TIMEOUT" in os.environ:  # actors start from the raylet's environment, not ours
-            env["VNODES_HANG_TIMEOUT"] = os.environ["VNODES_HANG_TIMEOUT"]
+        for name in ("VNODES_HANG_TIMEOUT", "VNODES_MASTER_TIMEOUT"):  # actors start from the raylet's environment
+            if name in os.environ:
+                env[name] = os.environ[name]
         main_file = getattr(sys.modules.get("__main__"), "__file__", None)
         if main_file and launching_script() is None:  # run with -m: not shipped, found by path
             env["VNODES_MAIN_FILE"] = os.path.abspath(main_file)
         if options.num_gpus is None:
             options = dataclasses.replace(options, num_gpus=1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
-        fleet = RayFleet(handle.address, token, options, max_workers or spec.virtual_nodes, env)
-        stack.callback(fleet.kill_all)
+        fleet = RayFleet(handle.address, token, options, max_workers or spec.virtual_nodes, env, poll_s=poll_s,
+                         hook=fleet_hook, max_failures_without_progress=max_failures_without_progress)
+        stack.callback(fleet.stop)
         master = handle.master
         start = master.step
         state = RunState(step=start, steps=steps, start_step=start, samples_per_step=spec.global_batch_size)
-        t0, seen = time.perf_counter(), 0
-        fire(list(callbacks), Event.FIT_START, state)
-        try:
-            next_poll, failures_at_progress, progress = 0.0, 0, master.step
-            while not master.done:
-                if time.monotonic() >= next_poll:
-                    fleet.reap()
-                    if master.step != progress:
-                        progress, failures_at_progress = master.step, len(fleet.failures)
-                    elif len(fleet.failures) - failures_at_progress >= max_failures_without_progress:
-                        raise RuntimeError(f"{len(fleet.failures) - failures_at_progress} worker actors failed "
-                                           f"without progress; the last one: {fleet.failures[-1]}")
-                    fleet.grow()
-                    if fleet_hook is not None:
-                        fleet_hook(fleet, master)
-                    next_poll = time.monotonic() + poll_s
-                master.wait(lambda m: m.done or m.committed_count > seen, timeout_s=0.2)
-                seen = fire_commits(master, seen, callbacks, state)
-        finally:
-            fire(list(callbacks), Event.FIT_END, state)
+        t0 = time.perf_counter()
+        drive(master, fleet, callbacks, state)
+        handle.wait_for_end()  # before the actors are killed (and the master stops): each hears the end
         return job_result(master, spec, run_dir, checkpoint_dir is not None, start, steps, t0)

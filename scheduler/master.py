@@ -15,6 +15,13 @@ A step, seen from here::
 Membership changes (joins, leaves, deaths) take effect only at a step boundary: after a commit, or
 after an abort. A member's ``held_step`` is the step whose state it holds; a new epoch whose
 members do not all hold the current step names a ``sync_source_rank`` that broadcasts its state.
+
+The end of a job: DONE (or FAILED) is told to each worker as a STOP plan; a worker closes its session
+only once it has heard it (or it crashed). ``outstanding()`` lists the workers that may still be
+running the job, including those of a previous master of the same run directory that have not come
+back yet (the durable roster, ``durable.py``); whoever serves the master keeps serving until that list
+is empty, within a bound (``launcher.MasterHandle.wait_for_end``), so that every worker ends with
+exit code 0 however its reconnects and the end interleave.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import secrets
 import threading
 import time
 import uuid
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from vnodes.runtime.errors import StorageError
 
@@ -85,6 +92,8 @@ class WorkerInfo:
     vnode_rate: float = 0.0  # measured virtual nodes per second of compute (EMA); 0: not measured yet
     joined_order: int = 0  # which registration this is (a re-registration under the same id gets a new one)
     session_key: str = dataclasses.field(default="", repr=False)  # this registration's secret (set by register)
+    # Its session ended or it was declared dead: it no longer runs this job (a LEFT worker stays LEFT).
+    gone: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +164,13 @@ class Master:
                  start_grace_s: float = 30.0, heartbeat_timeout_s: float = 10.0, placement_policy: str = "throughput",
                  can_resume_from_checkpoint: Callable[[], Optional[int]] = lambda: None,
                  durable: Optional[DurableState] = None, restored: bool = False, epoch_counter: int = 0,
+                 awaited: Optional[Sequence[str]] = None,
                  on_epoch_superseded: Callable[[int], None] = lambda epoch: None,
                  clock: Callable[[], float] = time.monotonic):
+        """``awaited``: the workers of a previous master of this run directory that may still run the
+        job (its durable roster): they reconnect, and are waited for until the start grace period
+        ends (``start_grace_s``), to resume with the state they hold and to hear the job's end.
+        ``None``: not known (a run directory written by an older version)."""
         self.virtual_nodes = virtual_nodes
         self.steps = steps
         self.step = start_step  # committed steps == the next step to run
@@ -196,6 +210,10 @@ class Master:
         self._in_flight: Optional[tuple[int, int]] = None  # (epoch, step) handed out, maybe undecided
         self._joined = 0
         self._cond = threading.Condition()
+        # The previous master's workers not registered here yet (None: unknown, see the docstring).
+        self._awaited: Optional[set[str]] = None if awaited is None else set(awaited)
+        if self._finished():  # a master restarted after the end: nothing to run, only workers to tell
+            self.state = JobState.DONE
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -218,6 +236,8 @@ class Master:
             live = sum(w.state not in (WorkerState.DEAD, WorkerState.LEFT) for w in self.workers.values())
             if live >= MAX_LIVE_WORKERS:
                 raise TooManyWorkers(MAX_LIVE_WORKERS)
+            if self._awaited:
+                self._awaited.discard(info.worker_id)
             self._joined += 1
             info.joined_order = self._joined
             info.session_key = secrets.token_hex(16)
@@ -232,13 +252,16 @@ class Master:
         """The registration (``joined_order``) that ``session_key`` proves to be, for ``worker_id``.
 
         Raises:
-            UnknownWorker: no such worker (e.g. this master restarted: register again).
+            UnknownWorker: no such worker, or it was declared dead (e.g. this master restarted, or
+                missed heartbeats: register again).
             NotYourRegistration: the key is not that of the worker's current registration.
         """
         with self._cond:
             info = self._get(worker_id)
             if not session_key or not hmac.compare_digest(session_key.encode(), info.session_key.encode()):
                 raise NotYourRegistration(worker_id)
+            if info.state == WorkerState.DEAD:  # its key died with it: a live worker registers again
+                raise UnknownWorker(worker_id)
             return info.joined_order
 
     def _prune_departed(self) -> None:
@@ -277,10 +300,14 @@ class Master:
     def _lose(self, worker_ids: list[str], reason: str) -> None:
         """Declare these workers dead at once: one abort and one re-form, however many they are."""
         with self._cond:
-            members_lost = False
+            members_lost, newly_gone = False, False
             for worker_id in worker_ids:
                 info = self.workers.get(worker_id)
-                if info is None or info.state in (WorkerState.DEAD, WorkerState.LEFT):
+                if info is None:
+                    continue
+                newly_gone = newly_gone or not info.gone
+                info.gone = True  # a LEFT worker too: its session ended
+                if info.state in (WorkerState.DEAD, WorkerState.LEFT):
                     continue
                 was_member = self.membership is not None and worker_id in self.membership
                 info.state = WorkerState.DEAD
@@ -289,6 +316,8 @@ class Master:
             if members_lost and self.state == JobState.RUNNING:
                 self._abort_current(f"lost {', '.join(worker_ids)}: {reason}")
                 self._reform()  # at a boundary now: the survivors (or nobody: WAITING) form the next epoch
+            if newly_gone and self.done:
+                self._persist()  # the roster shrinks: a master restarted now need not wait for them
             self._cond.notify_all()
 
     def leave(self, worker_id: str) -> None:
@@ -438,6 +467,25 @@ class Master:
                 self._arrived[1].add(worker_id)
             return False, len(self._arrived[1])
 
+    def may_rendezvous(self, worker_id: str, epoch: int) -> bool:
+        """Whether ``worker_id`` may use membership epoch ``epoch``'s rendezvous keys now: True for a
+        member of the current epoch, False for any epoch already superseded (its keys are gone; the
+        worker learns it from ``epoch_status``).
+
+        Raises:
+            BadRequest: a newer epoch than the current one, or the current one by a non-member.
+        """
+        with self._cond:
+            current = self.membership.epoch if self.membership is not None else self.epoch_counter
+            if epoch < current or (epoch == current and self.membership is None):
+                return False
+            if epoch > current:
+                raise BadRequest(f"membership epoch {epoch} does not exist yet (the current one is {current})")
+            if worker_id not in self.membership:
+                raise BadRequest(f"worker {worker_id} is not a member of epoch {epoch}: only its members "
+                                 "use its rendezvous keys")
+            return True
+
     def is_decided(self, epoch: int, step: int) -> bool:
         with self._cond:
             return (epoch, step) in self.decisions
@@ -465,6 +513,19 @@ class Master:
     def done(self) -> bool:
         return self.state in (JobState.DONE, JobState.FAILED)
 
+    def outstanding(self) -> list[str]:
+        """The workers that may still be running this job: those registered here whose session is
+        open (a worker closes it only once told to stop, or when it crashes; a hung one is declared
+        dead after ``heartbeat_timeout_s``), and those of the previous master (``awaited``) that
+        have not registered here again, until the start grace period ends. Empty once the job is
+        done: every worker has heard the end or is gone."""
+        with self._cond:
+            return self._outstanding()
+
+    def start_grace_left_s(self) -> float:
+        """Seconds left of the start grace period (0 once it ended)."""
+        return max(0.0, self.start_deadline_s - self.clock())
+
     # -- internals (lock held) -------------------------------------------------------------------
 
     def _get(self, worker_id: str) -> WorkerInfo:
@@ -476,14 +537,26 @@ class Master:
     def _vnodes_of(self, worker_id: str) -> tuple[int, ...]:
         return self.membership.vnodes[self.membership.rank_of(worker_id)]
 
+    def _outstanding(self) -> list[str]:
+        present = [w.worker_id for w in self.workers.values() if not w.gone]
+        if self._awaited and self.clock() < self.start_deadline_s:
+            present += sorted(self._awaited)
+        return present
+
+    def _finished(self) -> bool:
+        """Every step is committed and the final checkpoint written (what ``_plan_for`` ends on)."""
+        return self.step >= self.steps and self.step <= max(self.checkpoint_step, 0)
+
     def _persist(self) -> None:
-        """Record the committed state in the run directory. A write that fails (read-only or full)
-        fails the job cleanly: every worker is told to stop and the master's caller reports the
+        """Record the committed state in the run directory, with the workers that may still run the
+        job (``outstanding``: a restarted master waits for them). A write that fails (read-only or
+        full) fails the job cleanly: every worker is told to stop and the master's caller reports the
         directory, the OS error and the fix. Going on would commit steps a restarted master cannot know."""
         if self.durable is None:
             return
         try:
-            self.durable.save(self.step, self.epoch_counter, self.checkpoint_step, self.losses)
+            self.durable.save(self.step, self.epoch_counter, self.checkpoint_step, self.losses,
+                              workers=self._outstanding())
         except StorageError as exc:
             self.fail("", str(exc), type(exc).__name__)
 
@@ -558,7 +631,7 @@ class Master:
             if rank == 0 and info.held_step == self.step:
                 return Plan(PlanKind.CHECKPOINT, m, self.step)
             return Plan(PlanKind.WAIT)
-        if self.step >= self.steps:
+        if self._finished():
             self.state = JobState.DONE
             return Plan(PlanKind.STOP, stop_reason="job finished")
         if (m.epoch, self.step) in self.decisions:
@@ -582,8 +655,12 @@ class Master:
             return  # first formation: give the launcher's workers a moment to arrive
         standby, candidates = candidates[self.virtual_nodes:], candidates[:self.virtual_nodes]
         holders = [r for r, w in enumerate(candidates) if w.held_step == self.step]
-        if candidates and not holders and self._restored and self.clock() < self.start_deadline_s:
-            return  # a restarted master: give the workers that hold the state time to reconnect
+        if candidates and not holders and self._restored and self.clock() < self.start_deadline_s and (
+                self._awaited is None or self._awaited
+                or any(w.state == WorkerState.REGISTERED for w in self.workers.values())):
+            # A restarted master: give the workers that may hold the state time to reconnect (until
+            # every worker of the previous master is back and has asked for a plan, if it is known).
+            return
         self._needs_reform = False
         if self.membership is not None:
             self.on_epoch_superseded(self.membership.epoch)

@@ -18,7 +18,7 @@ from typing import Optional
 
 from vnodes.protos import EPOCH_STORE_PREFIX
 
-from .errors import StoreFull
+from .errors import BadRequest, StoreFull
 
 MAX_KEYS = 65536
 MAX_BYTES = 64 * 2**20
@@ -62,6 +62,8 @@ class RendezvousStore:
             value = int(self._data.get(key, b"0")) + amount
         except ValueError:
             value = amount  # not a number: torch's stores would fail; start over rather than wedge
+        if not -2**63 <= value < 2**63:
+            raise BadRequest(f"store key {key!r} would hold {value}, past a 64-bit integer")
         self.set(key, str(value).encode())
         return value
 
@@ -116,7 +118,7 @@ class RendezvousStore:
         loop.call_soon_threadsafe(self._forget, membership_epoch)
 
     def _forget(self, membership_epoch: int) -> None:
-        for key in [k for k in self._data if _epoch_of(k) is not None and _epoch_of(k) < membership_epoch]:
+        for key in [k for k in self._data if _before(k, membership_epoch)]:
             self.delete(key)
 
     def _bind(self) -> None:
@@ -139,7 +141,12 @@ class RendezvousStore:
             self._changed = None
 
 
-def _epoch_of(key: str) -> Optional[int]:
+def _before(key: str, membership_epoch: int) -> bool:
+    epoch = epoch_of_store_key(key)
+    return epoch is not None and epoch < membership_epoch
+
+
+def epoch_of_store_key(key: str) -> Optional[int]:
     """The membership epoch a key belongs to, or None for a key outside every epoch."""
     if not key.startswith(EPOCH_STORE_PREFIX):
         return None

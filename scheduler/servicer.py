@@ -38,13 +38,13 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from vnodes.protos import (MESSAGE_LIMITS, PROTOCOL_VERSION, TOKEN_METADATA_KEY, PlanKind, decision_to_wire,
-                           plan_kind_to_wire)
+                           epoch_store_prefix, plan_kind_to_wire)
 from vnodes.protos import vnodes_pb2 as pb
 
-from .errors import (BadRequest, DuplicateRegistration, InsecureListen, NotYourRegistration, StaleEpoch, StoreFull, TooManyWorkers,
+from .errors import (BadRequest, CannotListen, DuplicateRegistration, InsecureListen, NotYourRegistration, StaleEpoch, StoreFull, TooManyWorkers,
                      Undecided, UnknownWorker)
 from .master import Master, Report, WorkerInfo
-from .rendezvous import RendezvousStore
+from .rendezvous import RendezvousStore, epoch_of_store_key
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ MAX_STEP = 2**53  # beyond this a step number is not a count but garbage (and fl
 STORE_WAIT_CAP_S = 10.0  # a store GET/WAIT is answered within this; the worker asks again
 MAX_STORE_KEY = 1024
 MAX_STORE_VALUE_BYTES = 1 * 2**20
+MAX_STORE_KEYS_PER_REQUEST = 64  # gloo and NCCL wait on one key at a time
+MAX_PARKED_PER_WORKER = 8  # GET/WAIT long polls one worker may have open at once
+_STORE_OPS = frozenset(v for v in pb.StoreRequest.Op.values() if v != pb.StoreRequest.OP_UNSPECIFIED)
 _WORKER_ID = re.compile(r"^[A-Za-z0-9._-]*$")
 
 
@@ -208,6 +211,7 @@ class MasterServicer:
         self._pool = futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="vnodes-plan")
         self._members_cache: tuple[int, list] = (-1, [])
         self._decided: dict[tuple[int, int], _Decided] = {}
+        self._parked: dict[str, int] = {}  # worker id -> its store reads waiting now
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's handlers. Bodies arrive as bytes: each handler parses its own (see ``_parse``)."""
@@ -432,37 +436,59 @@ class MasterServicer:
 
     @_guard(pb.StoreRequest)
     async def Store(self, request, context):
+        """One operation of torch.distributed's store, for a member of the epoch its keys belong to.
+
+        Every key lies under ``epoch_store_prefix(e)`` of one epoch ``e``. Keys of a superseded epoch
+        are gone: writes to them are dropped and reads find nothing at once (the worker leaves that
+        epoch when ``EpochStatus`` says so). A worker may park at most ``MAX_PARKED_PER_WORKER`` reads.
+        """
         self._authenticate(request.worker_id, request.session_key)
         op, keys, store = request.op, list(request.keys), self.store
-        _check(all(0 < len(k) <= MAX_STORE_KEY for k in keys) and len(keys) <= 4096,
-               f"store keys must be 1 to {MAX_STORE_KEY} characters, at most 4096 of them")
+        _check(op in _STORE_OPS, f"unknown store operation {op}: speak the same vnodes protocol as the master")
+        _check(all(0 < len(k) <= MAX_STORE_KEY for k in keys) and len(keys) <= MAX_STORE_KEYS_PER_REQUEST,
+               f"store keys must be 1 to {MAX_STORE_KEY} characters, at most {MAX_STORE_KEYS_PER_REQUEST} of them")
         _check(len(request.value) <= MAX_STORE_VALUE_BYTES and len(request.expected) <= MAX_STORE_VALUE_BYTES,
                f"store values are at most {MAX_STORE_VALUE_BYTES} bytes")
         _check(op in (pb.StoreRequest.CHECK, pb.StoreRequest.WAIT, pb.StoreRequest.NUM_KEYS) or len(keys) == 1,
                f"store operation {pb.StoreRequest.Op.Name(op)} takes exactly one key, got {len(keys)}")
+        _check(abs(request.amount) < 2**62, f"store amount {request.amount} is out of range")
+        epochs = {epoch_of_store_key(k) for k in keys}
+        _check(None not in epochs and len(epochs) <= 1,
+               f"store keys must lie under one membership epoch's prefix ({epoch_store_prefix(0)[:-2]}E/...)")
+        reply = pb.StoreReply()
+        if epochs and not self.master.may_rendezvous(request.worker_id, epochs.pop()):
+            reply.superseded = True  # nothing to read, nothing kept
+            return reply
         timeout_s = min(STORE_WAIT_CAP_S, request.timeout_s) if math.isfinite(request.timeout_s) else 0.0
         timeout_s = max(0.0, timeout_s)
-        reply = pb.StoreReply()
         if op == pb.StoreRequest.SET:
             store.set(keys[0], request.value)
-        elif op == pb.StoreRequest.GET:
-            value = await store.get(keys[0], timeout_s)
-            reply.ready = value is not None
-            reply.value = value or b""
+        elif op in (pb.StoreRequest.GET, pb.StoreRequest.WAIT):
+            parked = self._parked.get(request.worker_id, 0)
+            if parked >= MAX_PARKED_PER_WORKER:
+                raise BadRequest(f"worker {request.worker_id} already waits on {parked} store reads; "
+                                 f"at most {MAX_PARKED_PER_WORKER} at a time")
+            self._parked[request.worker_id] = parked + 1
+            try:
+                if op == pb.StoreRequest.GET:
+                    value = await store.get(keys[0], timeout_s)
+                    reply.ready, reply.value = value is not None, value or b""
+                else:
+                    reply.ready = await store.wait(keys, timeout_s)
+            finally:
+                self._parked[request.worker_id] -= 1
+                if not self._parked[request.worker_id]:
+                    del self._parked[request.worker_id]
         elif op == pb.StoreRequest.ADD:
             reply.number = store.add(keys[0], request.amount)
         elif op == pb.StoreRequest.CHECK:
             reply.ready = store.check(keys)
-        elif op == pb.StoreRequest.WAIT:
-            reply.ready = await store.wait(keys, timeout_s)
         elif op == pb.StoreRequest.COMPARE_SET:
             reply.value = store.compare_set(keys[0], request.expected, request.value)
         elif op == pb.StoreRequest.DELETE:
             reply.number = int(store.delete(keys[0]))
-        elif op == pb.StoreRequest.NUM_KEYS:
+        else:  # NUM_KEYS
             reply.number = store.num_keys()
-        else:
-            raise BadRequest(f"unknown store operation {op}: speak the same vnodes protocol as the master")
         return reply
 
     @_guard(pb.StatusRequest)
@@ -516,12 +542,15 @@ class MasterServer:
                    *(o for o in MESSAGE_LIMITS if o[0] != "grpc.max_receive_message_length")]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         self.server.add_generic_rpc_handlers((servicer.handler(),))
-        if tls is not None:
-            bound = self.server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
-        else:
-            bound = self.server.add_insecure_port(address)
+        try:
+            if tls is not None:
+                bound = self.server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
+            else:
+                bound = self.server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc's way of saying the port is taken or the address is not ours
+            raise CannotListen(address, str(exc)) from None
         if bound == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise CannotListen(address, "the address cannot be bound")
         await self.server.start()
         return bound
 
@@ -550,7 +579,7 @@ def serve(servicer: MasterServicer, host: str = "127.0.0.1", port: int = 0, toke
 
     Raises:
         InsecureListen: a non-loopback ``host`` without a token (a ``ValueError``).
-        OSError: the address cannot be bound.
+        CannotListen: the address cannot be bound (an ``OSError``).
     """
     if not is_loopback(host) and not token:
         raise InsecureListen(host)

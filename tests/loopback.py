@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Optional
 
+from vnodes.protos import PlanKind
 from vnodes.runtime.master_client import MasterClient, PlanView
 from vnodes.scheduler.master import Master
 from vnodes.scheduler.rendezvous import RendezvousStore
@@ -54,6 +55,6 @@ def join(address: str, token: Optional[str] = None, timeout_s: float = 60.0) -> 
                     launch_index=-1)
     for _ in range(int(timeout_s / 5) + 1):
         plan = client.plan(held_step=0, checkpoint_step=-1)
-        if plan.kind == "run":
+        if plan.kind == PlanKind.RUN:
             return client, plan
     raise TimeoutError(f"no RUN plan from {address} within {timeout_s} s")

@@ -4,6 +4,7 @@ import functools
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -146,11 +147,27 @@ def test_every_reader_agrees_on_the_newest_checkpoint_that_verifies(tmp_path):
     train(cnn_spec(), steps=3, checkpoint_dir=tmp_path, checkpoint_every=1, keep_checkpoints=3)
     newest = tmp_path / "step-00000003.pt"
     newest.write_bytes(newest.read_bytes()[:newest.stat().st_size // 2])
-    assert verify_checkpoint(newest) is not None and verify_checkpoint(tmp_path / "step-00000002.pt") is None
+    assert verify_checkpoint(newest)[0] is not None and verify_checkpoint(tmp_path / "step-00000002.pt")[0] is None
     assert newest_checkpoint(tmp_path) == (2, tmp_path / "step-00000002.pt")
     assert latest_checkpoint(tmp_path).step == 2
     assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 2]  # renamed aside: no later reader sees it
     assert (tmp_path / "step-00000003.pt.corrupt").exists()
+
+
+def test_a_damaged_index_that_no_checksum_covers_is_set_aside_by_every_reader(tmp_path):
+    """One bit of the zip's central directory (the first entry's compressed size): the CRCs still
+    match, but the file does not load. Found by review: the master resumed at its step while the
+    workers, which load, fell back to the one before."""
+    train(cnn_spec(), steps=3, checkpoint_dir=tmp_path, checkpoint_every=1, keep_checkpoints=3)
+    newest = tmp_path / "step-00000003.pt"
+    data = bytearray(newest.read_bytes())
+    data[data.find(b"PK\x01\x02") + 20] ^= 0x01
+    newest.write_bytes(bytes(data))
+    with zipfile.ZipFile(newest) as archive:
+        assert archive.testzip() is None  # no checksum sees it
+    assert newest_checkpoint(tmp_path) == (2, tmp_path / "step-00000002.pt")  # the master's question
+    assert (tmp_path / "step-00000003.pt.corrupt").exists()
+    assert latest_checkpoint(tmp_path).step == 2  # the workers' question: the same answer
 
 
 @pytest.mark.multiprocess

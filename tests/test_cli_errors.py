@@ -33,7 +33,7 @@ def job_file(tmp_path, body):
 
 
 @pytest.mark.parametrize("flags,words", [
-    (["--steps", "-1"], ["--steps", "-1", "at least 0"]),
+    (["--steps", "-1"], ["--steps", "-1", "out of range"]),
     (["--steps", "3", "--checkpoint-every", "-5"], ["--checkpoint-every", "-5", "at least 1"]),
     (["--steps", "3", "--min-workers", "0"], ["--min-workers", "0", "at least 1"]),
     (["--steps", "3", "--port", "99999"], ["--port", "99999", "between 0 and 65535"]),
@@ -140,3 +140,20 @@ def test_a_master_of_another_protocol_version_is_named_not_a_traceback():
     finally:
         server.stop(0)
     assert_clear_error(out, f"protocol {PROTOCOL_VERSION - 1}", f"this worker {PROTOCOL_VERSION}", "same vnodes version")
+
+
+def test_a_port_in_use_is_named_with_the_fix(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = vnodes("master", f"{JOBS}:cnn_spec", "--steps", "2", "--run-dir", str(tmp_path), "--port", str(port),
+                     timeout=60)
+    assert_clear_error(out, f"127.0.0.1:{port}", "--port", "0 picks a free one")
+
+
+def test_steps_past_what_a_step_counter_holds_are_refused(tmp_path):
+    out = vnodes("master", f"{JOBS}:cnn_spec", "--steps", str(2**64), "--run-dir", str(tmp_path), timeout=60)
+    assert_clear_error(out, "--steps", "out of range")

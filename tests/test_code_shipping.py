@@ -364,3 +364,14 @@ def test_run_with_local_workers_needs_no_shipping(tmp_path):
     assert out.returncode == 0, out.stderr
     assert load_checkpoint(folder / "run")["step"] == 3
     assert not (cache / "code").exists()
+
+
+def test_names_a_worker_would_refuse_are_left_out_when_packing(tmp_path):
+    """Found by review: legal Linux names like 'C:notes.txt' or 'a\\b.txt' were packed, and every
+    worker then refused the whole package."""
+    import zipfile
+
+    folder = write(tmp_path / "job", {"job.py": "x = 1\n", "C:notes.txt": "n\n", "a\\b.txt": "b\n"})
+    package = CodePackage.from_folder(folder)
+    with zipfile.ZipFile(io.BytesIO(b"".join(package.chunks()))) as archive:
+        assert archive.namelist() == ["job.py"]

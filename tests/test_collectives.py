@@ -234,9 +234,10 @@ def test_a_collective_finishing_as_the_poll_times_out_is_not_a_failure(master):
 def test_the_store_speaks_torchs_store_interface(master):
     """Every operation gloo, NCCL and torch's helpers use, through a PrefixStore as the groups do,
     including torch's own fallbacks (multi_get, multi_set, append, barrier) and its timeout error."""
-    (a, _), (b, _) = master.join_all(2)
+    (a, plan), (b, _) = master.join_all(2)
     mine, theirs = MasterStore(a, timeout_s=1.0), MasterStore(b, timeout_s=5.0)  # kept: torch holds only C++
-    store, other = dist.PrefixStore("epoch/7/", mine), dist.PrefixStore("epoch/7/", theirs)
+    prefix = epoch_store_prefix(plan.membership_epoch)  # only the current epoch's members use its keys
+    store, other = dist.PrefixStore(prefix, mine), dist.PrefixStore(prefix, theirs)
     store.set("k", "v")
     assert other.get("k") == b"v" and store.check(["k"]) and not store.check(["k", "absent"])
     assert store.add("n", 3) == 3 and other.add("n", -1) == 2
@@ -267,10 +268,11 @@ def test_blocking_reads_ask_the_master_again_until_their_own_timeout(master, mon
     from vnodes.runtime import master_store
 
     monkeypatch.setattr(master_store, "POLL_S", 0.05)
-    (a, _), (b, _) = master.join_all(2)
+    (a, plan), (b, _) = master.join_all(2)
     mine, theirs = MasterStore(a, timeout_s=5.0), MasterStore(b)
-    threading.Timer(0.5, theirs.set, args=("epoch/3/k", "v")).start()
-    assert mine.get("epoch/3/k") == b"v"
-    threading.Timer(0.5, theirs.set, args=("epoch/3/w", "v")).start()
-    mine.wait(["epoch/3/k", "epoch/3/w"])
-    assert mine.check(["epoch/3/w"])
+    k, w = (epoch_store_prefix(plan.membership_epoch) + name for name in ("k", "w"))
+    threading.Timer(0.5, theirs.set, args=(k, "v")).start()
+    assert mine.get(k) == b"v"
+    threading.Timer(0.5, theirs.set, args=(w, "v")).start()
+    mine.wait([k, w])
+    assert mine.check([w])

@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 
 from vnodes.runtime import InvalidJobSpec, train
 from vnodes.runtime import fused as fused_module
+from vnodes.runtime.fused import layout, randomness, strides
 from vnodes.runtime.engine import StepEngine
 
 from jobs import cnn_spec
@@ -25,7 +26,7 @@ def dropout_path(request, monkeypatch):
     """Both ways fused Dropout draws: noise tensors applied at once (on a CPU), and one F.dropout call
     per node (on other devices, e.g. CUDA, whose dropout kernel draws differently)."""
     if request.param == "per-node-call":
-        monkeypatch.setattr(fused_module, "NOISE_DEVICES", set())
+        monkeypatch.setattr(randomness, "NOISE_DEVICES", set())
     return request.param
 
 
@@ -133,17 +134,17 @@ def test_a_gpu_dropout_input_whose_alignment_alone_is_uncertain_is_refused(featu
     3 nodes of 1 float32 sample of 12 features: 144 against 48 bytes, 16 and 48 modulo 64, so a GPU's
     dropout kernel could vectorise differently: refused (the engine then runs one node per group).
     With 16 features: 192 and 64 bytes, both 0 modulo 64: run as usual."""
-    monkeypatch.setattr(fused_module, "NOISE_DEVICES", set())  # the per-node call path of non-CPU devices
+    monkeypatch.setattr(randomness, "NOISE_DEVICES", set())  # the per-node call path of non-CPU devices
     drop = nn.Dropout(0.5)
     ctx = fused_module.FusionContext()
     fused_module.patch_model(drop, ctx)
     ctx.groups, ctx.rows, ctx.generators = 3, 3, [torch.Generator().manual_seed(k) for k in range(3)]
     x = torch.randn(5, 3, features)[1:]
-    assert fused_module.is_dense(x) and x.storage_offset() == 3 * features
+    assert strides.is_dense(x) and x.storage_offset() == 3 * features
     if known:  # each node's rows get what its own F.dropout call draws from its generator
         out = drop(x)
         for k in range(3):
-            with fused_module._default_generator_as(torch.Generator().manual_seed(k)):
+            with randomness.default_generator_as(torch.Generator().manual_seed(k)):
                 own = F.dropout(x[:, k:k + 1].contiguous(), 0.5)
             assert torch.equal(out[:, k:k + 1], own)
     else:
@@ -165,7 +166,7 @@ def test_fused_attention_noise_is_drawn_for_the_calling_thread_only():
         torch.manual_seed(5)
         seen["out"] = F.dropout(torch.ones(8, 3, 3), 0.3)
 
-    with fused_module._NodeNoise(ctx, heads=2) as noise:
+    with randomness._NodeNoise(ctx, heads=2) as noise:
         thread = threading.Thread(target=other_thread)
         thread.start()
         thread.join()
@@ -274,12 +275,12 @@ def test_a_nodes_dropout_input_is_laid_out_as_in_sequential_execution(view, dim,
     g = 4
     alone = [torch.randn(b, 4, 6) for _ in range(g)]  # each node's activation in sequential execution
     x = view(fused_module.interleave_batches(alone))
-    parts = fused_module._segments(x, dim, inner, g)
+    parts = layout.segments_of(x, dim, inner, g)
     for k in range(g):
-        node, own = fused_module._laid_out_alone(x, parts[k], dim, inner), view(alone[k])
+        node, own = strides.laid_out_alone(x, parts[k], dim, inner), view(alone[k])
         assert torch.equal(node, own)
-        assert fused_module.is_dense(node) == fused_module.is_dense(own) == is_non_overlapping_and_dense(own)
-        if fused_module.is_dense(own):  # same dimension order (the stride of a size-1 dimension is moot)
+        assert strides.is_dense(node) == strides.is_dense(own) == is_non_overlapping_and_dense(own)
+        if strides.is_dense(own):  # same dimension order (the stride of a size-1 dimension is moot)
             assert [s for n, s in zip(node.shape, node.stride()) if n > 1] == \
                 [s for n, s in zip(own.shape, own.stride()) if n > 1]
         assert node.data_ptr() % 64 == own.data_ptr() % 64

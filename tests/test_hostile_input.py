@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import pickle
+import time
 
 import grpc
 import pytest
@@ -19,6 +20,7 @@ from vnodes.protos import vnodes_pb2_grpc as pb_grpc
 from vnodes.runtime.errors import JobFailed
 from vnodes.scheduler.launcher import job_result
 from vnodes.scheduler.master import DEPARTED_KEPT, JobState, Master, WorkerState
+from vnodes.scheduler.rendezvous import RendezvousStore
 from vnodes.scheduler.servicer import MasterServicer, serve
 
 
@@ -47,13 +49,16 @@ def old_fail_body(worker_id, payload, session_key=""):
 @pytest.fixture
 def job():
     """A master with one real registration (its member) on a loopback server, and a raw channel."""
-    master = Master(4, 100, expected_workers=1, start_grace_s=0)
-    server, port = serve(MasterServicer(master, b"job", "/tmp", 0))
+    store = RendezvousStore()
+    master = Master(4, 100, expected_workers=1, start_grace_s=0,
+                    on_epoch_superseded=lambda epoch: store.forget_epochs_before(epoch + 1))
+    server, port = serve(MasterServicer(master, b"job", "/tmp", 0, store=store))
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.MasterStub(channel)
     reply = register(stub)
     plan = stub.GetPlan(pb.PlanRequest(worker_id=reply.worker_id, session_key=reply.session_key), timeout=10)
     assert plan.kind == pb.Plan.RUN and master.workers[reply.worker_id].state == WorkerState.MEMBER
+    master.test_store = store  # for the tests that look inside it
     yield stub, channel, master, reply
     channel.close()
     server.stop(0)
@@ -183,3 +188,58 @@ def test_registrations_are_bounded(job):
     departed = [w for w in master.workers.values() if w.state == WorkerState.DEAD]
     assert len(departed) == DEPARTED_KEPT
     assert {w.worker_id for w in departed} == set(ids[-DEPARTED_KEPT:])  # the newest are kept
+
+
+def store_call(stub, who, op, keys, **fields):
+    return stub.Store(pb.StoreRequest(worker_id=who.worker_id, session_key=who.session_key,
+                                      op=pb.StoreRequest.Op.Value(op), keys=keys, **fields), timeout=15)
+
+
+def test_the_store_holds_only_the_current_epochs_keys_written_by_its_members(job):
+    """Found by review: a registered process filled the store with keys outside every epoch (never
+    dropped: the next worker was refused), wrote into other epochs, and parked thousands of waits."""
+    stub, channel, master, member = job
+    epoch = master.membership.epoch
+    key = f"epoch/{epoch}//0/0"
+    store_call(stub, member, "SET", [key], value=b"addr")
+    assert store_call(stub, member, "GET", [key], timeout_s=1).value == b"addr"
+    stranger = register(stub)  # registered, not a member of the epoch
+    code, details = refused(lambda: store_call(stub, stranger, "SET", [key], value=b"fake"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a member" in details
+    for bad in (["elsewhere"], ["epoch/x/1"]):
+        code, details = refused(lambda: store_call(stub, member, "SET", bad, value=b"x" * 2**20))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "prefix" in details
+    code, _ = refused(lambda: store_call(stub, member, "SET", [f"epoch/{epoch + 5}/k"], value=b"x"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    code, details = refused(lambda: stub.Store(pb.StoreRequest(
+        worker_id=member.worker_id, session_key=member.session_key, op=99, keys=[key]), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "unknown store operation" in details
+    code, _ = refused(lambda: store_call(stub, member, "WAIT", [f"{key}{i}" for i in range(65)], timeout_s=1))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    for _ in range(2):
+        store_call(stub, member, "ADD", [f"epoch/{epoch}/n"], amount=2**62 - 1)
+    code, details = refused(lambda: store_call(stub, member, "ADD", [f"epoch/{epoch}/n"], amount=2**62 - 1))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "64-bit" in details
+    # A superseded epoch's keys are gone; writes to them are dropped and reads answer at once.
+    newcomer = register(stub)
+    stub.GetPlan(pb.PlanRequest(worker_id=newcomer.worker_id, session_key=newcomer.session_key), timeout=10)
+    master.lost(member.worker_id, "test: supersede the epoch")
+    assert master.membership.epoch > epoch and newcomer.worker_id in master.membership
+    store_call(stub, newcomer, "SET", [f"epoch/{epoch}/late"], value=b"x")
+    t0 = time.monotonic()
+    assert not store_call(stub, newcomer, "GET", [f"epoch/{epoch}/late"], timeout_s=5).ready
+    assert time.monotonic() - t0 < 2
+    deadline = time.monotonic() + 5
+    while any(k.startswith(f"epoch/{epoch}/") for k in list(master.test_store._data)):
+        assert time.monotonic() < deadline, "the superseded epoch's keys were not dropped"
+        time.sleep(0.05)
+
+
+def test_a_dead_registrations_key_opens_nothing(job):
+    stub, channel, master, _ = job
+    ghost = register(stub)
+    master.lost(ghost.worker_id, "test: missed heartbeats")
+    code, _ = refused(lambda: raw(channel, "Fail")(pb.FailRequest(
+        worker_id=ghost.worker_id, session_key=ghost.session_key, message="bye").SerializeToString(), timeout=5))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert master.state == JobState.RUNNING

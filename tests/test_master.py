@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from vnodes.scheduler import placement
+from vnodes.scheduler.durable import DurableState
 from vnodes.scheduler.errors import BadRequest, DuplicateRegistration, StaleEpoch, UnknownWorker
 from vnodes.scheduler.master import Decision, JobState, Master, PlanKind, Report, WorkerInfo, WorkerState
 
@@ -266,3 +267,65 @@ def test_a_restarted_master_waits_for_holders_then_resumes_from_the_checkpoint()
     plan = m.plan(fresh, 0, timeout_s=0)
     assert plan.kind == PlanKind.RUN and plan.step == 3 and plan.membership.sync_source_rank == -2
     assert m.losses == [1.0] * 3
+
+
+# -- the end of a job: every worker hears it, across a master restart -----------------------------
+
+def test_a_master_restarted_after_the_end_is_done_and_waits_for_its_previous_workers_to_hear_it():
+    """Root cause of a worker's exit code 2 after a restart: the restarted master finished the job with
+    the first worker back and stopped serving before the other one re-registered. Now it knows who may
+    still run the job (the durable roster) and waits for them, until its start grace period ends."""
+    clock = Clock()
+    m = Master(4, 10, start_step=10, losses=[1.0] * 10, checkpoint_step=10, awaited=["a", "b"],
+               start_grace_s=5, clock=clock)
+    assert m.done and m.state == JobState.DONE  # nothing to run: only workers to tell
+    assert m.outstanding() == ["a", "b"]
+    m.register(WorkerInfo("a", held_step=10))
+    assert m.outstanding() == ["a", "b"]  # "a" is back but has not heard the end
+    assert m.plan("a", 10, timeout_s=0).kind == PlanKind.STOP
+    m.lost("a", "session stream closed", m.workers["a"].joined_order)  # it heard STOP and left
+    assert m.outstanding() == ["b"]
+    clock.t = 4.0
+    assert m.outstanding() == ["b"]
+    clock.t = 5.0  # the grace period is over: "b" is taken for gone
+    assert m.outstanding() == []
+
+
+def test_an_unfinished_master_is_not_done_and_a_fresh_one_waits_for_nobody():
+    restarted = Master(4, 10, start_step=10, losses=[1.0] * 10, checkpoint_step=6, awaited=["a"], restored=True)
+    assert not restarted.done  # the final checkpoint is still to be written
+    fresh = Master(4, 10, awaited=[])
+    assert not fresh.done and fresh.outstanding() == []
+
+
+def test_the_roster_is_persisted_and_shrinks_as_workers_hear_the_end(tmp_path):
+    durable = DurableState(tmp_path, {})
+    m, ids, clock = make(n_vnodes=4, steps=1, workers=2, durable=durable)
+    a, b = ids
+    epoch = [m.plan(i, 0, timeout_s=0) for i in ids][-1].membership.epoch
+    commit_all(m, ids, epoch, 0)
+    assert durable.load().workers == [a, b]  # at every commit: who may still run the job
+    assert m.plan(a, 1, timeout_s=0).kind == PlanKind.CHECKPOINT
+    assert m.plan(a, 1, checkpoint_step=1, timeout_s=0).kind == PlanKind.STOP
+    assert m.plan(b, 1, timeout_s=0).kind == PlanKind.STOP
+    assert m.outstanding() == [a, b]  # told, but their sessions are still open
+    m.lost(a, "session stream closed")
+    assert durable.load().workers == [b] and m.outstanding() == [b]
+    m.lost(b, "session stream closed")
+    assert durable.load().workers == [] and m.outstanding() == []
+    record = durable.load()
+    assert (record.step, record.checkpoint_step) == (1, 1)
+
+
+def test_a_restarted_master_stops_waiting_for_holders_once_every_previous_worker_is_back():
+    """Nobody holds the recorded step (the master died after recording a commit no worker received):
+    once both workers of the previous master are back, waiting out the grace period cannot help."""
+    clock = Clock()
+    m = Master(4, 10, start_step=5, losses=[1.0] * 5, restored=True, start_grace_s=60, clock=clock,
+               awaited=["a", "b"], epoch_counter=3)
+    m.register(WorkerInfo("a", held_step=4))
+    assert m.plan("a", 4, timeout_s=0).kind == PlanKind.WAIT  # "b" may hold step 5
+    m.register(WorkerInfo("b", held_step=4))
+    plan = m.plan("b", 4, timeout_s=0)
+    assert clock.t == 0 and plan.kind == PlanKind.RUN and plan.step == 4  # redo the step no one got
+    assert plan.membership.members == ("a", "b") and plan.membership.sync_source_rank == -1

@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from vnodes.runtime.lifecycle import WorkerPhase
 from vnodes.runtime.watchdog import Watchdog
 
 from test_master import Clock
@@ -18,7 +19,7 @@ def make(timeout_s=5.0):
 
 def test_waiting_on_peers_or_the_master_never_fires():
     dog, clock, fired = make()
-    for phase in ("build", "plan", "join", "reduce", "commit"):
+    for phase in (WorkerPhase.BUILD, WorkerPhase.PLAN, WorkerPhase.JOIN, WorkerPhase.REDUCE, WorkerPhase.COMMIT):
         dog.enter(phase)
         clock.t += 1000.0
         assert not dog.check()
@@ -27,21 +28,21 @@ def test_waiting_on_peers_or_the_master_never_fires():
 
 def test_a_local_phase_is_judged_only_after_it_completed_once():
     dog, clock, fired = make(timeout_s=5.0)
-    dog.enter("compute")
+    dog.enter(WorkerPhase.COMPUTE)
     clock.t += 1000.0  # the first step: compilation, warm-up... never fenced
     assert not dog.check()
-    dog.enter("reduce")
-    dog.enter("checkpoint")
+    dog.enter(WorkerPhase.REDUCE)
+    dog.enter(WorkerPhase.CHECKPOINT)
     clock.t += 1000.0  # the first checkpoint write: not judged either
     assert not dog.check() and fired == []
 
 
 def test_a_stuck_local_phase_fires_over_its_budget():
     dog, clock, fired = make(timeout_s=5.0)
-    dog.enter("compute")
+    dog.enter(WorkerPhase.COMPUTE)
     clock.t += 0.1
-    dog.enter("reduce")
-    dog.enter("compute")
+    dog.enter(WorkerPhase.REDUCE)
+    dog.enter(WorkerPhase.COMPUTE)
     clock.t += 4.9
     assert not dog.check()
     clock.t += 0.2
@@ -51,12 +52,12 @@ def test_a_stuck_local_phase_fires_over_its_budget():
 
 def test_the_budget_grows_with_the_phase_s_longest_completed_run():
     dog, clock, fired = make(timeout_s=5.0)
-    dog.enter("compute")
+    dog.enter(WorkerPhase.COMPUTE)
     clock.t += 3.0  # a legitimately long step
-    dog.enter("reduce")
-    assert dog.budget_s("compute") == pytest.approx(30.0) and dog.budget_s("apply") is None
+    dog.enter(WorkerPhase.REDUCE)
+    assert dog.budget_s(WorkerPhase.COMPUTE) == pytest.approx(30.0) and dog.budget_s(WorkerPhase.APPLY) is None
     clock.t += 100.0  # a long wait on peers does not count against the next local phase
-    dog.enter("compute")
+    dog.enter(WorkerPhase.COMPUTE)
     clock.t += 20.0
     assert not dog.check()  # 20 s < 10 x 3 s
     clock.t += 11.0
@@ -81,11 +82,11 @@ def test_bad_environment_value_names_it(monkeypatch):
 
 def test_the_compute_budget_follows_the_nodes_a_worker_runs():
     dog, clock, fired = make(timeout_s=5.0)
-    dog.enter("compute", 2)
+    dog.enter(WorkerPhase.COMPUTE, 2)
     clock.t += 4.0  # 2 s per node
-    dog.enter("reduce")
-    assert dog.budget_s("compute", 2) == pytest.approx(40.0)
-    dog.enter("compute", 8)  # the peers left: this worker now runs 8 nodes
+    dog.enter(WorkerPhase.REDUCE)
+    assert dog.budget_s(WorkerPhase.COMPUTE, 2) == pytest.approx(40.0)
+    dog.enter(WorkerPhase.COMPUTE, 8)  # the peers left: this worker now runs 8 nodes
     clock.t += 100.0  # 4x the work takes 4x as long: healthy
     assert not dog.check()
     clock.t += 61.0  # over 10 x 2 s x 8
