@@ -2,9 +2,10 @@
 
 ``master.json`` (written atomically at every commit) holds the committed step, the membership
 epoch counter, the newest checkpoint and the roster: the ids of the workers that may still be running
-the job (rewritten as each one leaves after the end), so that a restarted master waits for them to
-reconnect and tells them the job's end; ``losses.f64`` is an append-only file of per-step losses
-(little-endian float64), truncated to the committed step when read back.
+the job, and which of them were told STOP (rewritten as each one is told, and leaves, at the end), so
+that a restarted master waits for them to reconnect and tells them the job's end; ``losses.f64`` is
+an append-only file of per-step losses (little-endian float64), truncated to the committed step when
+read back.
 
 A write that fails (a read-only or full run directory) raises ``StorageError``: the master fails the
 job cleanly (``Master._persist``) rather than go on with state it cannot keep.
@@ -31,6 +32,7 @@ class MasterRecord:
     losses: list[float]
     fingerprint: dict[str, str]
     workers: Optional[list[str]] = None  # the roster; None: not recorded (an older version wrote the file)
+    told: list[str] = dataclasses.field(default_factory=list)  # those of the roster told STOP
 
 
 class DurableState:
@@ -59,13 +61,14 @@ class DurableState:
         except OSError as exc:
             raise StorageError.from_os_error(f"the master's state ({self.losses_path.name})", self.path.parent,
                                              exc) from exc
-        workers = data.get("workers")
+        workers, told = data.get("workers"), data.get("told")
         roster = [str(w) for w in workers] if isinstance(workers, list) else None
+        told = [str(w) for w in told] if isinstance(told, list) else []
         return MasterRecord(data["step"], data["epoch_counter"], data["checkpoint_step"], losses,
-                            data.get("fingerprint", {}), roster)
+                            data.get("fingerprint", {}), roster, told)
 
     def save(self, step: int, epoch_counter: int, checkpoint_step: int, losses: list[float],
-             workers: Sequence[str] = ()) -> None:
+             workers: Sequence[str] = (), told: Sequence[str] = ()) -> None:
         """Append new losses, then atomically replace ``master.json`` (tmp, fsync, rename).
 
         Raises:
@@ -73,7 +76,7 @@ class DurableState:
         """
         tmp = self.path.with_suffix(".json.tmp")
         try:
-            self._save(tmp, step, epoch_counter, checkpoint_step, losses, workers)
+            self._save(tmp, step, epoch_counter, checkpoint_step, losses, workers, told)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
@@ -81,7 +84,7 @@ class DurableState:
                                              self.path.parent, exc) from exc
 
     def _save(self, tmp: Path, step: int, epoch_counter: int, checkpoint_step: int, losses: list[float],
-              workers: Sequence[str]) -> None:
+              workers: Sequence[str], told: Sequence[str]) -> None:
         if len(losses) < self._written_losses:  # rolled back (e.g. to a checkpoint)
             with open(self.losses_path, "ab") as f:
                 f.truncate(8 * len(losses))
@@ -99,7 +102,7 @@ class DurableState:
             self._written_losses = len(losses)
         with open(tmp, "w") as f:
             json.dump({"step": step, "epoch_counter": epoch_counter, "checkpoint_step": checkpoint_step,
-                       "fingerprint": self.fingerprint, "workers": list(workers)}, f)
+                       "fingerprint": self.fingerprint, "workers": list(workers), "told": list(told)}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)

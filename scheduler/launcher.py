@@ -126,6 +126,7 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
     restored = await_holders and record is not None and record.step > start
     # Workers of the previous master may still run the job: they reconnect (and must hear its end).
     awaited = (record.workers if record is not None else []) if await_holders else []
+    awaited_told = record.told if record is not None and await_holders else []
     if record is not None and record.step >= start:
         start, losses, epoch_counter = record.step, record.losses, record.epoch_counter + 1
 
@@ -141,7 +142,7 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
                     start_grace_s=start_grace_s,
                     heartbeat_timeout_s=heartbeat_timeout_s, placement_policy=placement,
                     can_resume_from_checkpoint=on_disk, durable=durable, restored=restored,
-                    epoch_counter=epoch_counter, awaited=awaited)
+                    epoch_counter=epoch_counter, awaited=awaited, awaited_told=awaited_told)
     # Fresh workers hold step 0; when start > 0 the master has them load the checkpoint.
     store = RendezvousStore()
     # The superseded epoch's members learn it from EpochStatus; its keys are of no use to anyone now.

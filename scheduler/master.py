@@ -19,9 +19,12 @@ members do not all hold the current step names a ``sync_source_rank`` that broad
 The end of a job: DONE (or FAILED) is told to each worker as a STOP plan; a worker closes its session
 only once it has heard it (or it crashed). ``outstanding()`` lists the workers that may still be
 running the job, including those of a previous master of the same run directory that have not come
-back yet (the durable roster, ``durable.py``); whoever serves the master keeps serving until that list
-is empty, within a bound (``launcher.MasterHandle.wait_for_end``), so that every worker ends with
-exit code 0 however its reconnects and the end interleave.
+back yet (the durable roster, ``durable.py``: who may still run the job, and who was told STOP);
+whoever serves the master keeps serving until that list is empty, within a bound
+(``launcher.MasterHandle.wait_for_end``), so that every worker ends with exit code 0 however its
+reconnects and the end interleave. A previous master's worker is waited for until the start grace
+period ends, or, if it had been told STOP already (its reply may have been lost with that master),
+for ``heartbeat_timeout_s``: a worker that heard nothing retries at once.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ class WorkerInfo:
     session_key: str = dataclasses.field(default="", repr=False)  # this registration's secret (set by register)
     # Its session ended or it was declared dead: it no longer runs this job (a LEFT worker stays LEFT).
     gone: bool = False
+    told_stop: bool = False  # a STOP plan was handed out to it (the job ended, failed, or it left)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,12 +168,13 @@ class Master:
                  start_grace_s: float = 30.0, heartbeat_timeout_s: float = 10.0, placement_policy: str = "throughput",
                  can_resume_from_checkpoint: Callable[[], Optional[int]] = lambda: None,
                  durable: Optional[DurableState] = None, restored: bool = False, epoch_counter: int = 0,
-                 awaited: Optional[Sequence[str]] = None,
+                 awaited: Optional[Sequence[str]] = None, awaited_told: Sequence[str] = (),
                  on_epoch_superseded: Callable[[int], None] = lambda epoch: None,
                  clock: Callable[[], float] = time.monotonic):
         """``awaited``: the workers of a previous master of this run directory that may still run the
         job (its durable roster): they reconnect, and are waited for until the start grace period
-        ends (``start_grace_s``), to resume with the state they hold and to hear the job's end.
+        ends (``start_grace_s``), to resume with the state they hold and to hear the job's end;
+        those also in ``awaited_told`` had been told STOP: they are waited for ``heartbeat_timeout_s``.
         ``None``: not known (a run directory written by an older version)."""
         self.virtual_nodes = virtual_nodes
         self.steps = steps
@@ -187,6 +192,7 @@ class Master:
         self._checkpoint_step_on_disk = can_resume_from_checkpoint
         self.clock = clock
         self.start_deadline_s = clock() + start_grace_s
+        self.told_deadline_s = clock() + heartbeat_timeout_s  # for awaited workers told STOP already
 
         self.workers: dict[str, WorkerInfo] = {}
         self.membership: Optional[Membership] = None
@@ -210,8 +216,10 @@ class Master:
         self._in_flight: Optional[tuple[int, int]] = None  # (epoch, step) handed out, maybe undecided
         self._joined = 0
         self._cond = threading.Condition()
-        # The previous master's workers not registered here yet (None: unknown, see the docstring).
-        self._awaited: Optional[set[str]] = None if awaited is None else set(awaited)
+        # The previous master's workers not registered here yet -> whether they were told STOP (None:
+        # unknown, see the docstring).
+        self._awaited: Optional[dict[str, bool]] = (None if awaited is None else
+                                                    {w: w in set(awaited_told) for w in awaited})
         if self._finished():  # a master restarted after the end: nothing to run, only workers to tell
             self.state = JobState.DONE
 
@@ -237,7 +245,7 @@ class Master:
             if live >= MAX_LIVE_WORKERS:
                 raise TooManyWorkers(MAX_LIVE_WORKERS)
             if self._awaited:
-                self._awaited.discard(info.worker_id)
+                self._awaited.pop(info.worker_id, None)
             self._joined += 1
             info.joined_order = self._joined
             info.session_key = secrets.token_hex(16)
@@ -374,6 +382,9 @@ class Master:
                 self._cond.notify_all()
             while True:
                 plan = self._plan_for(info)
+                if plan.kind == PlanKind.STOP and not info.told_stop:
+                    info.told_stop = True
+                    self._persist()  # a master restarted from here on waits only briefly for this one
                 if plan.kind != PlanKind.WAIT or self.clock() >= deadline:
                     return plan
                 self._cond.wait(timeout=max(0.01, min(0.5, deadline - self.clock())))
@@ -538,10 +549,16 @@ class Master:
         return self.membership.vnodes[self.membership.rank_of(worker_id)]
 
     def _outstanding(self) -> list[str]:
-        present = [w.worker_id for w in self.workers.values() if not w.gone]
-        if self._awaited and self.clock() < self.start_deadline_s:
-            present += sorted(self._awaited)
-        return present
+        return list(self._roster())
+
+    def _roster(self) -> dict[str, bool]:
+        """The workers that may still run the job (``outstanding``) -> whether they were told STOP."""
+        roster = {w.worker_id: w.told_stop for w in self.workers.values() if not w.gone}
+        now = self.clock()
+        for worker_id, told in sorted((self._awaited or {}).items()):
+            if now < (self.told_deadline_s if told else self.start_deadline_s):
+                roster.setdefault(worker_id, told)
+        return roster
 
     def _finished(self) -> bool:
         """Every step is committed and the final checkpoint written (what ``_plan_for`` ends on)."""
@@ -555,8 +572,9 @@ class Master:
         if self.durable is None:
             return
         try:
+            roster = self._roster()
             self.durable.save(self.step, self.epoch_counter, self.checkpoint_step, self.losses,
-                              workers=self._outstanding())
+                              workers=list(roster), told=[w for w, told in roster.items() if told])
         except StorageError as exc:
             self.fail("", str(exc), type(exc).__name__)
 

@@ -276,14 +276,16 @@ def test_a_master_restarted_after_the_end_is_done_and_waits_for_its_previous_wor
     the first worker back and stopped serving before the other one re-registered. Now it knows who may
     still run the job (the durable roster) and waits for them, until its start grace period ends."""
     clock = Clock()
-    m = Master(4, 10, start_step=10, losses=[1.0] * 10, checkpoint_step=10, awaited=["a", "b"],
-               start_grace_s=5, clock=clock)
+    m = Master(4, 10, start_step=10, losses=[1.0] * 10, checkpoint_step=10, awaited=["a", "b", "c"],
+               awaited_told=["c"], start_grace_s=5, heartbeat_timeout_s=2, clock=clock)
     assert m.done and m.state == JobState.DONE  # nothing to run: only workers to tell
-    assert m.outstanding() == ["a", "b"]
+    assert m.outstanding() == ["a", "b", "c"]
     m.register(WorkerInfo("a", held_step=10))
-    assert m.outstanding() == ["a", "b"]  # "a" is back but has not heard the end
+    assert m.outstanding() == ["a", "b", "c"]  # "a" is back but has not heard the end
     assert m.plan("a", 10, timeout_s=0).kind == PlanKind.STOP
     m.lost("a", "session stream closed", m.workers["a"].joined_order)  # it heard STOP and left
+    assert m.outstanding() == ["b", "c"]
+    clock.t = 2.0  # "c" was told STOP by the previous master: had its reply been lost, it would be back
     assert m.outstanding() == ["b"]
     clock.t = 4.0
     assert m.outstanding() == ["b"]
@@ -307,10 +309,11 @@ def test_the_roster_is_persisted_and_shrinks_as_workers_hear_the_end(tmp_path):
     assert durable.load().workers == [a, b]  # at every commit: who may still run the job
     assert m.plan(a, 1, timeout_s=0).kind == PlanKind.CHECKPOINT
     assert m.plan(a, 1, checkpoint_step=1, timeout_s=0).kind == PlanKind.STOP
+    assert (durable.load().workers, durable.load().told) == ([a, b], [a])  # a restarted master waits less for a
     assert m.plan(b, 1, timeout_s=0).kind == PlanKind.STOP
-    assert m.outstanding() == [a, b]  # told, but their sessions are still open
+    assert m.outstanding() == [a, b] and durable.load().told == [a, b]  # told, but their sessions are still open
     m.lost(a, "session stream closed")
-    assert durable.load().workers == [b] and m.outstanding() == [b]
+    assert (durable.load().workers, durable.load().told) == ([b], [b]) and m.outstanding() == [b]
     m.lost(b, "session stream closed")
     assert durable.load().workers == [] and m.outstanding() == []
     record = durable.load()
