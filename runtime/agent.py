@@ -51,11 +51,11 @@ import torch
 
 from .checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from .code_cache import install as install_code
-from .collectives import EpochGroup
+from .collectives import EpochGroup, SoloGroup
 from .engine import StepEngine, resolve_device
 from .errors import JobCodeMissing, MasterLost, StaleEpoch, StorageError, VnodesError
-from .faults import maybe_fail
-from .lifecycle import WorkerPhase
+from .events import Event
+from .faults import FaultInjector
 from .master_client import MasterClient, MasterUnavailable, PlanView, read_pem
 from .train import execution_context
 from .watchdog import DEFAULT_HANG_TIMEOUT_S, Watchdog, hang_timeout_from_env
@@ -149,14 +149,16 @@ class WorkerAgent:
     def __init__(self, master: str, device: Optional[str] = None, token: Optional[str] = None,
                  launch_index: int = -1, throughput: float = 0.0, slowdown: float = 1.0,
                  reconnect_timeout_s: float = DEFAULT_MASTER_TIMEOUT_S, hang_timeout_s: Optional[float] = None,
-                 tls_root_cert: Optional[bytes] = None):
+                 tls_root_cert: Optional[bytes] = None, direct_client=None):
         """``device``: this worker's own device (``--device``: a launcher's assignment, or the
         operator's); the job's ``device`` fixes the type (``devices.choose_device``). Resolved in
         ``run``: nothing here touches a device. ``reconnect_timeout_s``: how long a lost master is
         retried before ``run`` raises ``MasterLost``. ``hang_timeout_s``: end this process (see
         ``watchdog.py``) when its main thread is stuck that long outside of waits on peers or the
         master. Only for a process of its own (the ``vnodes worker`` command, spawned workers, Ray
-        actors); None: no watchdog."""
+        actors); None: no watchdog. ``direct_client``: an in-process master's client
+        (``scheduler/direct.py``: ``train(workers=1)``), used instead of connecting to ``master``; the
+        one worker of its job, it runs in the caller's thread and raises the job's errors as they are."""
         self.master_address = master
         self.own_device = device
         self.device: Optional[torch.device] = None  # set by run()
@@ -170,10 +172,15 @@ class WorkerAgent:
         self._left = False
         self._next_plan: Optional[PlanView] = None
         self.watchdog = Watchdog(hang_timeout_s) if hang_timeout_s else None
+        self.direct_client = direct_client
+        self.engine: Optional[StepEngine] = None  # set by run()
+        self.fatal: Optional[BaseException] = None  # the error this worker reported as fatal for the job
+        # The loop's event subscribers (events.py): the watchdog and armed faults.
+        self.subscribers = [s for s in (self.watchdog, FaultInjector.from_env()) if s is not None]
 
-    def _phase(self, name: WorkerPhase, work: int = 1) -> None:
-        if self.watchdog is not None:
-            self.watchdog.enter(name, work)
+    def _emit(self, event: Event, step: int = -1, work: int = 1) -> None:
+        for subscriber in self.subscribers:
+            subscriber(event, step, work)
 
     def _on_sigterm(self, signum, frame) -> None:
         self._draining = True
@@ -186,10 +193,11 @@ class WorkerAgent:
             MasterUnavailable: no master answered at the start.
             MasterLost: the master went away mid-job and none answered within ``reconnect_timeout_s``.
         """
-        try:
-            signal.signal(signal.SIGTERM, self._on_sigterm)
-        except ValueError:  # not the main thread (e.g. some actor runtimes): no drain on SIGTERM
-            log.info("SIGTERM drain unavailable outside the main thread")
+        if self.direct_client is None:  # in process, the caller's signal handlers stay its own
+            try:
+                signal.signal(signal.SIGTERM, self._on_sigterm)
+            except ValueError:  # not the main thread (e.g. some actor runtimes): no drain on SIGTERM
+                log.info("SIGTERM drain unavailable outside the main thread")
         self.held_step, self.checkpoint_step = 0, -1
         # Before the job is known: what this worker would run a job of no stated device on (it
         # describes itself with it when registering; a bad --device fails here, before any call).
@@ -200,7 +208,9 @@ class WorkerAgent:
             if reg.code is not None:  # the job's folder, shipped by the master: first on sys.path
                 installed = install_code(self.client, reg.code)
                 main_file, code_dir = installed.main_file, str(installed.folder)
-            spec = load_job(reg.job, str(main_file) if main_file else None, code_dir)
+            spec = reg.spec if reg.spec is not None else load_job(reg.job, str(main_file) if main_file else None,
+                                                                  code_dir)
+            self.keep_checkpoints = reg.keep_checkpoints
             self._use_device(resolve_device(spec.device, self.own_device), spec.device)
         except BaseException:  # this worker cannot run the job (others may): leave, close the session
             self.group.destroy()
@@ -210,13 +220,15 @@ class WorkerAgent:
             self.watchdog.start()
         try:
             with execution_context(spec):
-                self._phase(WorkerPhase.BUILD)
                 try:
-                    engine = StepEngine.build(spec, self.device)
+                    engine = self.engine = StepEngine.build(spec, self.device)
                 except VnodesError as exc:  # the job's own code or spec is wrong: it cannot run anywhere
                     self._report_fatal(exc)
                     raise
+                engine.emit = self._emit
+                self._emit(Event.FIT_START)
                 self._loop(engine, reg.run_dir)
+                self._emit(Event.FIT_END)
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()
@@ -232,7 +244,7 @@ class WorkerAgent:
         if device != self.device:  # registered with the other one: the group must use this one's backend
             log.info("the job's device %r: computing on %s (registered as %s)", job_device, device, self.device)
             self.device = device
-            self.group = EpochGroup(self.client, device)
+            self.group = self._new_group()
         if device.type == "cuda":
             torch.cuda.set_device(device)  # always indexed ("cuda:K"): NCCL and the caching allocator follow it
 
@@ -246,6 +258,14 @@ class WorkerAgent:
             MasterUnavailable: no master answered within ``timeout_s``.
         """
         kind, memory = _describe_device(self.device)
+        if self.direct_client is not None:  # in process: no connection to make, no session to keep
+            self.client = self.direct_client
+            reg = self.client.register(host=socket.gethostname(), pid=os.getpid(), device=str(self.device),
+                                       device_kind=kind, memory_bytes=memory, throughput=self.throughput,
+                                       launch_index=self.launch_index, worker_id=worker_id,
+                                       held_step=self.held_step if worker_id else -1)
+            self.worker_id, self.group = reg.worker_id, SoloGroup()
+            return reg
         started = time.monotonic()
         deadline, attempts = started + timeout_s, 0
         while True:
@@ -268,10 +288,13 @@ class WorkerAgent:
         self.client, self.worker_id = client, reg.worker_id
         client.start_session()
         older = getattr(self, "group", None)
-        self.group = EpochGroup(client, self.device)
+        self.group = self._new_group()
         if older is not None:  # its abandoned groups must outlive it (dropping one blocks)
             self.group.adopt_abandoned(older)
         return reg
+
+    def _new_group(self):
+        return SoloGroup() if self.direct_client is not None else EpochGroup(self.client, self.device)
 
     def _reconnect(self, reason: Exception) -> None:
         """Register again with whichever master answers at the same address.
@@ -295,7 +318,7 @@ class WorkerAgent:
                     return
             except MasterUnavailable as exc:
                 self._next_plan = None
-                self._phase(WorkerPhase.JOIN)
+                self._emit(Event.EPOCH_JOIN)
                 self._reconnect(exc)
 
     def _iterate(self, engine: StepEngine, run_dir: str) -> bool:
@@ -305,10 +328,10 @@ class WorkerAgent:
         deterministic = engine.spec.deterministic
         while True:
             if self._draining and not self._left:
-                self._phase(WorkerPhase.PLAN)  # an RPC: a waiting phase, not a local one the watchdog judges
+                self._emit(Event.PLAN_REQUESTED)  # an RPC: a wait, not local work the watchdog judges
                 client.leave()
                 self._left, self._next_plan = True, None
-            self._phase(WorkerPhase.PLAN)
+            self._emit(Event.PLAN_REQUESTED)
             plan = self._next_plan or client.plan(self.held_step, self.checkpoint_step)
             self._next_plan = None
             if plan.kind == "stop":
@@ -317,17 +340,18 @@ class WorkerAgent:
             if plan.kind == "wait":
                 continue
             if plan.kind == "checkpoint":  # this worker holds the state: no group needed
-                self._phase(WorkerPhase.CHECKPOINT)
+                self._emit(Event.CHECKPOINT_START, self.held_step - 1)
                 try:
                     self._checkpoint(engine, run_dir, plan, self.held_step, plan.membership_epoch)
                 except StorageError as exc:  # read-only or full run dir: fatal for the job, a clean stop
                     self._report_fatal(exc)
                     return True
                 self.checkpoint_step = self.held_step
+                self._emit(Event.CHECKPOINT, self.held_step - 1)
                 continue
             rank = plan.rank_of(worker_id)
             if plan.membership_epoch != group.epoch:
-                self._phase(WorkerPhase.JOIN)
+                self._emit(Event.EPOCH_JOIN, plan.step)
                 try:
                     self.held_step = self._join_epoch(plan, rank, engine, group, self.held_step, run_dir)
                 except RuntimeError as exc:  # a peer vanished during the rendezvous or the broadcast
@@ -344,40 +368,52 @@ class WorkerAgent:
 
             step = plan.step
             vnodes = plan.members[rank][1]
-            self._phase(WorkerPhase.COMPUTE, len(vnodes))
+            self._emit(Event.STEP_START, step, len(vnodes))
             t0 = time.perf_counter()
             try:
-                partial = engine.compute(step, engine.loader.iterate((step, v) for v in vnodes))
+                eval_reports = None
+                if plan.eval_epoch >= 0:  # the plugins' pass over this worker's shards, before the step
+                    self._emit(Event.EVAL_START, step, len(vnodes))
+                    eval_reports = engine.evaluate(step, vnodes)
+                if plan.kind == "eval":  # the pass alone (after the last step): nothing to reduce or apply
+                    partial = None
+                else:
+                    partial = engine.compute(step, engine.loader.iterate((step, v) for v in vnodes), plan.inputs)
             except VnodesError as exc:  # NaN loss, a loss that is not per-sample...: fatal for the job
                 self._report_fatal(exc)
                 return True
             if self.slowdown > 1.0:
                 time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
             compute_s = time.perf_counter() - t0
-            maybe_fail(WorkerPhase.REDUCE, step)
-            self._phase(WorkerPhase.REDUCE)
+            ok, loss, total, used = True, 0.0, None, None
+            if partial is not None:
+                self._emit(Event.REDUCE, step)
+                try:
+                    total, used = group.reduce(partial, deterministic)  # SYNC: every member of the epoch
+                    loss = float(total[-1].item())
+                except RuntimeError as exc:
+                    log.warning("step %d: reduction failed (%s); reporting it", step, exc)
+                    group.destroy()
+                    ok = False
+            self._emit(Event.REDUCED, step)
             try:
-                total, used = group.reduce(partial, deterministic)  # SYNC: every member of the epoch
-                ok, loss = True, float(total[-1].item())
-            except RuntimeError as exc:
-                log.warning("step %d: reduction failed (%s); reporting it", step, exc)
-                group.destroy()
-                ok, loss = False, 0.0
-            maybe_fail(WorkerPhase.COMMIT, step)
-            self._phase(WorkerPhase.COMMIT)
-            try:
-                decision, self._next_plan = client.commit(plan.membership_epoch, step, ok, loss,
-                                                          partial.vnode_losses, compute_s)  # SYNC: master decides
+                decision, self._next_plan = client.commit(
+                    plan.membership_epoch, step, ok, loss, partial.vnode_losses if partial else {}, compute_s,
+                    reports=partial.reports if partial else None, eval_reports=eval_reports)  # SYNC: master decides
             except StaleEpoch:  # superseded and forgotten: the step did not commit here
                 decision, self._next_plan = "abort", None
             if decision == "commit":
-                self._phase(WorkerPhase.APPLY)
-                engine.apply(total, used)
-                self.held_step = step + 1
+                self._emit(Event.STEP_COMMITTED, step)
+                if partial is not None:
+                    engine.apply(total, used)
+                    self.held_step = step + 1
+            else:
+                self._emit(Event.STEP_ABORTED, step)
 
     def _report_fatal(self, exc: BaseException) -> None:
         """Tell the master the job cannot go on (it stops every worker): the error as text, never pickled."""
-        self._phase(WorkerPhase.PLAN)  # reporting is an RPC: a waiting phase
+        self.fatal = exc
+        self._emit(Event.PLAN_REQUESTED)  # reporting is an RPC: a wait
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         try:
             self.client.fail(str(exc) or type(exc).__name__, type(exc).__name__, text)
@@ -415,8 +451,10 @@ class WorkerAgent:
         ckpt = Checkpoint(step=held_step, epoch=engine.sampler.epoch_of(held_step),
                           fingerprint=engine.spec.fingerprint(), losses=list(plan.losses),
                           sampler={"steps_per_epoch": engine.sampler.steps_per_epoch, "position": held_step},
-                          membership_epoch=membership_epoch or 0, **engine.state_dict())
-        save_checkpoint(run_dir, ckpt)
+                          plugins=plan.plugin_state or {}, membership_epoch=membership_epoch or 0,
+                          **engine.state_dict())
+        save_checkpoint(run_dir, ckpt, keep=getattr(self, "keep_checkpoints", 2),
+                        on_staged=lambda: self._emit(Event.CHECKPOINT_STAGED, held_step - 1))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -23,13 +23,11 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from .errors import CheckpointMismatch, InvalidJobSpec, StorageError
-from .faults import maybe_fail
-from .lifecycle import WorkerPhase
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +111,10 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(directory: str | os.PathLike, ckpt: Checkpoint, keep: int = 2) -> Path:
-    """Write ``ckpt`` atomically; then drop all but the newest ``keep`` checkpoints.
+def save_checkpoint(directory: str | os.PathLike, ckpt: Checkpoint, keep: int = 2,
+                    on_staged: Optional[Callable[[], None]] = None) -> Path:
+    """Write ``ckpt`` atomically; then drop all but the newest ``keep`` checkpoints. ``on_staged``
+    runs once the temporary file is written, before it is renamed into place (``Event.CHECKPOINT_STAGED``).
 
     Raises:
         StorageError: the directory is read-only, full or gone. The temporary file is removed and
@@ -128,7 +128,8 @@ def save_checkpoint(directory: str | os.PathLike, ckpt: Checkpoint, keep: int = 
             torch.save(ckpt.to_dict(), f)
             f.flush()
             os.fsync(f.fileno())
-        maybe_fail(WorkerPhase.CHECKPOINT_WRITE, ckpt.step - 1)  # the phase of the step just applied
+        if on_staged is not None:
+            on_staged()
         os.replace(tmp, final)  # atomic on POSIX: readers see the old name set or the new one
         _fsync_dir(directory)
     except BaseException as exc:

@@ -41,6 +41,34 @@ class EpochSuperseded(RuntimeError):
     """The master formed a newer epoch while this one was still gathering its members."""
 
 
+class SoloGroup:
+    """The group of an epoch whose only member is this worker (``train(workers=1)``, in process):
+    nothing crosses a process boundary, and the reduction is the canonical sum of this worker's
+    own blocks, the same bits as any number of workers computes."""
+
+    holds_abandoned = False
+
+    def __init__(self) -> None:
+        self.epoch: Optional[int] = None
+
+    def form(self, epoch: int, rank: int, world_size: int) -> None:
+        if world_size != 1:
+            raise ValueError(f"an in-process worker cannot join an epoch of {world_size} members")
+        self.epoch = epoch
+
+    def reduce(self, partial: StepPartial, deterministic: bool) -> tuple[Payload, list[bool]]:
+        return (canonical_sum(partial.blocks) if deterministic else partial.payload), partial.used
+
+    def broadcast_state(self, state: Optional[dict[str, Any]], source_rank: int) -> dict[str, Any]:
+        return state
+
+    def destroy(self) -> None:
+        self.epoch = None
+
+    def adopt_abandoned(self, older: Any) -> None:
+        pass
+
+
 class EpochGroup:
     """This worker's membership in the current epoch's process group.
 

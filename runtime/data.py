@@ -36,6 +36,9 @@ class _VNodeBatches(Dataset):
         step, vnode_id = key
         indices = self.sampler.indices(step, vnode_id)
         seed_everything(vnode_seed(self.seed, step, vnode_id, DATA_STREAM))
+        return self.load(indices)
+
+    def load(self, indices: list[int]) -> Any:
         getitems = getattr(self.dataset, "__getitems__", None)
         samples = getitems(indices) if getitems is not None else [self.dataset[i] for i in indices]
         return self.collate_fn(samples)
@@ -53,8 +56,13 @@ class BatchLoader:
                  collate_fn: Optional[Callable[[list], Any]] = None, loader_workers: int = 0,
                  pin_memory: bool = False):
         self._batches = _VNodeBatches(dataset, sampler, seed, collate_fn)
+        self.dataset = dataset
         self.loader_workers = loader_workers
         self.pin_memory = pin_memory
+
+    def load(self, indices: list[int]) -> Any:
+        """The batch of these dataset indices, loaded here (the evaluation pass of plugins)."""
+        return self._batches.load(indices)
 
     def iterate(self, keys: Iterable[BatchKey]) -> Iterator[tuple[BatchKey, Any]]:
         keys = list(keys)

@@ -7,9 +7,11 @@ One global step on one worker, as data flows (``compute`` then ``apply``)::
         buffers <- the step's starting running stats # per-VN normalisation state
         rng     <- vnode_seed(seed, step, v)         # per-VN random stream
         loss_i  = loss(model(x), y)                  # per sample
+        plugins see (indices, loss_i, outputs)       # mutators may replace loss_i (plugins.py)
         (loss_i.mean() / N).backward()               # fast: accumulate into one gradient buffer
                                                      # deterministic: push into the canonical tree
     payload = grads + weighted running stats + loss  # reduced across workers by the caller
+    reports = each plugin's worker half(views)       # compact per-step reports, for the commit
     apply(payload): optimizer.step(), scheduler.step()
 
 The engine owns no process group: reducing a payload across workers is the caller's job, so the same
@@ -22,24 +24,26 @@ import dataclasses
 import logging
 import math
 import os
+import random
 import warnings
 from typing import Any, Callable, Iterable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from .data import BatchKey, BatchLoader, move_batch
 from .devices import choose_device
 from .errors import InvalidJobSpec, JobCodeError, NonFiniteLoss
-from .faults import maybe_fail
-from .lifecycle import WorkerPhase
+from .events import Event
 from .fused import (FusionContext, GroupFailure, HalveGroup, Raise, Reraise, RunSequentially, check_fusable,
                     check_no_stray_draws, decide, default_generator_states, group_size_for, interleave_batches,
                     leading_rows, patch_model, segment_means)
 from .graphs import GroupGraphs, unsupported_reason
+from .plugins import SampleBatch, SampleColumns, WorkerHalf
 from .reduction import Block, Payload, TreeReducer
 from .sampler import VNodeSampler
-from .seeding import MODEL_STREAM, seed_generators, vnode_seed
+from .seeding import EVAL_STREAM, MODEL_STREAM, seed_everything, seed_generators, vnode_seed
 from .spec import JobSpec
 from .vnode_state import RunningStats
 
@@ -116,6 +120,7 @@ class StepPartial:
     blocks: list[Block]
     vnode_losses: dict[int, float]  # vnode_id -> mean loss of that node's batch
     used: list[bool]  # per parameter: did any of this worker's nodes produce a gradient
+    reports: dict[str, SampleColumns] = dataclasses.field(default_factory=dict)  # plugin name -> report
 
 
 class StepEngine:
@@ -138,6 +143,11 @@ class StepEngine:
         self.fusion: Optional[FusionContext] = None
         self.graphs: Optional[GroupGraphs] = None
         self.group_size: Optional[int] = spec.fused_group_size  # None: all of a worker's nodes
+        self.emit: Callable[..., None] = _no_subscriber  # (event, step, work=1): the worker's event subscribers
+        # Plugins' worker halves: (name, changes the loss, half).
+        self.halves: list[tuple[str, bool, WorkerHalf]] = [(p.name, "loss" in p.changes, p.worker_half())
+                                                             for p in spec.plugins]
+        self.eval_batch_size: Optional[int] = max((p.eval_pass_batch_size() or 0 for p in spec.plugins), default=0) or None
         if spec.execution == "fused":
             unknown = check_fusable(model)
             if unknown and spec.cuda_graphs:
@@ -185,13 +195,15 @@ class StepEngine:
 
     # -- one step ----------------------------------------------------------------------------
 
-    def compute(self, step: int, batches: Iterable[tuple[BatchKey, Any]]) -> StepPartial:
+    def compute(self, step: int, batches: Iterable[tuple[BatchKey, Any]],
+                inputs: Optional[dict[str, SampleColumns]] = None) -> StepPartial:
         """Forward and backward of this worker's virtual nodes at ``step``, in the given order.
 
-        ``batches`` yields ``((step, vnode_id), batch)`` in ascending ``vnode_id``.
+        ``batches`` yields ``((step, vnode_id), batch)`` in ascending ``vnode_id``; ``inputs``: the
+        plan's per-sample inputs of each mutator (plugin name -> rows of these nodes, in order).
         """
         if self.fusion is not None:
-            return self._compute_fused(step, list(batches))
+            return self._compute_fused(step, list(batches), inputs)
         spec, n = self.spec, self.spec.virtual_nodes
         deterministic = spec.deterministic
         reducer = TreeReducer()
@@ -199,24 +211,28 @@ class StepEngine:
         loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
         vnode_losses: dict[int, torch.Tensor] = {}
         used = [False] * len(self.params)
+        views: list[SampleBatch] = []
         for p in self.params:  # a step is computed from scratch, also when it is redone
             p.grad = None
         self.stats.begin_step()
 
-        for (batch_step, vnode_id), batch in batches:
+        for position, ((batch_step, vnode_id), batch) in enumerate(batches):
             if batch_step != step:
                 raise ValueError(f"batch for step {batch_step} arrived during step {step}")
-            maybe_fail(WorkerPhase.LOAD, step)
             self.stats.restore()
-            inputs, targets = move_batch(batch, self.device, self.float_dtype)
+            inputs_v, targets = move_batch(batch, self.device, self.float_dtype)
             seed_generators(vnode_seed(spec.seed, step, vnode_id, MODEL_STREAM), self.device)
-            maybe_fail(WorkerPhase.FORWARD, step)
-            per_sample = spec.loss(self.model(inputs), targets)
+            self.emit(Event.BATCH_LOADED, step)
+            outputs = self.model(inputs_v)
+            per_sample = spec.loss(outputs, targets)
             if not self._loss_checked:
                 self._check_per_sample(per_sample, targets)
+            self.emit(Event.LOSS_COMPUTED, step)
+            if self.halves:
+                per_sample = self._see(views, step, vnode_id, position, per_sample, outputs, targets, inputs)
             vnode_loss = per_sample.mean()
-            maybe_fail(WorkerPhase.BACKWARD, step)
             (vnode_loss / n).backward()
+            self.emit(Event.BACKWARD_DONE, step)
 
             vnode_losses[vnode_id] = vnode_loss.detach()
             if deterministic:
@@ -231,7 +247,70 @@ class StepEngine:
 
         if not deterministic and vnode_losses:  # fast mode: the loss share of all nodes in one go
             loss_sum = (torch.stack(list(vnode_losses.values())).to(torch.float64) / n).sum().reshape(1)
-        return self._finish(step, vnode_losses, buffer_sum, loss_sum, used, reducer)
+        partial = self._finish(step, vnode_losses, buffer_sum, loss_sum, used, reducer)
+        partial.reports = self._reports(views)
+        return partial
+
+    # -- plugins -------------------------------------------------------------------------------
+
+    def _see(self, views: list[SampleBatch], step: int, vnode_id: int, position: int, per_sample: torch.Tensor,
+             outputs: Any, targets: Any, inputs: Optional[dict[str, SampleColumns]]) -> torch.Tensor:
+        """Show one node's samples to the plugins' worker halves; mutators may replace its loss."""
+        b = self.spec.vnode_batch_size
+        indices = torch.tensor(self.sampler.indices(step, vnode_id), dtype=torch.int64)
+        view = SampleBatch("train", step, vnode_id, indices, per_sample.detach(), _detach(outputs), targets)
+        views.append(view)
+        for name, changes_loss, half in self.halves:
+            if not changes_loss:
+                continue
+            rows = None
+            if inputs and name in inputs:
+                rows = inputs[name].select(slice(position * b, (position + 1) * b))
+                if not np.array_equal(rows.indices, indices.numpy()):
+                    raise ValueError(f"plugin {name!r}: the plan's inputs for virtual node {vnode_id} at step {step} "
+                                     "are for other samples")
+            per_sample = half.loss(dataclasses.replace(view, inputs=rows), per_sample)
+        return per_sample
+
+    def _reports(self, views: list[SampleBatch]) -> dict[str, SampleColumns]:
+        if not views:
+            return {}
+        reports = {}
+        for name, _, half in self.halves:
+            report = half.report(views)
+            if report is not None:
+                reports[name] = report
+        return reports
+
+    def evaluate(self, step: int, vnodes: Iterable[int]) -> dict[str, SampleColumns]:
+        """The evaluation pass of these virtual nodes' shards with the weights of ``step``: node
+        ``v`` evaluates samples ``v, v + N, ...`` in batches of ``eval_batch_size``, in eval mode,
+        under ``no_grad``. Running statistics and every random stream are left as they were."""
+        spec, n = self.spec, self.spec.virtual_nodes
+        size = len(self.loader.dataset)
+        parts: dict[str, list[SampleColumns]] = {name: [] for name, _, _ in self.halves}
+        devices = [self.device] if self.device.type == "cuda" else []
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                self.model.eval()
+                for vnode_id in vnodes:
+                    shard = torch.arange(vnode_id, size, n, dtype=torch.int64)
+                    for start in range(0, len(shard), self.eval_batch_size):
+                        indices = shard[start:start + self.eval_batch_size]
+                        seed_everything(vnode_seed(spec.seed, step, vnode_id, EVAL_STREAM), self.device)
+                        batch = self.loader.load(indices.tolist())
+                        inputs, targets = move_batch(batch, self.device, self.float_dtype)
+                        outputs = self.model(inputs)
+                        per_sample = spec.loss(outputs, targets)
+                        view = SampleBatch("eval", step, vnode_id, indices, per_sample, outputs, targets)
+                        for name, _, half in self.halves:
+                            parts[name].append(half.report([view]))
+        finally:
+            self.model.train()
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+        return {name: SampleColumns.concat(p) for name, p in parts.items() if any(x is not None for x in p)}
 
     def _finish(self, step: int, vnode_losses: dict[int, torch.Tensor], buffer_sum: Optional[list[torch.Tensor]],
                 loss_sum: torch.Tensor, used: list[bool], reducer: TreeReducer) -> StepPartial:
@@ -252,7 +331,8 @@ class StepEngine:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         return StepPartial(step, grads + (buffer_sum or []) + [loss_sum], [], vnode_losses_f, used)
 
-    def _compute_fused(self, step: int, batches: list[tuple[BatchKey, Any]]) -> StepPartial:
+    def _compute_fused(self, step: int, batches: list[tuple[BatchKey, Any]],
+                       inputs: Optional[dict[str, SampleColumns]] = None) -> StepPartial:
         """Fused execution: groups of virtual nodes as one batch. When an attempt fails, ``decide``
         (pure; its table is in ``fused/fallback.py``) says what runs instead: smaller groups, redone
         and remembered (out of memory, or a module that cannot place the group's samples), sequential
@@ -261,7 +341,7 @@ class StepEngine:
         while True:
             size = group_size_for(self.group_size, len(batches))
             try:
-                return self._compute_groups(step, batches, size)
+                return self._compute_groups(step, batches, size, inputs)
             except Exception as exc:
                 failure = GroupFailure.of(exc, size, cuda_graphs=self.graphs is not None)
                 decision = decide(failure)
@@ -274,7 +354,7 @@ class StepEngine:
                                   stacklevel=2)
                     self.fusion = None  # the patched modules act as usual from now on (groups == 0)
                     self._discard_attempt()
-                    return self.compute(step, batches)
+                    return self.compute(step, batches, inputs)
                 self.group_size = decision.size  # HalveGroup or OneNodePerGroup: redo the step, and remember
                 if isinstance(decision, HalveGroup) and decision.out_of_memory:
                     if self.graphs is not None:
@@ -297,8 +377,10 @@ class StepEngine:
             p.grad = None
         self.stats.restore()
 
-    def _compute_groups(self, step: int, batches: list[tuple[BatchKey, Any]], size: int) -> StepPartial:
+    def _compute_groups(self, step: int, batches: list[tuple[BatchKey, Any]], size: int,
+                        inputs: Optional[dict[str, SampleColumns]] = None) -> StepPartial:
         spec, n, ctx = self.spec, self.spec.virtual_nodes, self.fusion
+        views: list[SampleBatch] = []
         buffer_sum: Optional[list[torch.Tensor]] = None
         loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
         vnode_losses: dict[int, torch.Tensor] = {}
@@ -311,18 +393,17 @@ class StepEngine:
             vnode_ids = [key[1] for key, _ in group]
             if any(key[0] != step for key, _ in group):
                 raise ValueError(f"a batch of another step arrived during step {step}")
-            maybe_fail(WorkerPhase.LOAD, step)
             self.stats.restore()
-            inputs, targets = move_batch(interleave_batches([b for _, b in group]), self.device, self.float_dtype)
-            ctx.groups, ctx.rows = len(group), leading_rows(inputs)
+            inputs_g, targets = move_batch(interleave_batches([b for _, b in group]), self.device, self.float_dtype)
+            self.emit(Event.BATCH_LOADED, step, len(group))
+            ctx.groups, ctx.rows = len(group), leading_rows(inputs_g)
             weights = [self.stats.weight(v) for v in vnode_ids]
             ctx.weights = torch.tensor(weights, dtype=torch.float64).to(self.device, non_blocking=True)
             ctx.stat_sums = {}
             try:
-                maybe_fail(WorkerPhase.FORWARD, step)
                 if self.graphs is not None:
-                    maybe_fail(WorkerPhase.BACKWARD, step)
-                    means, grads, ctx.stat_sums = self.graphs.run(inputs, targets, ctx.weights, len(group),
+                    self.emit(Event.LOSS_COMPUTED, step, len(group))
+                    means, grads, ctx.stat_sums = self.graphs.run(inputs_g, targets, ctx.weights, len(group),
                                                                   self.stats.restore)
                     means = means.clone()  # the graph's memory: the next replay overwrites it
                     grad_sum = _add_grads(grad_sum, grads)
@@ -330,7 +411,12 @@ class StepEngine:
                     ctx.generators = [torch.Generator(self.device).manual_seed(
                         vnode_seed(spec.seed, step, v, MODEL_STREAM)) for v in vnode_ids]
                     before = default_generator_states(self.device)
-                    means = self._group_forward_backward(inputs, targets, len(group), step)
+                    see = None
+                    if self.halves:
+                        def see(per_sample, outputs, targets, start=start, vnode_ids=vnode_ids):
+                            return self._see_group(views, step, vnode_ids, start, per_sample, outputs, targets,
+                                                   inputs)
+                    means = self._group_forward_backward(inputs_g, targets, len(group), step, see)
                     check_no_stray_draws(before, self.device)
             finally:
                 ctx.groups = 0
@@ -349,21 +435,43 @@ class StepEngine:
         if grad_sum is not None:
             for p, g in zip(self.params, grad_sum):
                 p.grad = g
-        return self._finish(step, vnode_losses, buffer_sum, loss_sum, [False] * len(self.params), TreeReducer())
+        partial = self._finish(step, vnode_losses, buffer_sum, loss_sum, [False] * len(self.params), TreeReducer())
+        partial.reports = self._reports(views)
+        return partial
 
-    def _group_forward_backward(self, inputs: Any, targets: Any, groups: int, step: int = -1) -> torch.Tensor:
+    def _see_group(self, views: list[SampleBatch], step: int, vnode_ids: list[int], start: int,
+                   per_sample: torch.Tensor, outputs: Any, targets: Any,
+                   inputs: Optional[dict[str, SampleColumns]]) -> torch.Tensor:
+        """``_see`` for a fused group, whose rows are interleaved (row ``i * G + k``: sample ``i`` of
+        the group's ``k``-th node)."""
+        groups = len(vnode_ids)
+        columns = []
+        for k, vnode_id in enumerate(vnode_ids):
+            rows = slice(k, None, groups)
+            node_outputs = outputs[rows] if isinstance(outputs, torch.Tensor) else outputs
+            node_targets = targets[rows] if isinstance(targets, torch.Tensor) else targets
+            columns.append(self._see(views, step, vnode_id, start + k, per_sample[rows], node_outputs,
+                                     node_targets, inputs))
+        return torch.stack(columns, dim=1).flatten()
+
+    def _group_forward_backward(self, inputs: Any, targets: Any, groups: int, step: int = -1,
+                                see: Optional[Callable] = None) -> torch.Tensor:
         """Forward, loss and backward of one fused group; returns each node's mean loss. Also what a
-        CUDA graph captures (``graphs.py``)."""
-        per_sample = self.spec.loss(self.model(inputs), targets)
+        CUDA graph captures (``graphs.py``). ``see``: shows the samples to plugins (``_see_group``)."""
+        outputs = self.model(inputs)
+        per_sample = self.spec.loss(outputs, targets)
         if not self._loss_checked:
             self._check_per_sample(per_sample, targets)
+        self.emit(Event.LOSS_COMPUTED, step, groups)
+        if see is not None:
+            per_sample = see(per_sample, outputs, targets)
         means = segment_means(per_sample, groups)  # each node's mean loss (rows are interleaved)
-        maybe_fail(WorkerPhase.BACKWARD, step)
         self.fusion.in_backward = True  # a patched module running now is recomputed (checkpointing)
         try:
             (means.sum() / self.spec.virtual_nodes).backward()
         finally:
             self.fusion.in_backward = False
+        self.emit(Event.BACKWARD_DONE, step, groups)
         return means.detach()
 
     def apply(self, total: Payload, used: list[bool]) -> float:
@@ -416,6 +524,14 @@ class StepEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+
+
+def _no_subscriber(event: Event, step: int, work: int = 1) -> None:
+    pass
+
+
+def _detach(outputs: Any) -> Any:
+    return outputs.detach() if isinstance(outputs, torch.Tensor) else outputs
 
 
 def _add_grads(total: Optional[list[Optional[torch.Tensor]]],

@@ -1,17 +1,38 @@
-"""Events of a training run, and the callbacks that observe them.
+"""The events of a training run: one vocabulary for the driver, the master and every worker.
 
-The training loop, in the pseudocode whose points the events name::
+The loop, on all three sides (``[driver]``: the process that called ``train`` or ``vnodes run``;
+``[master]``: the job's master; ``[worker]``: each worker process, or the one in-process worker of
+``train(workers=1)``). Every name below is an ``Event``; ``on_<value>`` is its hook::
 
-    on_fit_start                       # engine built, checkpoint (if any) loaded
-    for step in range(start, steps):
-        for v in my virtual nodes: forward, backward
-        reduce; commit; optimizer.step()
-        on_step_end                    # the step is applied everywhere
-        if due: save checkpoint
-            on_checkpoint
-    on_fit_end
+    [driver]  FIT_START                            # the master is up (a checkpoint, if any, loaded)
+    [worker]  FIT_START                            # registered, engine built
+              loop:
+    [worker]      PLAN_REQUESTED                   # waits for the master
+    [master]        EPOCH_FORMED                   # a membership change at a step boundary
+    [master]        PLAN                           # a plan about to be sent; plugins add per-sample inputs
+    [worker]      on RUN(e, s):
+                      EPOCH_JOIN  (a new epoch)    # waits: rendezvous of every member, state broadcast
+                      STEP_START                   # local work from here on
+                      EVAL_START  (epoch ended)    # evaluation pass over this worker's nodes' shards
+                      for v in my virtual nodes:
+                          BATCH_LOADED             # batch of (s, v) on the device, about to run forward
+                          LOSS_COMPUTED            # per-sample losses known: plugins' worker halves see them
+                          BACKWARD_DONE
+                      REDUCE                       # waits: all-reduce across the epoch's members
+                      REDUCED                      # waits: the commit is sent; the master decides
+    [master]        STEP_COMMITTED | STEP_ABORTED  # all members reported (plugins consume their reports)
+    [worker]          STEP_COMMITTED -> apply      | STEP_ABORTED -> redo s in the next epoch
+    [driver]        STEP_END                       # callbacks and the progress display see step s
+    [worker]      on CHECKPOINT:
+                      CHECKPOINT_START -> CHECKPOINT_STAGED (temporary file written) -> CHECKPOINT
+    [driver]        CHECKPOINT
+    [worker]      on STOP: FIT_END
+    [driver]  FIT_END
 
-Callbacks are observers: they never change training.
+Who subscribes: ``Callback`` objects and the progress display (driver events), plugins' master
+halves (master events, ``vnodes.scheduler.plugins``), fault injection (``faults.py``: any worker
+event of a chosen step) and the hang watchdog (``watchdog.py``: which stretches of the worker loop
+are waits on peers or the master, ``Event.waits``).
 """
 
 from __future__ import annotations
@@ -23,14 +44,48 @@ from typing import Optional
 
 class Event(str, Enum):
     FIT_START = "fit_start"
+    EPOCH_FORMED = "epoch_formed"
+    PLAN = "plan"
+    PLAN_REQUESTED = "plan_requested"
+    EPOCH_JOIN = "epoch_join"
+    STEP_START = "step_start"
+    EVAL_START = "eval_start"
+    BATCH_LOADED = "batch_loaded"
+    LOSS_COMPUTED = "loss_computed"
+    BACKWARD_DONE = "backward_done"
+    REDUCE = "reduce"
+    REDUCED = "reduced"
+    STEP_COMMITTED = "step_committed"
+    STEP_ABORTED = "step_aborted"
     STEP_END = "step_end"
+    CHECKPOINT_START = "checkpoint_start"
+    CHECKPOINT_STAGED = "checkpoint_staged"
     CHECKPOINT = "checkpoint"
     FIT_END = "fit_end"
+
+    @property
+    def waits(self) -> Optional[bool]:
+        """For the worker's watchdog: True if the loop waits on peers or the master from this event
+        until the next one; False if it does local work; None for a point inside a local stretch
+        (the work goes on: a virtual node's batch, forward, backward)."""
+        if self in _WAITING:
+            return True
+        return None if self in _INNER else False
+
+
+_WAITING = frozenset({Event.FIT_START, Event.PLAN_REQUESTED, Event.EPOCH_JOIN, Event.REDUCE, Event.REDUCED,
+                      Event.FIT_END})
+_INNER = frozenset({Event.BATCH_LOADED, Event.LOSS_COMPUTED, Event.BACKWARD_DONE, Event.CHECKPOINT_STAGED})
+
+#: the events of a worker's loop, in loop order: what fault injection can target (``VNODES_FAULT``)
+WORKER_EVENTS = (Event.PLAN_REQUESTED, Event.EPOCH_JOIN, Event.STEP_START, Event.EVAL_START, Event.BATCH_LOADED,
+                 Event.LOSS_COMPUTED, Event.BACKWARD_DONE, Event.REDUCE, Event.REDUCED, Event.STEP_COMMITTED,
+                 Event.STEP_ABORTED, Event.CHECKPOINT_START, Event.CHECKPOINT_STAGED, Event.CHECKPOINT)
 
 
 @dataclasses.dataclass
 class RunState:
-    """What observers see. ``step`` counts applied steps."""
+    """What the driver's callbacks see. ``step`` counts applied steps."""
 
     step: int
     steps: int
@@ -42,7 +97,8 @@ class RunState:
 
 
 class Callback:
-    """Override the ``on_<event>`` methods you need."""
+    """A driver-side observer: override the ``on_<event>`` methods you need. Callbacks never change
+    training (plugins that do are ``vnodes.scheduler.plugins`` mutators)."""
 
     def on_fit_start(self, state: RunState) -> None: ...
 

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import queue
 import struct
 import threading
 import time
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import grpc
+import torch
 
-from vnodes.protos import (MESSAGE_LIMITS, PROTOCOL_VERSION, TOKEN_METADATA_KEY, PlanKind, SYNC_NONE,
-                           decision_from_wire, plan_kind_from_wire)
+from vnodes.protos import (MAX_REQUEST_BYTES, MESSAGE_LIMITS, PROTOCOL_VERSION, TOKEN_METADATA_KEY, PlanKind,
+                           SYNC_NONE, decision_from_wire, pack_samples, plan_kind_from_wire, unpack_samples)
 
 from .errors import StaleEpoch, VnodesError
+from .plugins import SampleColumns
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,8 @@ class Registration:
     checkpoint_every: int
     session_key: str  # this registration's secret; every later call carries it
     code: Optional[CodeInfo]  # None: no code to fetch
+    spec: Any = None  # the JobSpec itself (an in-process master: nothing pickled); else unpickle ``job``
+    keep_checkpoints: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +109,9 @@ class PlanView:
     sync_source_rank: int = SYNC_NONE
     stop_reason: str = ""
     losses: list[float] = dataclasses.field(default_factory=list)
+    eval_epoch: int = -1  # >= 0: run the plugins' evaluation pass for that data epoch first (RUN) or alone (EVAL)
+    inputs: dict[str, SampleColumns] = dataclasses.field(default_factory=dict)  # mutators' per-sample inputs
+    plugin_state: Optional[dict[str, Any]] = None  # CHECKPOINT: the master's plugin state, for the checkpoint
 
     def rank_of(self, worker_id: str) -> int:
         return [m[0] for m in self.members].index(worker_id)
@@ -226,13 +234,22 @@ class MasterClient:
             members = [(m.worker_id, list(m.vnodes)) for m in reply.members]
             if members:
                 self._members = (reply.membership_epoch, members)
+        inputs = {}
+        for data in reply.plugin_inputs:
+            plugin, indices, columns = unpack_samples(data)
+            inputs[plugin] = SampleColumns(indices, columns)
+        state = None
+        if reply.plugin_state:
+            state = torch.load(io.BytesIO(reply.plugin_state), map_location="cpu", weights_only=True)
         return PlanView(kind, reply.membership_epoch, reply.step, members, reply.sync_source_rank,
-                        reply.stop_reason, list(reply.losses))
+                        reply.stop_reason, list(reply.losses), reply.eval_epoch, inputs, state)
 
     def commit(self, epoch: int, step: int, ok: bool, loss: float,
                vnode_losses: dict[int, float], step_time_s: float,
-               timeout_s: Optional[float] = None) -> tuple[str, Optional[PlanView]]:
-        """Send a commit on the session stream and wait for its decision.
+               timeout_s: Optional[float] = None, reports: Optional[dict[str, SampleColumns]] = None,
+               eval_reports: Optional[dict[str, SampleColumns]] = None) -> tuple[str, Optional[PlanView]]:
+        """Send a commit on the session stream (with the plugins' ``reports`` of the step and
+        ``eval_reports`` of an evaluation pass) and wait for its decision.
 
         Returns ``(Decision.COMMIT | Decision.ABORT, the next plan if the master already knows it)``.
 
@@ -240,6 +257,7 @@ class MasterClient:
             MasterUnavailable: the session broke or no decision came within ``timeout_s`` (default:
                 the master's commit timeout plus a margin).
             StaleEpoch: the master no longer knows this epoch.
+            VnodesError: the reports exceed what the master accepts in one message.
         """
         pb = self.pb
         timeout_s = self.commit_wait_s if timeout_s is None else timeout_s
@@ -247,9 +265,18 @@ class MasterClient:
             raise VnodesError("commit() before start_session(): the session stream carries commits")
         vnodes = sorted(vnode_losses)
         packed = struct.pack(f"<{len(vnodes)}d", *(vnode_losses[v] for v in vnodes))
-        self._outbox.put(pb.WorkerMessage(commit=pb.CommitRequest(
-            membership_epoch=epoch, step=step, ok=ok, loss=loss, vnodes=vnodes, vnode_losses=packed,
-            step_time_s=step_time_s)))
+        request = pb.CommitRequest(membership_epoch=epoch, step=step, ok=ok, loss=loss, vnodes=vnodes,
+                                   vnode_losses=packed, step_time_s=step_time_s)
+        for field, plugin_reports in ((request.plugin_reports, reports), (request.eval_reports, eval_reports)):
+            for name, cols in (plugin_reports or {}).items():
+                pack_samples(field.add(), name, cols.indices, cols.columns)
+        size = request.ByteSize()
+        if size > MAX_REQUEST_BYTES - 1024:
+            raise VnodesError(f"step {step}: the plugins' reports take {size / 2**20:.1f} MiB, more than the master "
+                              f"accepts in one message ({MAX_REQUEST_BYTES / 2**20:.0f} MiB); with an evaluation "
+                              "pass, run more workers (each reports its share) or turn the pass off "
+                              "(e.g. DynamicsRecorder(eval_pass=False))")
+        self._outbox.put(pb.WorkerMessage(commit=request))
         deadline = time.monotonic() + timeout_s
         while True:
             try:

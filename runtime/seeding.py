@@ -17,6 +17,7 @@ import torch
 #: stream names: the model's forward pass, and the loading (augmentation) of the node's batch
 MODEL_STREAM = 0
 DATA_STREAM = 1
+EVAL_STREAM = 2  # the loading of a node's evaluation-pass batches (plugins)
 
 
 def vnode_seed(seed: int, step: int, vnode_id: int, stream: int = MODEL_STREAM) -> int:

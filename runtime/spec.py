@@ -55,10 +55,13 @@ class JobSpec:
             within float rounding, fewer kernel launches; batch dimension first; fast mode only).
         fused_group_size: virtual nodes per fused batch; ``None``: all of a worker's. Either way the
             engine makes it smaller (and remembers it) on out-of-memory, or where a module cannot
-            tell where the group's samples are (``runtime/fused.py``).
+            tell where the group's samples are (``runtime/fused/``).
         cuda_graphs: replay each fused group's forward and backward from a CUDA graph captured once
             per group shape (``execution="fused"`` on a CUDA device; ``fused_group_size=1`` replays
             one node at a time). Same math; see ``runtime/graphs.py`` for what cannot be captured.
+        plugins: ``vnodes.runtime.plugins.Plugin`` objects hosted by the master, e.g.
+            ``[DynamicsRecorder()]`` (``vnodes.scheduler.plugins``). Their identity and settings are
+            part of the fingerprint; mutators among them change training as they declare.
     """
 
     model: Callable[[], Any]
@@ -78,6 +81,7 @@ class JobSpec:
     execution: str = "sequential"
     fused_group_size: Optional[int] = None
     cuda_graphs: bool = False
+    plugins: list = dataclasses.field(default_factory=list)
 
     @property
     def global_batch_size(self) -> int:
@@ -145,6 +149,7 @@ class JobSpec:
         if self.fused_group_size is not None and (not isinstance(self.fused_group_size, int)
                                                   or self.fused_group_size < 1):
             raise InvalidJobSpec("fused_group_size", f"must be None or an integer >= 1, got {self.fused_group_size!r}")
+        self._validate_plugins()
         if self.device is not None:
             try:
                 device = torch.device(self.device)
@@ -154,6 +159,26 @@ class JobSpec:
                 raise InvalidJobSpec(
                     "device", f"{self.device!r} asked for, but CUDA is not available here; use 'cpu' or None"
                 )
+
+    def _validate_plugins(self) -> None:
+        from .plugins import Plugin
+
+        if not isinstance(self.plugins, (list, tuple)):
+            raise InvalidJobSpec("plugins", f"must be a list of plugins, got {type(self.plugins).__name__}")
+        names = set()
+        for plugin in self.plugins:
+            if not isinstance(plugin, Plugin):
+                raise InvalidJobSpec("plugins", f"{plugin!r} is not a vnodes plugin; pass instances such as "
+                                     "DynamicsRecorder() from vnodes.scheduler.plugins")
+            if not plugin.name or plugin.name in names:
+                raise InvalidJobSpec("plugins", f"two plugins are named {plugin.name!r}; each name must be "
+                                     "unique (it keys reports and checkpoint state)" if plugin.name else
+                                     f"{type(plugin).__name__} has no name; set the class attribute 'name'")
+            names.add(plugin.name)
+            plugin.validate()
+        if self.plugins and self.cuda_graphs:
+            raise InvalidJobSpec("cuda_graphs", "a captured graph hides the per-sample losses that plugins need; "
+                                 "set cuda_graphs=False or plugins=[]")
 
     def check_picklable(self, why: str) -> None:
         """Fail early, naming the field, if a callable cannot travel to another process.
@@ -189,6 +214,8 @@ class JobSpec:
         # How per-node random streams derive from the seed (runtime/seeding.py): a checkpoint of
         # another scheme would resume on other dropout masks and augmentations.
         out["seeding"] = _digest(SEEDING_SCHEME)
+        if self.plugins:  # absent when there are none: checkpoints written before plugins existed still resume
+            out["plugins"] = _digest("; ".join(p.describe() for p in self.plugins))
         return out
 
 

@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import logging
 import os
 import sys
-import time
-from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from .checkpoint import (Checkpoint, check_checkpoint_dir, latest_checkpoint, list_checkpoints,
-                         save_checkpoint, sweep_temporaries)
-from .engine import StepEngine
+from .checkpoint import check_checkpoint_dir
 from .errors import InvalidJobSpec
-from .faults import maybe_fail
-from .lifecycle import WorkerPhase
-from .events import Callback, Event, RunState, fire
-from .reduction import canonical_sum
+from .events import Callback
 from .spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -85,8 +77,9 @@ def train(
 
     Args:
         steps: total global steps of the run (not additional steps when resuming).
-        workers: physical workers; 1 runs every virtual node in this process, more start a master
-            here and that many local worker processes (same trajectory).
+        workers: physical workers; 1 runs the master and every virtual node in this process and
+            thread (no sockets), more start a master here and that many local worker processes (same
+            trajectory).
         launcher: ``"local"`` (processes on this machine) or ``"ray"`` (one actor per device of a Ray
             cluster, following the cluster as nodes come and go; ``workers`` caps their number).
         address: for ``launcher="ray"``: ``"auto"``, ``"HOST:PORT"``, or ``None`` to start Ray locally.
@@ -139,69 +132,6 @@ def train(
 
         return train_local(spec, steps, workers, directory, checkpoint_every, callbacks, **(launch_options or {}))
 
-    with execution_context(spec):
-        engine = StepEngine.build(spec)
-        fingerprint = spec.fingerprint()
-        start, losses = 0, []
-        if directory is not None:
-            sweep_temporaries(directory)
-            ckpt = latest_checkpoint(directory)
-            if ckpt is not None:
-                ckpt.check_fingerprint(fingerprint, str(directory))
-                engine.load_state_dict(dataclasses.asdict(ckpt))
-                start, losses = ckpt.step, list(ckpt.losses)
-                log.info("resumed from step %d in %s", start, directory)
-        if start > steps:
-            log.warning("checkpoint is at step %d, past steps=%d; returning it unchanged", start, steps)
+    from vnodes.scheduler.direct import train_in_process  # one master for every mode, here in process
 
-        state = RunState(step=start, steps=steps, start_step=start, samples_per_step=spec.global_batch_size)
-        vnodes = range(spec.virtual_nodes)
-        batches = engine.loader.iterate((s, v) for s in range(start, steps) for v in vnodes)
-        fire(callbacks, Event.FIT_START, state)
-        t_start = time.perf_counter()
-        last_saved = start
-        try:
-            for step in range(start, steps):
-                t_step = time.perf_counter()
-                partial = engine.compute(step, itertools.islice(batches, spec.virtual_nodes))
-                maybe_fail(WorkerPhase.REDUCE, step)
-                total = canonical_sum(partial.blocks) if spec.deterministic else partial.payload
-                maybe_fail(WorkerPhase.COMMIT, step)
-                loss = engine.apply(total, partial.used)
-                losses.append(loss)
-
-                state.step, state.loss = step + 1, loss
-                state.step_time_s = time.perf_counter() - t_step
-                fire(callbacks, Event.STEP_END, state)
-                if directory is not None and checkpoint_every and state.step % checkpoint_every == 0:
-                    _save(directory, engine, state, losses, fingerprint, keep_checkpoints, callbacks)
-                    last_saved = state.step
-            if directory is not None and (last_saved != state.step or not list_checkpoints(directory)):
-                _save(directory, engine, state, losses, fingerprint, keep_checkpoints, callbacks)
-        finally:
-            fire(callbacks, Event.FIT_END, state)
-        wall = time.perf_counter() - t_start
-
-    done = max(0, steps - start)
-    return TrainResult(
-        model_state_dict={k: v.detach().cpu().clone() for k, v in engine.model.state_dict().items()},
-        losses=losses,
-        steps=max(start, steps),
-        checkpoint_dir=str(directory) if directory is not None else None,
-        wall_time_s=wall,
-        samples_per_s=done * spec.global_batch_size / wall if wall > 0 else 0.0,
-    )
-
-
-def _save(directory: Path, engine: StepEngine, state: RunState, losses: list[float],
-          fingerprint: dict[str, str], keep: int, callbacks: list[Callback]) -> None:
-    ckpt = Checkpoint(
-        step=state.step,
-        epoch=engine.sampler.epoch_of(state.step),
-        fingerprint=fingerprint,
-        losses=list(losses),
-        sampler={"steps_per_epoch": engine.sampler.steps_per_epoch, "position": state.step},
-        **engine.state_dict(),
-    )
-    state.checkpoint_path = str(save_checkpoint(directory, ckpt, keep=keep))
-    fire(callbacks, Event.CHECKPOINT, state)
+    return train_in_process(spec, steps, directory, checkpoint_every, callbacks, keep_checkpoints)

@@ -3,7 +3,8 @@
 Heartbeats come from a background thread, so on their own they prove that the process lives, not
 that it works: a main thread stuck in a deadlocked data loader or a wedged driver call would keep
 heartbeating while every peer waits for it in the all-reduce. The agent therefore tells the
-watchdog which phase its main thread is in. Waiting on peers or on the master (plan, rendezvous,
+watchdog the events of its loop (``events.Event``), and each event says whether what follows is
+a wait or local work (``Event.waits``). Waiting on peers or on the master (plan, rendezvous,
 reduce, commit) may take as long as they need; a *local* phase (compute, apply, checkpoint write)
 that makes no progress for ``timeout_s`` means the worker is hung. The watchdog then dumps every
 thread's stack to stderr and ends the process with ``EXIT_HUNG``. Its session stream and its
@@ -26,7 +27,7 @@ import time
 from typing import Callable, Optional
 
 from .errors import VnodesError
-from .lifecycle import WorkerPhase
+from .events import Event
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,18 @@ class Watchdog:
         self.poll_s = poll_s
         self.clock = clock
         self.on_hang = on_hang or _fence
-        self._current = (WorkerPhase.IDLE, clock(), 1)  # (phase, since, work): one attribute, read and written whole
+        self._current = (Event.FIT_START, clock(), 1)  # (phase, since, work): one attribute, read and written whole
         self._longest_s: dict[str, float] = {}  # local phase -> its slowest completed run, per unit of work
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def enter(self, phase: WorkerPhase, work: int = 1) -> None:
+    def __call__(self, event: Event, step: int = -1, work: int = 1) -> None:
+        """A worker event (the watchdog subscribes to the loop's events): one that starts a wait or
+        a local stretch of work starts a new phase; a point inside one (``Event.waits`` None) does not."""
+        if event.waits is not None:
+            self.enter(event, work)
+
+    def enter(self, phase: Event, work: int = 1) -> None:
         """The main thread starts ``phase`` of ``work`` units (cheap: a clock read, a few assignments)."""
         now = self.clock()
         previous, since, previous_work = self._current
@@ -69,7 +76,7 @@ class Watchdog:
             self._longest_s[previous] = max(self._longest_s.get(previous, 0.0), per_unit)
         self._current = (phase, now, work)
 
-    def budget_s(self, phase: WorkerPhase, work: int = 1) -> Optional[float]:
+    def budget_s(self, phase: Event, work: int = 1) -> Optional[float]:
         """Seconds ``phase`` of ``work`` units may run before the worker counts as hung; None: not
         judged (yet)."""
         if phase.waits or phase not in self._longest_s:
@@ -113,8 +120,8 @@ def hang_timeout_from_env() -> Optional[float]:
     return value or None
 
 
-def _fence(phase: WorkerPhase, stuck_s: float) -> None:
-    print(f"vnodes worker {os.getpid()}: hung in phase {phase.value!r} for {stuck_s:.1f} s; dumping stacks "
+def _fence(phase: Event, stuck_s: float) -> None:
+    print(f"vnodes worker {os.getpid()}: hung after event {phase.value!r} for {stuck_s:.1f} s; dumping stacks "
           f"and exiting with code {EXIT_HUNG} so that the job goes on without this worker", file=sys.stderr)
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     sys.stderr.flush()

@@ -8,15 +8,21 @@ one::
     until the job is done or failed:
         every fleet.poll_s: fleet.tend(master)     # start workers where there is room, reap the ended,
                                                    # raise if the job can no longer make progress
-        wait for a commit (or 0.2 s); fire STEP_END for each committed step
+        wait for a commit (or 0.2 s); fire STEP_END for each committed step (CHECKPOINT for each
+        newer checkpoint)
     fire FIT_END
+
+The in-process launcher (``direct.py``: ``train(workers=1)``) has no fleet: its one worker runs in
+the caller's thread, and the same ``Observer`` fires the callbacks after each of its calls.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Protocol, Sequence
+from pathlib import Path
+from typing import Optional, Protocol, Sequence
 
+from vnodes.runtime.checkpoint import checkpoint_path
 from vnodes.runtime.events import Callback, Event, RunState, fire
 
 from .master import Master
@@ -38,24 +44,50 @@ class Fleet(Protocol):
         """End every worker still running (the job is over, or the driver gives up)."""
 
 
-def drive(master: Master, fleet: Fleet, callbacks: Sequence[Callback], state: RunState) -> None:
+def drive(master: Master, fleet: Fleet, callbacks: Sequence[Callback], state: RunState,
+          run_dir: Optional[Path] = None) -> None:
     """Run the job to its end: tend ``fleet`` and fire the callbacks as steps commit.
 
     Raises:
         WorkersGone: from ``fleet.tend``.
     """
-    callbacks = list(callbacks)
-    seen, next_tend = 0, 0.0
-    fire(callbacks, Event.FIT_START, state)
+    observer = Observer(master, callbacks, state, run_dir)
+    next_tend = 0.0
+    fire(observer.callbacks, Event.FIT_START, state)
     try:
         while not master.done:
             if time.monotonic() >= next_tend:
                 fleet.tend(master)
                 next_tend = time.monotonic() + fleet.poll_s
-            master.wait(lambda m: m.done or m.committed_count > seen, timeout_s=0.2)
-            seen = fire_commits(master, seen, callbacks, state)
+            master.wait(lambda m: m.done or m.committed_count > observer.seen, timeout_s=0.2)
+            observer.poll()
     finally:
-        fire(callbacks, Event.FIT_END, state)
+        observer.poll()
+        fire(observer.callbacks, Event.FIT_END, state)
+        if master.host is not None:
+            master.host.on_fit_end()
+
+
+class Observer:
+    """The driver's view of a master: fires ``STEP_END`` for every step committed since the last
+    ``poll`` and ``CHECKPOINT`` when a newer checkpoint was written, in the caller's thread."""
+
+    def __init__(self, master: Master, callbacks: Sequence[Callback], state: RunState,
+                 run_dir: Optional[Path] = None):
+        self.master, self.callbacks, self.state, self.run_dir = master, list(callbacks), state, run_dir
+        self.seen = master.committed_count
+        self.checkpoint_step = master.checkpoint_step
+
+    def poll(self) -> None:
+        if not self.callbacks:
+            self.seen, self.checkpoint_step = self.master.committed_count, self.master.checkpoint_step
+            return
+        self.seen = fire_commits(self.master, self.seen, self.callbacks, self.state)
+        if self.master.checkpoint_step > self.checkpoint_step:
+            self.checkpoint_step = self.master.checkpoint_step
+            if self.run_dir is not None:
+                self.state.checkpoint_path = str(checkpoint_path(self.run_dir, self.checkpoint_step))
+            fire(self.callbacks, Event.CHECKPOINT, self.state)
 
 
 def fire_commits(master: Master, seen: int, callbacks: Sequence[Callback], state: RunState) -> int:

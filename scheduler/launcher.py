@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from vnodes.runtime.errors import CheckpointMismatch, JobFailed
-from vnodes.runtime.checkpoint import check_checkpoint_dir, latest_checkpoint, newest_checkpoint
+from vnodes.runtime.checkpoint import (check_checkpoint_dir, checkpoint_path, latest_checkpoint, newest_checkpoint,
+                                      sweep_temporaries, verify_checkpoint)
+from vnodes.runtime.plugins import PluginJob
 from vnodes.runtime.engine import build_dataset
 from vnodes.runtime.events import Callback, RunState
 from vnodes.runtime.sampler import VNodeSampler
@@ -34,6 +36,7 @@ from .code_package import CodePackage
 from .devices import assign_devices, visible_cuda_devices
 from .durable import DurableState
 from .master import JobState, Master
+from .plugins.host import PluginHost
 from .driver import drive
 from .errors import WorkersGone
 from .rendezvous import RendezvousStore
@@ -85,6 +88,79 @@ class MasterHandle:
         threading.Thread(target=reap, name="vnodes-reaper", daemon=True).start()
 
 
+def build_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: int = 0,
+                 expected_workers: int = 1, placement: str = "throughput", heartbeat_timeout_s: float = 10.0,
+                 start_grace_s: float = 60.0, await_holders: bool = True, durable: bool = True) -> Master:
+    """Validate the job and build its master, resumed from ``run_dir`` if it holds a checkpoint,
+    with the job's plugins (``plugins.PluginHost``) at that checkpoint's state.
+
+    ``await_holders``: when ``run_dir`` shows a master that stopped past its newest checkpoint, wait
+    up to ``start_grace_s`` for workers that still hold that state to reconnect before rolling back
+    to the checkpoint. A launcher whose workers are all new (``train``) passes False. A job with
+    plugins always resumes from its newest checkpoint, whose plugin state matches it.
+    ``durable``: record the master's state in ``run_dir`` at every commit (``durable.py``), for a
+    restarted master; False for a master that lives and dies with its only worker (in process).
+
+    Raises:
+        InvalidJobSpec: bad input (checked here, before any worker starts).
+        CheckpointMismatch: ``run_dir`` holds a checkpoint of another job.
+    """
+    spec.validate()
+    if not durable:  # in process: no other writer can be at work in run_dir (a restarted master may have some)
+        sweep_temporaries(run_dir)
+    dataset_size = len(build_dataset(spec))
+    sampler = VNodeSampler(dataset_size, spec.virtual_nodes, spec.vnode_batch_size, spec.seed)
+    ckpt = latest_checkpoint(run_dir)
+    start, losses, epoch_counter = 0, [], 0
+    if ckpt is not None:
+        ckpt.check_fingerprint(spec.fingerprint(), str(run_dir))
+        start, losses = ckpt.step, list(ckpt.losses)
+    state = DurableState(run_dir, spec.fingerprint()) if durable else None
+    record = state.load() if state is not None else None
+    if record is not None:
+        differ = sorted(k for k in set(record.fingerprint) | set(state.fingerprint)
+                        if record.fingerprint.get(k) != state.fingerprint.get(k))
+        if differ:
+            raise CheckpointMismatch(differ, str(run_dir))
+    host = None
+    if spec.plugins:
+        job = PluginJob(dataset_size, spec.virtual_nodes, spec.vnode_batch_size, sampler.steps_per_epoch, steps,
+                        spec.seed, spec.deterministic, run_dir)
+        host = PluginHost(spec.plugins, job, sampler)
+        host.load_state_dict(ckpt.plugins if ckpt is not None else None)
+    # A master restarted on its run directory past its newest checkpoint: the workers that still hold
+    # the newer state reconnect, and the master waits for them (a grace period) before rolling back
+    # to the checkpoint. At the checkpoint's step (a job resumed to train longer) nobody holds more.
+    # Plugins' state is known at checkpoints only: a job with plugins resumes from its checkpoint.
+    restored = await_holders and record is not None and record.step > start and host is None
+    # Workers of the previous master may still run the job: they reconnect (and must hear its end).
+    awaited = (record.workers if record is not None else []) if await_holders else []
+    awaited_told = record.told if record is not None and await_holders else []
+    if record is not None and record.step >= start:
+        epoch_counter = record.epoch_counter + 1
+        if host is None:
+            start, losses = record.step, record.losses
+
+    def on_disk() -> Optional[int]:
+        # The same verified answer as ``latest_checkpoint`` above and in the workers that load it: a
+        # damaged newest checkpoint was renamed aside, so nobody resumes at its step.
+        found = newest_checkpoint(run_dir)
+        return found[0] if found is not None else None
+
+    def plugin_state_at(step: int) -> Optional[dict]:
+        problem, data = verify_checkpoint(checkpoint_path(run_dir, step))
+        return data.get("plugins") if problem is None else None
+
+    return Master(spec.virtual_nodes, steps, start_step=start, losses=losses, checkpoint_every=checkpoint_every or 0,
+                  checkpoint_step=ckpt.step if ckpt is not None else -1, expected_workers=expected_workers,
+                  steps_per_epoch=sampler.steps_per_epoch, vnode_batch_size=spec.vnode_batch_size,
+                  start_grace_s=start_grace_s,
+                  heartbeat_timeout_s=heartbeat_timeout_s, placement_policy=placement,
+                  can_resume_from_checkpoint=on_disk, durable=state, restored=restored,
+                  epoch_counter=epoch_counter, awaited=awaited, awaited_told=awaited_told,
+                  host=host, plugin_state_at=plugin_state_at)
+
+
 def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: int = 0,
                  expected_workers: int = 1, host: str = "127.0.0.1", port: int = 0,
                  token: Optional[str] = None, placement: str = "throughput",
@@ -92,11 +168,7 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
                  tls: Optional[tuple[bytes, bytes]] = None,
                  commit_timeout_s: float = COMMIT_WAIT_S, await_holders: bool = True,
                  code: Optional[CodePackage] = None) -> MasterHandle:
-    """Validate the job, resume from ``run_dir`` if it holds a checkpoint, and serve the master.
-
-    ``await_holders``: when ``run_dir`` shows a master that stopped past its newest checkpoint, wait
-    up to ``start_grace_s`` for workers that still hold that state to reconnect before rolling back
-    to the checkpoint. A launcher whose workers are all new (``train``) passes False.
+    """Build the job's master (``build_master``: validation, resumption, plugins) and serve it.
 
     ``code``: the job's folder, packed (``code_package.py``), for every admitted worker to import
     from; None: workers import the job from their own environment.
@@ -107,42 +179,9 @@ def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
     """
     spec.validate()
     spec.check_picklable("workers > 1 (worker processes)")
-    sampler = VNodeSampler(len(build_dataset(spec)), spec.virtual_nodes, spec.vnode_batch_size, spec.seed)
-    ckpt = latest_checkpoint(run_dir)
-    start, losses, epoch_counter = 0, [], 0
-    if ckpt is not None:
-        ckpt.check_fingerprint(spec.fingerprint(), str(run_dir))
-        start, losses = ckpt.step, list(ckpt.losses)
-    durable = DurableState(run_dir, spec.fingerprint())
-    record = durable.load()
-    if record is not None:
-        differ = sorted(k for k in set(record.fingerprint) | set(durable.fingerprint)
-                        if record.fingerprint.get(k) != durable.fingerprint.get(k))
-        if differ:
-            raise CheckpointMismatch(differ, str(run_dir))
-    # A master restarted on its run directory past its newest checkpoint: the workers that still hold
-    # the newer state reconnect, and the master waits for them (a grace period) before rolling back
-    # to the checkpoint. At the checkpoint's step (a job resumed to train longer) nobody holds more.
-    restored = await_holders and record is not None and record.step > start
-    # Workers of the previous master may still run the job: they reconnect (and must hear its end).
-    awaited = (record.workers if record is not None else []) if await_holders else []
-    awaited_told = record.told if record is not None and await_holders else []
-    if record is not None and record.step >= start:
-        start, losses, epoch_counter = record.step, record.losses, record.epoch_counter + 1
-
-    def on_disk() -> Optional[int]:
-        # The same verified answer as ``latest_checkpoint`` above and in the workers that load it: a
-        # damaged newest checkpoint was renamed aside, so nobody resumes at its step.
-        found = newest_checkpoint(run_dir)
-        return found[0] if found is not None else None
-
-    master = Master(spec.virtual_nodes, steps, start_step=start, losses=losses, checkpoint_every=checkpoint_every or 0,
-                    checkpoint_step=ckpt.step if ckpt is not None else -1, expected_workers=expected_workers,
-                    steps_per_epoch=sampler.steps_per_epoch, vnode_batch_size=spec.vnode_batch_size,
-                    start_grace_s=start_grace_s,
-                    heartbeat_timeout_s=heartbeat_timeout_s, placement_policy=placement,
-                    can_resume_from_checkpoint=on_disk, durable=durable, restored=restored,
-                    epoch_counter=epoch_counter, awaited=awaited, awaited_told=awaited_told)
+    master = build_master(spec, steps, run_dir, checkpoint_every=checkpoint_every, expected_workers=expected_workers,
+                          placement=placement, heartbeat_timeout_s=heartbeat_timeout_s, start_grace_s=start_grace_s,
+                          await_holders=await_holders)
     # Fresh workers hold step 0; when start > 0 the master has them load the checkpoint.
     store = RendezvousStore()
     # The superseded epoch's members learn it from EpochStatus; its keys are of no use to anyone now.
@@ -261,5 +300,5 @@ def train_local(spec: JobSpec, steps: int, workers: int, checkpoint_dir: Optiona
         if steps > start:
             fleet = LocalFleet(handle.address, assigned, {**(worker_env or {}), TOKEN_ENV: token})
             stack.callback(fleet.stop)
-            drive(master, fleet, callbacks, state)
+            drive(master, fleet, callbacks, state, run_dir)
         return job_result(master, spec, run_dir, checkpoint_dir is not None, start, steps, t0)

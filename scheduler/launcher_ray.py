@@ -228,6 +228,6 @@ def train_ray(spec: JobSpec, steps: int, checkpoint_dir: Optional[Path], checkpo
         start = master.step
         state = RunState(step=start, steps=steps, start_step=start, samples_per_step=spec.global_batch_size)
         t0 = time.perf_counter()
-        drive(master, fleet, callbacks, state)
+        drive(master, fleet, callbacks, state, run_dir)
         handle.wait_for_end()  # before the actors are killed (and the master stops): each hears the end
         return job_result(master, spec, run_dir, checkpoint_dir is not None, start, steps, t0)

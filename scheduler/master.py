@@ -41,6 +41,7 @@ import uuid
 from typing import Callable, Optional, Sequence
 
 from vnodes.runtime.errors import StorageError
+from vnodes.runtime.plugins import SampleColumns
 
 from vnodes.protos import SYNC_FROM_CHECKPOINT, SYNC_NONE, Decision, PlanKind
 
@@ -137,6 +138,9 @@ class Plan:
     membership: Optional[Membership] = None
     step: int = 0
     stop_reason: str = ""
+    eval_epoch: int = -1  # >= 0: the plugins' evaluation pass of that data epoch runs first (RUN) or alone (EVAL)
+    inputs: dict[str, SampleColumns] = dataclasses.field(default_factory=dict)  # mutators' inputs for this worker
+    plugin_state: Optional[dict] = None  # CHECKPOINT: the plugins' state at ``step``, for the checkpoint
 
 
 @dataclasses.dataclass
@@ -145,6 +149,8 @@ class Report:
     loss: float
     vnode_losses: dict[int, float]
     step_time_s: float
+    reports: dict[str, SampleColumns] = dataclasses.field(default_factory=dict)  # plugin name -> its report
+    eval_reports: dict[str, SampleColumns] = dataclasses.field(default_factory=dict)  # of the evaluation pass
 
 
 @dataclasses.dataclass
@@ -170,12 +176,16 @@ class Master:
                  durable: Optional[DurableState] = None, restored: bool = False, epoch_counter: int = 0,
                  awaited: Optional[Sequence[str]] = None, awaited_told: Sequence[str] = (),
                  on_epoch_superseded: Callable[[int], None] = lambda epoch: None,
+                 host=None, plugin_state_at: Callable[[int], Optional[dict]] = lambda step: None,
                  clock: Callable[[], float] = time.monotonic):
         """``awaited``: the workers of a previous master of this run directory that may still run the
         job (its durable roster): they reconnect, and are waited for until the start grace period
         ends (``start_grace_s``), to resume with the state they hold and to hear the job's end;
         those also in ``awaited_told`` had been told STOP: they are waited for ``heartbeat_timeout_s``.
-        ``None``: not known (a run directory written by an older version)."""
+        ``None``: not known (a run directory written by an older version).
+
+        ``host``: the job's plugins (``plugins.PluginHost``), already at the state of ``start_step``;
+        ``plugin_state_at(step)`` reads their state from the checkpoint of ``step`` (a roll-back)."""
         self.virtual_nodes = virtual_nodes
         self.steps = steps
         self.step = start_step  # committed steps == the next step to run
@@ -198,6 +208,9 @@ class Master:
         self.membership: Optional[Membership] = None
         self.epoch_counter = epoch_counter
         self.durable = durable  # None: state in memory only
+        self.host = host
+        self._plugin_state_at = plugin_state_at
+        self._plugin_snapshots: dict[int, dict] = {}  # step -> the plugins' state handed out for its checkpoint
         # Tells members still waiting to rendezvous in an old epoch to give up (see collectives.py).
         self.on_epoch_superseded = on_epoch_superseded
         # Restarted from durable state: the last commit may have reached no worker (all hold step-1).
@@ -412,6 +425,11 @@ class Master:
                 raise BadRequest(f"worker {worker_id} is not a member of epoch {epoch}")
             elif step != self.step and key not in self.decisions:
                 raise BadRequest(f"commit for step {step}, but the job is at step {self.step}")
+            elif self.host is None and (report.reports or report.eval_reports):
+                raise BadRequest(f"worker {worker_id} sent plugin reports, but this job has no plugins")
+            elif self.host is not None and not self.host.names.issuperset({*report.reports, *report.eval_reports}):
+                raise BadRequest(f"worker {worker_id} sent reports of plugins {sorted({*report.reports, *report.eval_reports})}; "
+                                 f"this job has {sorted(self.host.names)}")
             elif report.vnode_losses and sorted(report.vnode_losses) != list(self._vnodes_of(worker_id)):
                 raise BadRequest(f"worker {worker_id} reported virtual nodes {sorted(report.vnode_losses)} for step "
                                  f"{step}, but epoch {epoch} gave it {list(self._vnodes_of(worker_id))}")
@@ -587,6 +605,12 @@ class Master:
     def _commit_current(self) -> None:
         m = self.membership
         reports = [self.reports[w] for w in m.members]
+        if self.host is not None and not self._feed_plugins(m, reports):
+            return
+        if self.step >= self.steps:  # the last evaluation pass alone (an EVAL plan): no step to apply
+            self._decide((m.epoch, self.step), Decision.COMMIT)
+            self.reports = {}
+            return
         vnode_losses: dict[int, float] = {}
         for r in reports:
             vnode_losses.update(r.vnode_losses)
@@ -620,6 +644,19 @@ class Master:
                 self._next_counts = better
                 self._needs_reform = True
 
+    def _feed_plugins(self, m: Membership, reports: list[Report]) -> bool:
+        """Event.STEP_COMMITTED: the plugins consume the step's reports, in virtual-node order of the
+        members (and those of the evaluation pass it carried). A plugin that fails fails the job
+        (False), with its error named."""
+        order = sorted(range(len(reports)), key=lambda r: m.vnodes[r][0] if m.vnodes[r] else -1)
+        try:
+            self.host.on_commit(self.step, [reports[r].reports for r in order], self.host.eval_due(self.step),
+                                [reports[r].eval_reports for r in order], training=self.step < self.steps)
+        except Exception as exc:  # noqa: BLE001 - the plugin's own code: its error ends the job, the master lives
+            self.fail("", f"a plugin failed at step {self.step}: {type(exc).__name__}: {exc}", type(exc).__name__)
+            return False
+        return True
+
     def _abort_current(self, reason: str) -> None:
         if self.membership is not None:
             self._decide((self.membership.epoch, self.step), Decision.ABORT)
@@ -643,11 +680,17 @@ class Master:
                 return Plan(PlanKind.STOP, stop_reason="job finished")
             return Plan(PlanKind.WAIT)
         rank = m.rank_of(info.worker_id)
+        eval_epoch = self.host.eval_due(self.step) if self.host is not None else -1
+        if eval_epoch >= 0 and self.step >= self.steps:  # the last epoch's evaluation pass, before the last checkpoint
+            if (m.epoch, self.step) in self.decisions:
+                return Plan(PlanKind.WAIT)
+            self._in_flight = (m.epoch, self.step)
+            return Plan(PlanKind.EVAL, m, self.step, eval_epoch=eval_epoch)
         checkpoint_due = self.step > max(self.checkpoint_step, 0) and (
             self.step >= self.steps or (self.checkpoint_every and self.step % self.checkpoint_every == 0))
         if checkpoint_due:
             if rank == 0 and info.held_step == self.step:
-                return Plan(PlanKind.CHECKPOINT, m, self.step)
+                return Plan(PlanKind.CHECKPOINT, m, self.step, plugin_state=self._plugin_snapshot(self.step))
             return Plan(PlanKind.WAIT)
         if self._finished():
             self.state = JobState.DONE
@@ -655,7 +698,19 @@ class Master:
         if (m.epoch, self.step) in self.decisions:
             return Plan(PlanKind.WAIT)
         self._in_flight = (m.epoch, self.step)
-        return Plan(PlanKind.RUN, m, self.step)
+        # Event.PLAN: the plugins' inputs for this member's nodes (a function of the committed steps).
+        inputs = self.host.inputs_for(self.step, m.vnodes[rank]) if self.host is not None else {}
+        return Plan(PlanKind.RUN, m, self.step, eval_epoch=eval_epoch, inputs=inputs)
+
+    def _plugin_snapshot(self, step: int) -> Optional[dict]:
+        """The plugins' state at ``step`` (every step before it consumed), taken once per step."""
+        if self.host is None:
+            return None
+        if step not in self._plugin_snapshots:
+            self._plugin_snapshots[step] = self.host.state_dict()
+            for old in sorted(self._plugin_snapshots)[:-4]:
+                del self._plugin_snapshots[old]
+        return self._plugin_snapshots[step]
 
     def _reform(self) -> None:
         """The one place the membership changes. Only called at a step boundary."""
@@ -704,6 +759,10 @@ class Master:
                 self.fail("", "every worker holding the job's state was lost and there is no checkpoint "
                           "to resume from; pass checkpoint_every to keep one")
                 return
+            if self.host is not None:  # the plugins go back to the checkpoint's state with everything else
+                self._plugin_snapshots = {k: v for k, v in self._plugin_snapshots.items() if k <= on_disk}
+                state = self._plugin_snapshots.get(on_disk)
+                self.host.load_state_dict(state if state is not None else self._plugin_state_at(on_disk))
             self.step = on_disk
             self.losses = self.losses[:on_disk]
             self.checkpoint_step = max(self.checkpoint_step, on_disk)  # it exists even if never reported

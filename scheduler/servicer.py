@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import io
 import logging
 import math
 import re
@@ -35,10 +36,12 @@ from concurrent import futures
 from typing import Optional
 
 import grpc
+import torch
 from google.protobuf.message import DecodeError
 
-from vnodes.protos import (MESSAGE_LIMITS, PROTOCOL_VERSION, TOKEN_METADATA_KEY, PlanKind, decision_to_wire,
-                           epoch_store_prefix, plan_kind_to_wire)
+from vnodes.protos import (MAX_REQUEST_BYTES, MESSAGE_LIMITS, PROTOCOL_VERSION, TOKEN_METADATA_KEY, PlanKind, decision_to_wire,
+                           epoch_store_prefix, pack_samples, plan_kind_to_wire, unpack_samples)
+from vnodes.runtime.plugins import SampleColumns
 from vnodes.protos import vnodes_pb2 as pb
 
 from .errors import (BadRequest, CannotListen, DuplicateRegistration, InsecureListen, NotYourRegistration, StaleEpoch, StoreFull, TooManyWorkers,
@@ -61,9 +64,9 @@ _CODES = [
 
 
 COMMIT_WAIT_S = 120.0
-# Requests are small (the largest is a commit: 12 bytes per virtual node); replies may be large (a
-# checkpoint plan carries the loss history), so only what the master receives is capped this low.
-MAX_REQUEST_BYTES = 4 * 2**20
+# Requests are small (the largest is a commit with plugin reports: ``protos.MAX_REQUEST_BYTES``);
+# replies may be large (a checkpoint plan carries the loss history and the plugins' state), so only
+# what the master receives is capped this low.
 MAX_TEXT = {"host": 255, "device": 64, "device_kind": 255, "worker_id": 64}
 MAX_STEP = 2**53  # beyond this a step number is not a count but garbage (and floats lose it)
 STORE_WAIT_CAP_S = 10.0  # a store GET/WAIT is answered within this; the worker asks again
@@ -98,6 +101,19 @@ def _parse(kind, data: bytes, rpc: str):
         log.warning("undecodable %s request (%d bytes): %s", rpc, len(data), exc)
         raise BadRequest(f"the {rpc} request body does not decode as vnodes.v1.{kind.__name__} ({exc}); "
                          "speak the same vnodes protocol as the master") from None
+
+
+def _samples(messages) -> dict[str, SampleColumns]:
+    """Plugin reports of a commit, checked (``BadRequest`` naming what is malformed)."""
+    out = {}
+    for message in messages:
+        try:
+            plugin, indices, columns = unpack_samples(message)
+            _check(plugin not in out, f"two reports of plugin {plugin[:80]!r} in one commit")
+            out[plugin] = SampleColumns(indices, columns)
+        except ValueError as exc:
+            raise BadRequest(f"a plugin report is malformed: {exc}") from None
+    return out
 
 
 def _check(condition: bool, message: str) -> None:
@@ -212,6 +228,7 @@ class MasterServicer:
         self._members_cache: tuple[int, list] = (-1, [])
         self._decided: dict[tuple[int, int], _Decided] = {}
         self._parked: dict[str, int] = {}  # worker id -> its store reads waiting now
+        self._state_cache: tuple = (-1, None, b"")  # (step, plugin state, its bytes)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's handlers. Bodies arrive as bytes: each handler parses its own (see ``_parse``)."""
@@ -339,7 +356,21 @@ class MasterServicer:
                 reply.members.extend(self._members_message(m))
         if plan.kind == PlanKind.CHECKPOINT:
             reply.losses.extend(self.master.losses[:plan.step])
+            if plan.plugin_state is not None:
+                reply.plugin_state = self._plugin_state_bytes(plan.step, plan.plugin_state)
+        reply.eval_epoch = plan.eval_epoch
+        for name, cols in plan.inputs.items():
+            pack_samples(reply.plugin_inputs.add(), name, cols.indices, cols.columns)
         return reply
+
+    def _plugin_state_bytes(self, step: int, state: dict) -> bytes:
+        """The plugins' state of a checkpoint plan, serialized once per step (tensors, numbers and
+        strings: what a worker's ``torch.load(weights_only=True)`` reads back)."""
+        if self._state_cache[0] != step or self._state_cache[1] is not state:
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            self._state_cache = (step, state, buffer.getvalue())
+        return self._state_cache[2]
 
     async def _commit(self, worker_id: str, request, registration: Optional[int] = None):
         """Record one commit; wait (without a thread) until its step is decided; build the reply."""
@@ -355,7 +386,8 @@ class MasterServicer:
             _check_number("loss", request.loss, -math.inf, math.inf)
             _check(all(math.isfinite(v) for v in values), "vnode_losses holds a NaN or infinite loss")
         report = Report(ok=request.ok, loss=request.loss, vnode_losses=dict(zip(request.vnodes, values)),
-                        step_time_s=request.step_time_s)
+                        step_time_s=request.step_time_s, reports=_samples(request.plugin_reports),
+                        eval_reports=_samples(request.eval_reports))
         epoch, step = request.membership_epoch, request.step
         decided = self._decision_future((epoch, step))
         try:
@@ -375,7 +407,7 @@ class MasterServicer:
                                membership_epoch=epoch, step=step)
         if next_plan is not None:
             reply.next.CopyFrom(self._plan_message(next_plan, known_epoch=epoch))
-            if next_plan.membership.epoch == epoch:  # the same for every member: share it
+            if next_plan.membership.epoch == epoch and not next_plan.inputs:  # the same for every member: share it
                 decided.reply = reply
         return reply
 

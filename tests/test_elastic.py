@@ -66,7 +66,7 @@ def test_fast_mode_two_workers_matches_within_tolerance():
         assert torch.allclose(got.model_state_dict[k], v, rtol=1e-9, atol=1e-12), k
 
 
-@pytest.mark.parametrize("faults", ["backward:3:1,reduce:8:2", "load:2:0,commit:6:2", "forward:1:2,checkpoint_write:3:0"])
+@pytest.mark.parametrize("faults", ["loss_computed:3:1,reduce:8:2", "step_start:2:0,reduced:6:2", "batch_loaded:1:2,checkpoint_staged:3:0"])
 def test_sigkilled_workers_mid_step_cost_nothing(reference, faults):
     """Workers die by SIGKILL in chosen phases (worker, phase, step); the survivors redo, bit for bit."""
     result = train(f32_spec(), steps=STEPS, workers=3, checkpoint_every=2,
@@ -111,7 +111,7 @@ def test_losing_every_worker_waits_then_resumes_from_checkpoint(tmp_path, refere
     handle = start_master(f32_spec(), STEPS, check_checkpoint_dir(tmp_path), expected_workers=1,
                           start_grace_s=0, checkpoint_every=2)
     master = handle.master
-    first = spawn_worker(handle.address, 0, env={"VNODES_FAULT": "forward:5"})
+    first = spawn_worker(handle.address, 0, env={"VNODES_FAULT": "batch_loaded:5"})
     try:
         assert first.wait(timeout=60) == -signal.SIGKILL
         time.sleep(0.5)

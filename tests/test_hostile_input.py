@@ -178,7 +178,7 @@ def test_registrations_are_bounded(job):
     stub, _, master, _ = job
     code, details = refused(lambda: register(stub, host="x" * 300))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "host" in details
-    # Beyond the master's request cap (4 MiB) gRPC itself refuses: the 10 MB host of the report.
+    # Beyond the master's request cap (8 MiB) gRPC itself refuses: the 10 MB host of the report.
     code, _ = refused(lambda: register(stub, host="x" * 10 * 2**20))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     ids = [register(stub).worker_id for _ in range(DEPARTED_KEPT + 50)]

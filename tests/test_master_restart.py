@@ -110,7 +110,7 @@ def test_a_worker_late_to_reconnect_hears_the_end_from_the_restarted_master(tmp_
     port = free_port()
     master = vnodes(*master_cmd(tmp_path, port))
     # The first to register is rank 0, which writes the checkpoints: it stops itself there.
-    late, = start_workers(port, count=1, env={"VNODES_FAULT": f"checkpoint_write:{STEPS - 1}:stop"})
+    late, = start_workers(port, count=1, env={"VNODES_FAULT": f"checkpoint_staged:{STEPS - 1}:stop"})
     other = again = None
     try:
         wait_for(lambda: registered_workers(port) == 1)

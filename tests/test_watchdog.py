@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from vnodes.runtime.lifecycle import WorkerPhase
+from vnodes.runtime.events import Event
 from vnodes.runtime.watchdog import Watchdog
 
 from test_master import Clock
@@ -19,7 +19,7 @@ def make(timeout_s=5.0):
 
 def test_waiting_on_peers_or_the_master_never_fires():
     dog, clock, fired = make()
-    for phase in (WorkerPhase.BUILD, WorkerPhase.PLAN, WorkerPhase.JOIN, WorkerPhase.REDUCE, WorkerPhase.COMMIT):
+    for phase in (Event.FIT_START, Event.PLAN_REQUESTED, Event.EPOCH_JOIN, Event.REDUCE, Event.REDUCED):
         dog.enter(phase)
         clock.t += 1000.0
         assert not dog.check()
@@ -28,40 +28,40 @@ def test_waiting_on_peers_or_the_master_never_fires():
 
 def test_a_local_phase_is_judged_only_after_it_completed_once():
     dog, clock, fired = make(timeout_s=5.0)
-    dog.enter(WorkerPhase.COMPUTE)
+    dog.enter(Event.STEP_START)
     clock.t += 1000.0  # the first step: compilation, warm-up... never fenced
     assert not dog.check()
-    dog.enter(WorkerPhase.REDUCE)
-    dog.enter(WorkerPhase.CHECKPOINT)
+    dog.enter(Event.REDUCE)
+    dog.enter(Event.CHECKPOINT_START)
     clock.t += 1000.0  # the first checkpoint write: not judged either
     assert not dog.check() and fired == []
 
 
 def test_a_stuck_local_phase_fires_over_its_budget():
     dog, clock, fired = make(timeout_s=5.0)
-    dog.enter(WorkerPhase.COMPUTE)
+    dog.enter(Event.STEP_START)
     clock.t += 0.1
-    dog.enter(WorkerPhase.REDUCE)
-    dog.enter(WorkerPhase.COMPUTE)
+    dog.enter(Event.REDUCE)
+    dog.enter(Event.STEP_START)
     clock.t += 4.9
     assert not dog.check()
     clock.t += 0.2
     assert dog.check()
-    assert fired[0][0] == "compute" and fired[0][1] == pytest.approx(5.1)
+    assert fired[0][0] == "step_start" and fired[0][1] == pytest.approx(5.1)
 
 
 def test_the_budget_grows_with_the_phase_s_longest_completed_run():
     dog, clock, fired = make(timeout_s=5.0)
-    dog.enter(WorkerPhase.COMPUTE)
+    dog.enter(Event.STEP_START)
     clock.t += 3.0  # a legitimately long step
-    dog.enter(WorkerPhase.REDUCE)
-    assert dog.budget_s(WorkerPhase.COMPUTE) == pytest.approx(30.0) and dog.budget_s(WorkerPhase.APPLY) is None
+    dog.enter(Event.REDUCE)
+    assert dog.budget_s(Event.STEP_START) == pytest.approx(30.0) and dog.budget_s(Event.STEP_COMMITTED) is None
     clock.t += 100.0  # a long wait on peers does not count against the next local phase
-    dog.enter(WorkerPhase.COMPUTE)
+    dog.enter(Event.STEP_START)
     clock.t += 20.0
     assert not dog.check()  # 20 s < 10 x 3 s
     clock.t += 11.0
-    assert dog.check() and fired[0][0] == "compute"
+    assert dog.check() and fired[0][0] == "step_start"
 
 
 def test_bad_timeout_is_refused_with_the_fix():
@@ -82,11 +82,11 @@ def test_bad_environment_value_names_it(monkeypatch):
 
 def test_the_compute_budget_follows_the_nodes_a_worker_runs():
     dog, clock, fired = make(timeout_s=5.0)
-    dog.enter(WorkerPhase.COMPUTE, 2)
+    dog.enter(Event.STEP_START, 2)
     clock.t += 4.0  # 2 s per node
-    dog.enter(WorkerPhase.REDUCE)
-    assert dog.budget_s(WorkerPhase.COMPUTE, 2) == pytest.approx(40.0)
-    dog.enter(WorkerPhase.COMPUTE, 8)  # the peers left: this worker now runs 8 nodes
+    dog.enter(Event.REDUCE)
+    assert dog.budget_s(Event.STEP_START, 2) == pytest.approx(40.0)
+    dog.enter(Event.STEP_START, 8)  # the peers left: this worker now runs 8 nodes
     clock.t += 100.0  # 4x the work takes 4x as long: healthy
     assert not dog.check()
     clock.t += 61.0  # over 10 x 2 s x 8
@@ -135,13 +135,13 @@ def test_a_hung_worker_fences_itself_and_the_survivors_redo_the_step(tmp_path, r
     Its watchdog ends it (exit 3, stacks on stderr); worker 0, blocked in the all-reduce, sees the
     peer gone and redoes step 3 alone."""
     stderr = tmp_path / "hung.stderr"
-    with open(stderr, "w") as err, two_workers(tmp_path, reference, {"VNODES_FAULT": "forward:3:1:hang",
+    with open(stderr, "w") as err, two_workers(tmp_path, reference, {"VNODES_FAULT": "batch_loaded:3:1:hang",
                                                                      "VNODES_HANG_TIMEOUT": "2"}, err) as (handle, procs):
         assert procs[1].wait(timeout=90) == 3
         assert handle.master.wait(lambda m: m.done, timeout_s=120)
         assert procs[0].wait(timeout=30) == 0
     text = stderr.read_text()
-    assert "hung in phase 'compute'" in text and "maybe_fail" in text  # the stack of the stuck thread
+    assert "hung after event 'step_start'" in text and "faults.py" in text  # the stack of the stuck thread
 
 
 @pytest.mark.multiprocess
@@ -150,7 +150,7 @@ def test_a_member_hung_after_the_reduce_is_declared_lost_by_the_master(tmp_path,
     """Worker 1 hangs between its reduce and its commit (a waiting phase: the watchdog does not
     judge it). Its peer committed; after the commit timeout the master declares the silent member
     lost and the peer redoes the step alone."""
-    env = {"VNODES_FAULT": "commit:3:1:hang", "VNODES_HANG_TIMEOUT": "0"}
+    env = {"VNODES_FAULT": "reduced:3:1:hang", "VNODES_HANG_TIMEOUT": "0"}
     with two_workers(tmp_path, reference, env, commit_timeout_s=2.0) as (handle, procs):
         assert handle.master.wait(lambda m: m.done, timeout_s=120)
         assert procs[0].wait(timeout=30) == 0
