@@ -59,6 +59,12 @@ def add_job_options(parser: argparse.ArgumentParser, run_dir_required: bool) -> 
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a JobSpec field that is plain data, typed from the dataclass "
                              f"(repeatable; fields: {', '.join(settable_fields())})")
+    from .plugins import PLUGINS
+
+    parser.add_argument("--plugin", dest="plugins", action="append", default=[], choices=sorted(PLUGINS),
+                        help="host this plugin on the master with its default settings (repeatable): "
+                             "recorder records every sample's loss per epoch into the run directory "
+                             "(read it back with vnodes.scheduler.plugins.load_dynamics)")
 
 
 def settable_fields() -> list[str]:
@@ -67,7 +73,7 @@ def settable_fields() -> list[str]:
 
 
 def apply_job_options(spec: JobSpec, args: argparse.Namespace) -> JobSpec:
-    """``spec`` with ``--set`` overrides and ``--deterministic`` applied, validated.
+    """``spec`` with ``--set`` overrides, ``--deterministic`` and ``--plugin`` applied, validated.
 
     Raises:
         BadOverride: an unknown or unsettable field, or a value of the wrong type.
@@ -76,6 +82,10 @@ def apply_job_options(spec: JobSpec, args: argparse.Namespace) -> JobSpec:
     changes = parse_overrides(args.overrides)
     if args.deterministic:
         changes["deterministic"] = True
+    if getattr(args, "plugins", None):
+        from .plugins import PLUGINS
+
+        changes["plugins"] = list(spec.plugins) + [PLUGINS[name]() for name in args.plugins]
     if not changes:
         return spec
     spec = dataclasses.replace(spec, **changes)

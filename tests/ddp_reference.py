@@ -30,7 +30,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out: str, record: bool = False) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -49,13 +49,20 @@ def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out:
         running = [b for m in model.modules() if isinstance(m, _NormBase)
                    for b in m.buffers(recurse=False) if b.is_floating_point()]
         step, epoch, losses = 0, 0, []
+        seen = []  # record: (epoch, dataset indices, per-sample losses) of this rank's batches
+        evaluated = []  # record: per epoch, rank 0's evaluation of every sample (loss, true prob, margin)
         while step < steps:
             sampler.set_epoch(epoch)
-            for x, y in loader:
+            order = list(iter(sampler))
+            for k, (x, y) in enumerate(loader):
                 if step == steps:
                     break
                 torch.manual_seed(vnode_seed(spec.seed, step, rank))
-                loss = spec.loss(ddp(x.to(dtype)), y).mean()
+                per_sample = spec.loss(ddp(x.to(dtype)), y)
+                if record:
+                    b = spec.vnode_batch_size
+                    seen.append((epoch, torch.tensor(order[k * b:(k + 1) * b]), per_sample.detach().clone()))
+                loss = per_sample.mean()
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -69,9 +76,17 @@ def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out:
                 dist.all_reduce(mean_loss)
                 losses.append(mean_loss.item() / world)
                 step += 1
+            if record and step % len(loader) == 0 and rank == 0:
+                evaluated.append(_evaluate(model, dataset, dtype))
             epoch += 1
+        result = {"model": model.state_dict(), "losses": losses}
+        if record:
+            every = [None] * world
+            dist.all_gather_object(every, seen)
+            if rank == 0:
+                result["dynamics"] = _tables(every, len(dataset), step // len(loader), evaluated)
         if rank == 0:
-            torch.save({"model": model.state_dict(), "losses": losses}, out)
+            torch.save(result, out)
         # Every rank leaves together: gloo can abort a process that tears its group down while a
         # peer is still using its connections ("terminate called without an active exception").
         dist.barrier()
@@ -79,10 +94,41 @@ def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out:
         dist.destroy_process_group()
 
 
-def run_ddp(spec: JobSpec, steps: int) -> dict:
-    """Train ``spec`` with ``virtual_nodes`` real DDP processes; return rank 0's state and losses."""
+def _evaluate(model, dataset, dtype) -> dict:
+    """Every sample once, in eval mode, in one batch: per-sample loss, true-class probability, margin."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        x = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(dtype)
+        y = torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        probs = logits.softmax(dim=1)
+        true = probs[torch.arange(len(y)), y]
+        others = probs.clone()
+        others[torch.arange(len(y)), y] = -1.0
+        margin = true - others.max(dim=1).values
+    model.train(was_training)
+    return {"loss": loss.float(), "true_prob": true.float(), "margin": margin.float()}
+
+
+def _tables(every: list, num_samples: int, epochs: int, evaluated: list) -> dict:
+    """``{"train": [num_samples, epochs] per-sample losses when seen (NaN: not seen), "eval": {signal: table}}``."""
+    train = torch.full((num_samples, epochs), float("nan"))
+    for seen in every:
+        for epoch, indices, per_sample in seen:
+            if epoch < epochs:
+                train[indices, epoch] = per_sample.float()
+    evals = {name: torch.stack([e[name] for e in evaluated], dim=1) for name in ("loss", "true_prob", "margin")} \
+        if evaluated else {}
+    return {"train": train, "eval": evals}
+
+
+def run_ddp(spec: JobSpec, steps: int, record: bool = False) -> dict:
+    """Train ``spec`` with ``virtual_nodes`` real DDP processes; return rank 0's state and losses
+    (and with ``record``, the per-sample dynamics a recorder would record: ``_tables``)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "ddp.pt")
-        mp.start_processes(_rank_main, args=(spec.virtual_nodes, free_port(), spec, steps, out),
+        mp.start_processes(_rank_main, args=(spec.virtual_nodes, free_port(), spec, steps, out, record),
                            nprocs=spec.virtual_nodes, join=True, start_method="spawn")
         return torch.load(out, weights_only=True)

@@ -76,3 +76,8 @@ class LossWeights(Plugin):
 
 def mutator_spec(**overrides):
     return recorder_spec(plugins=[DynamicsRecorder(eval_batch_size=8), LossWeights()], **overrides)
+
+
+def plain_spec():
+    """The same job without plugins (``vnodes run ... --plugin recorder`` adds one)."""
+    return recorder_spec(plugins=[])
