@@ -228,6 +228,10 @@ def _changed_value(name: str, hint, default):
         return "cpu" if default is None else default + "-other"
     if origin in (typing.Callable, __import__("collections.abc").abc.Callable):
         return _f1
+    if name == "plugins":
+        from vnodes.scheduler.plugins import DynamicsRecorder
+
+        return [DynamicsRecorder()]
     raise TypeError(f"JobSpec.{name}: cannot make a second value of type {hint!r} to test its fingerprint")
 
 
