@@ -1,6 +1,6 @@
 """What the dynamics recorder costs: each measurement beside its anchor, measured in the same run.
 
-    python benchmarks/plugins.py            # about 8 minutes on 2 CPU cores
+    python benchmarks/plugins.py            # about 7 minutes on 2 CPU cores
     python benchmarks/plugins.py --smoke    # tiny sizes, well under a minute: checks the script itself
 
 The job: a small MLP classifier (64 features -> 256 -> 256 -> 10 classes, ~85k parameters) on an
@@ -15,8 +15,10 @@ on the CPU with one intra-op thread per process. Rows, side by side in this one 
    driver's ``on_step_end`` timestamps from the end of its first epoch (warm-up: building, the first
    steps) to its last step, divided by the steps in between; that window covers whole epochs, so the
    recorder's end-of-epoch write (one row per signal, fsynced) is in it. Reported: the medians, the
-   median of the per-pair ratios, and the workers' own compute time per step (``RunState.step_time_s``:
-   forward, backward and the worker half's report, without the reduction and the commit).
+   median of the per-pair ratios, the workers' own compute time per step (``RunState.step_time_s``:
+   forward, backward and the worker half's report, without the reduction and the commit), and the
+   CPU time per step of every process of the job in the same window (this process, master threads
+   included, plus the worker processes: ``psutil``), which a busy neighbour does not inflate.
 2. **Evaluation pass against one training epoch** (target <= 0.4x), 1 worker, two ways:
    (a) on one ``StepEngine.build(spec)`` engine: ``evaluate(step, all nodes)`` against one epoch of
    ``compute`` + ``apply`` (worker side only: no master, no disk), interleaved;
@@ -118,16 +120,40 @@ class Workload:
 
 # -- timing through train() -------------------------------------------------------------------------
 
-class StepClock(Callback):
-    """The driver's view of each committed step: when it was seen, and the workers' compute time."""
+def cpu_seconds() -> float:
+    """CPU time so far of this process (every thread: the master's too) and of its live children
+    (the local workers)."""
+    total = time.process_time()
+    try:
+        import psutil
 
-    def __init__(self):
+        for child in psutil.Process().children(recursive=True):
+            try:
+                t = child.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+    except ImportError:
+        pass
+    return total
+
+
+class StepClock(Callback):
+    """The driver's view of each committed step: when it was seen, the workers' compute time, and
+    the CPU time of every process of the job at the two ends of the timed window."""
+
+    def __init__(self, marks: tuple[int, ...] = ()):
         self.at: dict[int, float] = {}  # step index (0-based) -> perf_counter at its on_step_end
         self.compute: dict[int, float] = {}
+        self.marks, self.cpu = set(marks), {}
 
     def on_step_end(self, state: RunState) -> None:
-        self.at[state.step - 1] = time.perf_counter()
-        self.compute[state.step - 1] = state.step_time_s
+        step = state.step - 1
+        self.at[step] = time.perf_counter()
+        self.compute[step] = state.step_time_s
+        if step in self.marks:
+            self.cpu[step] = cpu_seconds()
+            self.at[step] = time.perf_counter()  # the window starts after this reading, ends before the next
 
     def per_step(self, first: int, last: int) -> float:
         """Seconds per step from the end of step ``first`` to the end of step ``last``."""
@@ -138,12 +164,13 @@ class StepClock(Callback):
 class Run:
     step_s: float  # steady state, wall clock, per step
     compute_s: float  # median of the workers' compute time per step in the same window
+    cpu_s: float  # CPU seconds per step in the window, every process of the job (master and workers)
     total_s: float  # train()'s wall time
 
 
 def run_job(spec: JobSpec, steps: int, workers: int, first: int) -> Run:
     """One fresh job of ``steps`` steps; the steady state from the end of step ``first`` on."""
-    clock = StepClock()
+    clock = StepClock((first, steps - 1))
     gc.collect()
     with tempfile.TemporaryDirectory(prefix="vnodes-bench-plugins-") as tmp:
         result = train(spec, steps=steps, checkpoint_dir=tmp, workers=workers, callbacks=[clock], progress=False)
@@ -152,7 +179,8 @@ def run_job(spec: JobSpec, steps: int, workers: int, first: int) -> Run:
     if missing:
         raise RuntimeError(f"no on_step_end for steps {missing[:5]}...")
     compute = statistics.median(clock.compute[s] for s in range(first + 1, steps))
-    return Run(clock.per_step(first, last), compute, result.wall_time_s)
+    cpu = (clock.cpu[last] - clock.cpu[first]) / (last - first)
+    return Run(clock.per_step(first, last), compute, cpu, result.wall_time_s)
 
 
 @dataclasses.dataclass
@@ -171,8 +199,8 @@ class Pairs:
 
 def interleave(name: str, repeats: int, with_run: Callable[[], Run], without_run: Callable[[], Run],
                progress: Callable[[str], None]) -> Pairs:
-    """``repeats`` back-to-back pairs, the order alternating, after one untimed pair (warm-up)."""
-    with_run(), without_run()
+    """``repeats`` back-to-back pairs, the order alternating. No warm-up pair: every run is a fresh
+    job, and its window starts after its own first epoch (imports, building, first steps)."""
     pairs = Pairs(name)
     for r in range(repeats):
         if r % 2 == 0:
@@ -317,15 +345,6 @@ def _drop_cache(directory: Path) -> bool:
     return True
 
 
-def _read_time(read: Callable[[], np.ndarray], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        read()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def record_at_scale(samples: int, epochs: int, per_step: int, out: Optional[str]) -> dict:
     """The child: feed a recorder's master half; everything measured goes to stdout as JSON."""
     if samples % per_step:
@@ -385,8 +404,28 @@ def record_at_scale(samples: int, epochs: int, per_step: int, out: Optional[str]
     size = sum(p.stat().st_size for p in files)
     allocated = sum(p.stat().st_blocks * 512 for p in files)
     t0 = time.perf_counter()
-    dyn = load_dynamics(run_dir)
+    load_dynamics(run_dir)
     t_load = time.perf_counter() - t0
+    col_e, row_i = epochs // 2, samples // 3
+    readers = {"column": lambda d: np.array(d.loss[:, col_e]), "row": lambda d: np.array(d.loss[row_i, :])}
+    reads = {}
+    # Cold first (pages mapped by a live memmap cannot be dropped), each read through a fresh
+    # load_dynamics, as a reader would open the recording once and read what it needs.
+    cold = _drop_cache(directory)
+    for label, repeats in (("cold", 1 if cold else 0), ("cached", 5)):
+        for kind, read in readers.items():
+            times = []
+            for _ in range(repeats):
+                if label == "cold":
+                    _drop_cache(directory)
+                fresh = load_dynamics(run_dir)
+                t0 = time.perf_counter()
+                read(fresh)
+                times.append(time.perf_counter() - t0)
+                del fresh
+            if times:
+                reads[f"{kind}_{label}_s"] = statistics.median(times)
+    dyn = load_dynamics(run_dir)
     train_dyn = load_dynamics(run_dir, "train")
     # What was recorded is what was fed (the last epoch: its permutation is the last ``perm``).
     last = epochs - 1
@@ -396,17 +435,6 @@ def record_at_scale(samples: int, epochs: int, per_step: int, out: Optional[str]
     exact = bool(np.array_equal(train_dyn.loss[probe, last], fed_train)
                  and np.array_equal(dyn.loss[probe, last], fed_eval))
     nan_free = bool(not np.isnan(dyn.loss[:, last]).any() and not np.isnan(train_dyn.loss[:, last]).any())
-    col_e, row_i = epochs // 2, samples // 3
-    reads = {}
-    for label in ("cached", "cold"):
-        if label == "cold" and not _drop_cache(directory):
-            break
-        # A cold read is cold once: then the pages are cached again. Drop them before each repeat.
-        repeats = 5 if label == "cached" else 1
-        reads[f"column_{label}_s"] = _read_time(lambda: np.array(dyn.loss[:, col_e]), repeats)
-        if label == "cold":
-            _drop_cache(directory)
-        reads[f"row_{label}_s"] = _read_time(lambda: np.array(dyn.loss[row_i, :]), repeats)
     peak_after_read = _maxrss()
     result = {
         "samples": samples, "epochs": epochs, "per_step": per_step, "steps_per_epoch": spe,
@@ -474,49 +502,52 @@ def _verdict(passed: bool) -> str:
 
 def print_tables(console, work: Workload, step_pairs: list[Pairs], engine_eval: EngineEval, train_eval: Pairs,
                  half: tuple[float, float], scale: Optional[dict], epochs: int) -> bool:
+    from rich.markup import escape
     from rich.table import Table
 
     ok = True
     console.print(header(), highlight=False)
     table = Table(title=f"DynamicsRecorder cost: MLP {FEATURES}-{work.hidden}-{work.hidden}-{CLASSES}, "
                   f"{work.samples:,} synthetic samples, {work.virtual_nodes} x {work.vnode_batch_size} per step "
-                  f"({work.steps_per_epoch} steps/epoch), CPU, {work.threads} thread(s) per process, fast mode")
+                  f"({work.steps_per_epoch} steps/epoch), CPU, {work.threads} thread(s) per process, fast mode; "
+                  f"step times: steady state over the last {epochs - 1} of {epochs} epochs of each run")
     for name, justify in (("measurement", "left"), ("with", "right"), ("anchor (same run)", "right"),
-                          ("ratio", "right"), ("pairs p25-p75", "right"), ("target", "right"), ("", "center"),
-                          ("worker compute/step\nwith / without", "right")):
+                          ("ratio", "right"), ("pairs\np25-p75", "right"), ("target", "right"), ("", "center"),
+                          ("worker compute/step\nwith / without", "right"),
+                          ("CPU/step, all processes\nwith / without", "right")):
         table.add_column(name, justify=justify)
     for p in step_pairs:
         ratio = statistics.median(p.ratios())
         passed = ratio <= TARGET_STEP_RATIO
         ok &= passed
-        table.add_row(f"step time, recorder (eval_pass=False) vs none, {p.name}; steady state over "
-                      f"{epochs - 1} epoch(s), {len(p.with_)} pairs",
+        table.add_row(f"step, DynamicsRecorder(eval_pass=False) vs no plugin, {p.name}, {len(p.with_)} pairs",
                       _ms(Pairs.median(p.with_)), _ms(Pairs.median(p.without)), f"{ratio:.3f}x", _q(p.ratios()),
                       f"<= {TARGET_STEP_RATIO:.2f}x", _verdict(passed),
-                      f"{_ms(Pairs.median(p.with_, 'compute_s'))} / {_ms(Pairs.median(p.without, 'compute_s'))}")
+                      f"{_ms(Pairs.median(p.with_, 'compute_s'))} / {_ms(Pairs.median(p.without, 'compute_s'))}",
+                      f"{_ms(Pairs.median(p.with_, 'cpu_s'))} / {_ms(Pairs.median(p.without, 'cpu_s'))}")
     ratio = statistics.median(engine_eval.ratios())
     passed = ratio <= TARGET_EVAL_RATIO
     ok &= passed
-    table.add_row(f"(a) StepEngine.evaluate over all {engine_eval.eval_samples:,} samples vs one epoch of "
-                  f"compute + apply, same engine, {len(engine_eval.eval_s)} pairs",
+    table.add_row(f"eval pass (a): StepEngine.evaluate, {engine_eval.eval_samples:,} samples, vs one epoch of "
+                  f"compute + apply; {len(engine_eval.eval_s)} pairs",
                   _ms(statistics.median(engine_eval.eval_s)), _ms(statistics.median(engine_eval.epoch_s)),
-                  f"{ratio:.3f}x", _q(engine_eval.ratios()), f"<= {TARGET_EVAL_RATIO:.1f}x", _verdict(passed), "")
+                  f"{ratio:.3f}x", _q(engine_eval.ratios()), f"<= {TARGET_EVAL_RATIO:.1f}x", _verdict(passed), "", "")
     extra = [w.step_s - o.step_s for w, o in zip(train_eval.with_, train_eval.without)]
     spe = work.steps_per_epoch
     ratios = [d / o.step_s for d, o in zip(extra, train_eval.without)]
     ratio = statistics.median(ratios)
     passed = ratio <= TARGET_EVAL_RATIO
     ok &= passed
-    table.add_row(f"(b) evaluation pass via train(), 1 worker: epoch window with DynamicsRecorder() minus "
-                  f"eval_pass=False, vs that epoch; {len(extra)} pairs",
+    table.add_row(f"eval pass (b): train(), 1 worker, epoch window with eval_pass minus without, vs that "
+                  f"epoch; {len(extra)} pairs",
                   _ms(statistics.median(extra) * spe), _ms(Pairs.median(train_eval.without) * spe),
-                  f"{ratio:.3f}x", _q(ratios), f"<= {TARGET_EVAL_RATIO:.1f}x", _verdict(passed), "")
+                  f"{ratio:.3f}x", _q(ratios), f"<= {TARGET_EVAL_RATIO:.1f}x", _verdict(passed), "", "")
     anchor = Pairs.median(step_pairs[0].without)
-    table.add_row(f"worker half: RecorderWorker.report, {VNODES} batches of {VNODE_BATCH} (one step), vs the "
-                  f"step without the recorder ({step_pairs[0].name})", _us(half[0]), _ms(anchor),
-                  f"{half[0] / anchor:.3f}x", "-", "", "", "")
-    table.add_row("worker half: RecorderWorker.report, one evaluation chunk of 256", _us(half[1]), "", "", "", "", "",
-                  "")
+    table.add_row(f"worker half: RecorderWorker.report of one step ({VNODES} x {VNODE_BATCH}), vs the step "
+                  f"(no plugin, {step_pairs[0].name})", _us(half[0]), _ms(anchor),
+                  f"{half[0] / anchor:.3f}x", "-", "", "", "", "")
+    table.add_row("worker half: RecorderWorker.report of one evaluation chunk (1 x 256)", _us(half[1]), "", "", "", "", "",
+                  "", "")
     console.print(table)
 
     if scale is None:
@@ -549,14 +580,15 @@ def print_tables(console, work: Workload, step_pairs: list[Pairs], engine_eval: 
                   f"{s['files']} files ({s['allocated'] / MB:,.1f} MiB allocated); "
                   f"expected {2 * 3 * recorded * 4 / MB:,.1f} MiB")
     table.add_row("load_dynamics", f"{s['shape'][0]:,} x {s['shape'][1]}",
-                  f"eval {s['shape']}, train {s['train_shape']}, signals {s['signals']}; "
-                  f"{_ms(s['load_s'])} to open; values as fed: {s['exact']}, last epoch NaN-free: {s['nan_free']}")
+                  escape(f"eval {s['shape']}, train {s['train_shape']}, signals {s['signals']}; "
+                  f"{_ms(s['load_s'])} to open; values as fed: {s['exact']}, last epoch NaN-free: {s['nan_free']}"))
     for kind, what in (("column", "loss[:, e]: one epoch, every sample (contiguous)"),
                        ("row", "loss[i, :]: one sample, every epoch (strided)")):
         cold = s.get(f"{kind}_cold_s")
-        table.add_row(f"read {what}", _ms(s[f"{kind}_cached_s"]),
-                      "page cache" + (f"; cold (after posix_fadvise DONTNEED): {_ms(cold)}" if cold is not None
-                                      else "; cold not measured (no posix_fadvise)"))
+        table.add_row(escape(f"read {what}"), _ms(s[f"{kind}_cached_s"]),
+                      "from the page cache, fresh load_dynamics each read" +
+                      (f"; cold (after posix_fadvise DONTNEED): {_ms(cold)}" if cold is not None
+                       else "; cold not measured (no posix_fadvise)"))
     table.add_row("peak RSS after the reads", f"{s['maxrss_after_reads'] / MB:,.1f} MiB", "")
     console.print(table)
     return ok
@@ -565,16 +597,20 @@ def print_tables(console, work: Workload, step_pairs: list[Pairs], engine_eval: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, well under a minute")
-    parser.add_argument("--repeats", type=int, help="timed pairs per row (default 5; smoke 2)")
+    parser.add_argument("--repeats", type=int,
+                        help="timed pairs per in-process row (default 9; smoke 2)")
+    parser.add_argument("--repeats-workers", type=int,
+                        help="timed pairs of the 3-worker row, ~12 s of process start-up per run (default 5; smoke 1)")
     parser.add_argument("--epochs", type=int, help="epochs of the recording at scale (default 100; smoke 2)")
     parser.add_argument("--samples", type=int, help="samples of the recording at scale (default 1,280,000)")
-    parser.add_argument("--train-epochs", type=int, default=3,
-                        help="epochs per timed train() run of the step-cost rows; the first is warm-up "
+    parser.add_argument("--train-epochs", type=int, default=4,
+                        help="epochs per timed train() run of the step-cost rows, the first one not timed "
                         "(default %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process (default %(default)s)")
     parser.add_argument("--skip-scale", action="store_true", help="leave out the recording at scale")
     parser.add_argument("--dir", help="where the recording at scale writes (default: the system's temporary folder)")
-    parser.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
+    parser.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed "
+                        "(noisy on a shared machine)")
     parser.add_argument("--child-recording", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -585,19 +621,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.console import Console
 
-    console = Console(width=None if sys.stdout.isatty() else 150)
+    console = Console(width=None if sys.stdout.isatty() else 180)
 
     def progress(line: str) -> None:
         console.print(line, style="dim", highlight=False)
 
     if args.smoke:
-        work = Workload(samples=2048, hidden=32)  # 2 steps per epoch
-        repeats, epochs, samples = args.repeats or 2, args.epochs or 2, args.samples or 64 * 1024
-        train_epochs = 2
+        work = Workload(samples=2048, hidden=32, threads=args.threads)  # 2 steps per epoch
+        repeats, repeats_workers = args.repeats or 2, args.repeats_workers or 1
+        epochs, samples, train_epochs = args.epochs or 2, args.samples or 64 * 1024, 2
     else:
         work = Workload(threads=args.threads)
-        repeats, epochs, samples = args.repeats or 5, args.epochs or 100, args.samples or 1_280_000
-        train_epochs = max(2, args.train_epochs)
+        repeats, repeats_workers = args.repeats or 9, args.repeats_workers or 5
+        epochs, samples, train_epochs = args.epochs or 100, args.samples or 1_280_000, max(2, args.train_epochs)
     torch.set_num_threads(work.threads)
     t0 = time.perf_counter()
 
@@ -605,9 +641,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_scale:
         progress(f"recording {samples:,} samples x {epochs} epochs in a child process...")
         scale = run_child(samples, epochs, 1024, args.dir, timeout_s=3600)
-        progress(f"  done in {scale['wall_s']:.0f} s")
+        progress(f"  done: {scale['wall_s']:.0f} s in the recorder's loop")
     half = worker_half_cost(repeats=max(3, repeats), calls=20 if args.smoke else 200)
-    step_pairs = [step_cost(work, w, train_epochs, repeats, progress) for w in (1, 3)]
+    step_pairs = [step_cost(work, 1, train_epochs, repeats, progress),
+                  step_cost(work, 3, train_epochs, repeats_workers, progress)]
     engine_eval = eval_on_engine(work, repeats, progress)
     train_eval = eval_through_train(work, repeats, progress)
     progress(f"measured in {time.perf_counter() - t0:.0f} s")

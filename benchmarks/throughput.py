@@ -10,6 +10,10 @@ worker with the same fixed thread count:
 
 - engine: ``StepEngine`` in fast mode, sequential execution, driven step by step
   (``compute`` then ``apply``), so building the model and the dataset is not timed;
+- ``train()``: the whole of ``train(spec, workers=1)``, what a user runs: the in-process master,
+  the direct transport, the worker agent and the engine (``scheduler/direct.py``). It runs in a
+  thread that a callback holds at the end of each step, so that the steps can be timed one run at a
+  time, interleaved with the others; the hand-off (a semaphore each way) counts against it;
 - hand loop: ``for each micro-batch: forward, loss.mean() / N, backward``; then ``optimizer.step()``
   and ``zero_grad()``.
 
@@ -41,6 +45,7 @@ import io
 import pstats
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -52,7 +57,7 @@ from torch.utils.data import TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from models import BasicBlock
-from vnodes.runtime import JobSpec, StepEngine, VNodeSampler
+from vnodes.runtime import Callback, JobSpec, StepEngine, VNodeSampler, train
 
 TARGET_RATIO = 0.97  # engine samples/s >= 0.97 x the hand loop's
 
@@ -139,6 +144,34 @@ class EngineRunner:
         self.step += 1
 
 
+class TrainRunner:
+    """``train(spec, workers=1)`` in a thread, held after each step until ``run_step`` lets it go on."""
+
+    def __init__(self, spec: JobSpec, total_steps: int):
+        self.go, self.stepped = threading.Semaphore(0), threading.Semaphore(0)
+        runner = self
+
+        class Gate(Callback):
+            def on_step_end(self, state):
+                runner.stepped.release()
+                runner.go.acquire()
+
+        self.thread = threading.Thread(target=train, args=(spec, total_steps), daemon=True,
+                                       kwargs={"callbacks": [Gate()], "progress": False})
+        self.thread.start()
+        self.stepped.acquire()  # step 0 (building the job included) is not timed
+
+    def run_step(self) -> None:
+        self.go.release()
+        self.stepped.acquire()
+
+    def finish(self) -> None:
+        """Let the run go to its end (its remaining steps and its final checkpoint)."""
+        while self.thread.is_alive():
+            self.go.release()
+            self.thread.join(timeout=0.05)
+
+
 class HandLoop:
     def __init__(self, spec: JobSpec):
         self.spec = spec
@@ -193,17 +226,18 @@ class Measurement:
     engine: list[Timing]
     hand: list[Timing]
     max_param_diff: float
+    train: list[Timing] = dataclasses.field(default_factory=list)
 
     def samples_per_s(self, side: list[Timing]) -> float:
         batch = self.config.virtual_nodes * self.config.vnode_batch_size
         return batch / statistics.median(t.wall_s for t in side)
 
-    def ratios(self, clock: str) -> list[float]:
-        """Engine throughput over hand-loop throughput, per back-to-back pair."""
-        return [getattr(h, clock) / getattr(e, clock) for e, h in zip(self.engine, self.hand)]
+    def ratios(self, clock: str, side: str = "engine") -> list[float]:
+        """``side``'s throughput (engine or train) over the hand loop's, per back-to-back run."""
+        return [getattr(h, clock) / getattr(e, clock) for e, h in zip(getattr(self, side), self.hand)]
 
-    def ratio(self, clock: str) -> float:
-        return statistics.median(self.ratios(clock))
+    def ratio(self, clock: str, side: str = "engine") -> float:
+        return statistics.median(self.ratios(clock, side))
 
     def per_vnode_s(self, side: list[Timing], clock: str) -> float:
         return statistics.median(getattr(t, clock) for t in side) / self.config.virtual_nodes
@@ -219,21 +253,22 @@ def measure(cfg: Config, threads: int, width: int, repeats: int, steps: int, war
     spec = make_spec(cfg, threads, width)
     diff = check_same_math(spec)
     engine, hand = EngineRunner(spec), HandLoop(spec)
+    whole = TrainRunner(spec, 1 + warmup + repeats * steps)
     timed(engine, warmup)
     timed(hand, warmup)
+    timed(whole, warmup)
     m = Measurement(cfg, [], [], diff)
+    sides = [(engine, m.engine), (hand, m.hand), (whole, m.train)]
     for r in range(repeats):
-        if r % 2 == 0:
-            m.engine.append(timed(engine, steps))
-            m.hand.append(timed(hand, steps))
-        else:
-            m.hand.append(timed(hand, steps))
-            m.engine.append(timed(engine, steps))
+        for runner, out in (sides if r % 2 == 0 else sides[::-1]):
+            out.append(timed(runner, steps))
         if (r + 1) % 5 == 0 or r + 1 == repeats:
             console.print(f"  {cfg.name}: {r + 1}/{repeats} pairs; median step engine "
                           f"{statistics.median(t.wall_s for t in m.engine) * 1e3:.1f} ms, hand "
-                          f"{statistics.median(t.wall_s for t in m.hand) * 1e3:.1f} ms",
+                          f"{statistics.median(t.wall_s for t in m.hand) * 1e3:.1f} ms, train() "
+                          f"{statistics.median(t.wall_s for t in m.train) * 1e3:.1f} ms",
                           style="dim", highlight=False)
+    whole.finish()
     return m
 
 
@@ -274,11 +309,14 @@ def report(results: list[Measurement], floor: Measurement, threads: int, width: 
     table.add_column("", justify="center")
     table.add_column("extra wall\nper VN", justify="right")
     table.add_column("same math\nmax |dparam|", justify="right")
+    table.add_column("train()/hand\nwall", justify="right")
+    table.add_column("", justify="center")
     ok = True
     for m in results:
         wall, cpu = m.ratio("wall_s"), m.ratio("cpu_s")
-        passed = wall >= TARGET_RATIO
-        ok &= passed
+        whole = m.ratio("wall_s", "train")
+        passed, whole_passed = wall >= TARGET_RATIO, whole >= TARGET_RATIO
+        ok &= passed and whole_passed
         q = statistics.quantiles(m.ratios("wall_s"), n=4) if pairs > 1 else [wall] * 3
         table.add_row(
             m.config.name,
@@ -291,6 +329,8 @@ def report(results: list[Measurement], floor: Measurement, threads: int, width: 
             "[green]ok[/green]" if passed else "[red]below[/red]",
             _us(m.extra_per_vnode_s("wall_s")),
             f"{m.max_param_diff:.1e}",
+            f"{whole:.3f}x",
+            "[green]ok[/green]" if whole_passed else "[red]below[/red]",
         )
     console.print(table)
 
@@ -300,9 +340,11 @@ def report(results: list[Measurement], floor: Measurement, threads: int, width: 
     floor_table.add_column("engine", justify="right")
     floor_table.add_column("hand loop", justify="right")
     floor_table.add_column("engine extra", justify="right")
+    floor_table.add_column("train()", justify="right")
     for clock, label in (("wall_s", "wall"), ("cpu_s", "CPU (all threads)")):
         floor_table.add_row(label, _us(floor.per_vnode_s(floor.engine, clock)),
-                            _us(floor.per_vnode_s(floor.hand, clock)), _us(floor.extra_per_vnode_s(clock)))
+                            _us(floor.per_vnode_s(floor.hand, clock)), _us(floor.extra_per_vnode_s(clock)),
+                            _us(floor.per_vnode_s(floor.train, clock)))
     console.print(floor_table)
     console.print(f"same math (tiny model): max |dparam| {floor.max_param_diff:.1e}", highlight=False)
     return ok

@@ -12,6 +12,11 @@ A step, seen from here::
     commit(e, s, ok) from every member  -> COMMIT: step = s + 1 (each member applies)
     a member lost, or a report not ok   -> ABORT:  re-form epoch e + 1, redo s
 
+Plugins (``plugins/host.py``): at ``Event.PLAN`` a RUN plan gets the mutators' per-sample inputs
+for the member's nodes and, at the first step of an epoch, the request for the evaluation pass of
+the epoch before (an EVAL plan after the last step); at ``Event.STEP_COMMITTED`` the host consumes the
+members' reports; a CHECKPOINT plan carries the plugins' state; a roll-back to a checkpoint restores it.
+
 Membership changes (joins, leaves, deaths) take effect only at a step boundary: after a commit, or
 after an abort. A member's ``held_step`` is the step whose state it holds; a new epoch whose
 members do not all hold the current step names a ``sync_source_rank`` that broadcasts its state.
@@ -454,7 +459,8 @@ class Master:
                 raise BadRequest(f"step {step} of epoch {epoch} is not decided (or too old to remember)")
             if decision != Decision.COMMIT or not want_next or info.state == WorkerState.DEAD:
                 return decision, None
-            info.held_step = step + 1
+            if step < self.steps:  # a training step (an EVAL plan's commit applies nothing)
+                info.held_step = step + 1
             plan = self._plan_for(info)
             return decision, plan if plan.kind == PlanKind.RUN else None
 

@@ -271,3 +271,20 @@ def test_the_command_line_enables_the_recorder(tmp_path):
     proc = vnodes("run", f"{JOBS}:recorder_spec", "--steps", "12", "--no-progress", "--plugin", "recorder")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and b"unique" in err, err.decode()[-2000:]
+
+
+def test_fused_execution_shows_plugins_each_node_s_samples(tmp_path):
+    """Fused groups interleave their nodes' rows; the plugins still see (and the mutator still
+    weights) each node's own samples: fused equals sequential within float64 rounding."""
+    tables_of = {}
+    for execution in ("sequential", "fused"):
+        run_dir = tmp_path / execution
+        spec = mutator_spec(model=small_cnn, deterministic=False, execution=execution, fused_group_size=2)
+        result = train(spec, steps=STEPS, checkpoint_dir=run_dir)
+        tables_of[execution] = (tables(run_dir), result)
+    (seq, seq_result), (fused, fused_result) = tables_of["sequential"], tables_of["fused"]
+    assert sorted(seq) == sorted(fused)
+    for name in seq:
+        np.testing.assert_allclose(fused[name], seq[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    for k, v in seq_result.model_state_dict.items():
+        assert torch.allclose(fused_result.model_state_dict[k], v, rtol=1e-9, atol=1e-12), k

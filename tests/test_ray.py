@@ -97,3 +97,18 @@ def test_free_resources_split_over_nodes_start_one_waiting_actor_not_many(cluste
                                    "poll_s": 0.5})
     assert len(result.losses) == 3
     assert len(seen) > 12 and max(seen[:12]) == 1, seen
+
+
+def test_plugins_on_ray_record_bitwise_what_one_process_records(cluster, tmp_path):
+    """The recorder and a mutator, on two Ray actors: the parameters and every recorded table are
+    bitwise those of one in-process worker."""
+    from plugin_jobs import STEPS as PLUGIN_STEPS
+    from plugin_jobs import mutator_spec
+    from test_plugins import assert_same_run
+
+    c, tmp = cluster
+    c.add_node(num_cpus=1, temp_dir=tmp)
+    train(mutator_spec(), steps=PLUGIN_STEPS, checkpoint_dir=tmp_path / "local", checkpoint_every=4)
+    train(mutator_spec(), steps=PLUGIN_STEPS, checkpoint_dir=tmp_path / "ray", checkpoint_every=4, launcher="ray",
+          workers=2, launch_options={"worker_options": RayWorkerOptions(num_cpus=1), "poll_s": 0.5})
+    assert_same_run(tmp_path / "ray", tmp_path / "local")
