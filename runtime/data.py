@@ -89,3 +89,15 @@ def move_batch(batch: Any, device: torch.device, float_dtype: torch.dtype) -> An
     if isinstance(batch, dict):
         return {k: move_batch(v, device, float_dtype) for k, v in batch.items()}
     return batch
+
+
+def take_rows(batch: Any, rows: torch.Tensor) -> Any:
+    """The rows ``rows`` (int64, along the first dimension) of every tensor in a collated batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch[rows.to(batch.device)]
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(take_rows(b, rows) for b in batch)
+    if isinstance(batch, dict):
+        return {k: take_rows(v, rows) for k, v in batch.items()}
+    raise TypeError(f"cannot choose rows of a batch holding a {type(batch).__name__}; a plugin that selects "
+                    "samples needs batches of tensors (in tuples, lists or dicts)")

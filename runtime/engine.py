@@ -20,19 +20,20 @@ engine runs alone (``train(workers=1)``) or inside a worker agent.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import random
 import warnings
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from .data import BatchKey, BatchLoader, move_batch
+from .data import BatchKey, BatchLoader, move_batch, take_rows
 from .devices import choose_device
 from .errors import InvalidJobSpec, JobCodeError, NonFiniteLoss
 from .events import Event
@@ -43,7 +44,7 @@ from .graphs import GroupGraphs, unsupported_reason
 from .plugins import SampleBatch, SampleColumns, WorkerHalf
 from .reduction import Block, Payload, TreeReducer
 from .sampler import VNodeSampler
-from .seeding import EVAL_STREAM, MODEL_STREAM, seed_everything, seed_generators, vnode_seed
+from .seeding import EVAL_STREAM, MODEL_STREAM, SELECT_STREAM, seed_everything, seed_generators, vnode_seed
 from .spec import JobSpec
 from .vnode_state import RunningStats
 
@@ -85,7 +86,8 @@ def call_job_code(role: str, function: Callable, *args: Any) -> Any:
 
 
 def build_dataset(spec: JobSpec) -> Any:
-    """The job's dataset, checked: map-style, with ``(input, target)`` items.
+    """The job's dataset, checked: map-style, with ``(input, target)`` items; as the plugins that
+    change ``"dataset"`` wrap it.
 
     Raises:
         InvalidJobSpec: it has no ``__len__``, is empty, or its items are not pairs.
@@ -104,6 +106,9 @@ def build_dataset(spec: JobSpec) -> Any:
         shape = f"a {type(item).__name__}" + (f" of {len(item)}" if isinstance(item, (tuple, list)) else "")
         raise InvalidJobSpec("dataset", f"items must be (input, target) pairs, but item 0 is {shape}; "
                              "return (x, y) from the dataset's __getitem__")
+    for plugin in spec.plugins:  # e.g. metadata archaeology's probes (plugins.py)
+        if "dataset" in plugin.changes:
+            dataset = plugin.wrap_dataset(dataset, spec.seed)
     return dataset
 
 
@@ -140,13 +145,16 @@ class StepEngine:
         self.float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                                 torch.get_default_dtype())
         self._loss_checked = False
+        self._chosen_count: Optional[int] = None  # rows a selecting plugin chose per node (all alike)
         self.fusion: Optional[FusionContext] = None
         self.graphs: Optional[GroupGraphs] = None
         self.group_size: Optional[int] = spec.fused_group_size  # None: all of a worker's nodes
         self.emit: Callable[..., None] = _no_subscriber  # (event, step, work=1): the worker's event subscribers
-        # Plugins' worker halves: (name, changes the loss, half).
+        # Plugins' worker halves: (name, changes the loss, half); the one that chooses rows, if any.
         self.halves: list[tuple[str, bool, WorkerHalf]] = [(p.name, "loss" in p.changes, p.worker_half())
                                                              for p in spec.plugins]
+        self.selector: Optional[tuple[str, WorkerHalf]] = next(
+            ((name, half) for (name, _, half), p in zip(self.halves, spec.plugins) if "batch" in p.changes), None)
         self.eval_batch_size: Optional[int] = max((p.eval_pass_batch_size() or 0 for p in spec.plugins), default=0) or None
         if spec.execution == "fused":
             unknown = check_fusable(model)
@@ -221,6 +229,10 @@ class StepEngine:
                 raise ValueError(f"batch for step {batch_step} arrived during step {step}")
             self.stats.restore()
             inputs_v, targets = move_batch(batch, self.device, self.float_dtype)
+            chosen = None
+            if self.selector is not None:
+                chosen = self._select(step, vnode_id, position, inputs_v, targets, inputs)
+                inputs_v, targets = take_rows(inputs_v, chosen), take_rows(targets, chosen)
             seed_generators(vnode_seed(spec.seed, step, vnode_id, MODEL_STREAM), self.device)
             self.emit(Event.BATCH_LOADED, step)
             outputs = self.model(inputs_v)
@@ -229,7 +241,7 @@ class StepEngine:
                 self._check_per_sample(per_sample, targets)
             self.emit(Event.LOSS_COMPUTED, step)
             if self.halves:
-                per_sample = self._see(views, step, vnode_id, position, per_sample, outputs, targets, inputs)
+                per_sample = self._see(views, step, vnode_id, position, per_sample, outputs, targets, inputs, chosen)
             vnode_loss = per_sample.mean()
             (vnode_loss / n).backward()
             self.emit(Event.BACKWARD_DONE, step)
@@ -253,23 +265,60 @@ class StepEngine:
 
     # -- plugins -------------------------------------------------------------------------------
 
-    def _see(self, views: list[SampleBatch], step: int, vnode_id: int, position: int, per_sample: torch.Tensor,
-             outputs: Any, targets: Any, inputs: Optional[dict[str, SampleColumns]]) -> torch.Tensor:
-        """Show one node's samples to the plugins' worker halves; mutators may replace its loss."""
+    def _plan_rows(self, name: str, step: int, vnode_id: int, position: int,
+                   inputs: Optional[dict[str, SampleColumns]], indices: torch.Tensor,
+                   chosen: Optional[torch.Tensor] = None) -> Optional[SampleColumns]:
+        """Plugin ``name``'s plan inputs for the node at ``position`` (``chosen``: of these rows only)."""
+        if not inputs or name not in inputs:
+            return None
         b = self.spec.vnode_batch_size
+        rows = np.arange(position * b, (position + 1) * b)
+        if chosen is not None:
+            rows = rows[chosen.cpu().numpy()]
+        out = inputs[name].select(rows)
+        if not np.array_equal(out.indices, indices.numpy()):
+            raise ValueError(f"plugin {name!r}: the plan's inputs for virtual node {vnode_id} at step {step} "
+                             "are for other samples")
+        return out
+
+    def _select(self, step: int, vnode_id: int, position: int, inputs_v: Any, targets: Any,
+                inputs: Optional[dict[str, SampleColumns]]) -> torch.Tensor:
+        """The rows of a node's batch that it trains on: the selecting plugin's choice after a scoring
+        forward of the whole batch (eval mode, no_grad; running statistics and random streams untouched)."""
+        name, half = self.selector
         indices = torch.tensor(self.sampler.indices(step, vnode_id), dtype=torch.int64)
+        with self._evaluating():
+            outputs = self.model(inputs_v)
+            per_sample = self.spec.loss(outputs, targets)
+        view = SampleBatch("score", step, vnode_id, indices, per_sample.detach(), _detach(outputs), targets,
+                           self._plan_rows(name, step, vnode_id, position, inputs, indices))
+        generator = torch.Generator().manual_seed(vnode_seed(self.spec.seed, step, vnode_id, SELECT_STREAM))
+        chosen = torch.as_tensor(half.select(view, generator), dtype=torch.int64).cpu()
+        expected = self._chosen_count
+        if chosen.ndim != 1 or (expected is not None and len(chosen) != expected) or len(chosen) == 0 \
+                or len(torch.unique(chosen)) != len(chosen) or chosen.min() < 0 or chosen.max() >= len(indices) \
+                or not bool((chosen[1:] > chosen[:-1]).all()):
+            raise ValueError(f"plugin {name!r} chose rows {chosen.tolist()[:8]}... of virtual node {vnode_id}'s batch of "
+                             f"{len(indices)} at step {step}; select must return distinct rows, ascending, as many "
+                             "for every node")
+        self._chosen_count = len(chosen)
+        return chosen
+
+    def _see(self, views: list[SampleBatch], step: int, vnode_id: int, position: int, per_sample: torch.Tensor,
+             outputs: Any, targets: Any, inputs: Optional[dict[str, SampleColumns]],
+             chosen: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Show one node's samples (``chosen``: the rows it trains on) to the plugins' worker halves;
+        mutators may replace its loss."""
+        indices = torch.tensor(self.sampler.indices(step, vnode_id), dtype=torch.int64)
+        if chosen is not None:
+            indices = indices[chosen]
         view = SampleBatch("train", step, vnode_id, indices, per_sample.detach(), _detach(outputs), targets)
         views.append(view)
         for name, changes_loss, half in self.halves:
             if not changes_loss:
                 continue
-            rows = None
-            if inputs and name in inputs:
-                rows = inputs[name].select(slice(position * b, (position + 1) * b))
-                if not np.array_equal(rows.indices, indices.numpy()):
-                    raise ValueError(f"plugin {name!r}: the plan's inputs for virtual node {vnode_id} at step {step} "
-                                     "are for other samples")
-            per_sample = half.loss(dataclasses.replace(view, inputs=rows), per_sample)
+            rows = self._plan_rows(name, step, vnode_id, position, inputs, indices, chosen)
+            per_sample = half.loss(dataclasses.replace(view, inputs=rows), per_sample, outputs)
         return per_sample
 
     def _reports(self, views: list[SampleBatch]) -> dict[str, SampleColumns]:
@@ -282,6 +331,21 @@ class StepEngine:
                 reports[name] = report
         return reports
 
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """Eval mode under ``no_grad``; on the way out, train mode and every random stream (torch's,
+        Python's, NumPy's) as they were."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                self.model.eval()
+                yield
+        finally:
+            self.model.train()
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
     def evaluate(self, step: int, vnodes: Iterable[int]) -> dict[str, SampleColumns]:
         """The evaluation pass of these virtual nodes' shards with the weights of ``step``: node
         ``v`` evaluates samples ``v, v + N, ...`` in batches of ``eval_batch_size``, in eval mode,
@@ -289,27 +353,19 @@ class StepEngine:
         spec, n = self.spec, self.spec.virtual_nodes
         size = len(self.loader.dataset)
         parts: dict[str, list[SampleColumns]] = {name: [] for name, _, _ in self.halves}
-        devices = [self.device] if self.device.type == "cuda" else []
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
-                self.model.eval()
-                for vnode_id in vnodes:
-                    shard = torch.arange(vnode_id, size, n, dtype=torch.int64)
-                    for start in range(0, len(shard), self.eval_batch_size):
-                        indices = shard[start:start + self.eval_batch_size]
-                        seed_everything(vnode_seed(spec.seed, step, vnode_id, EVAL_STREAM), self.device)
-                        batch = self.loader.load(indices.tolist())
-                        inputs, targets = move_batch(batch, self.device, self.float_dtype)
-                        outputs = self.model(inputs)
-                        per_sample = spec.loss(outputs, targets)
-                        view = SampleBatch("eval", step, vnode_id, indices, per_sample, outputs, targets)
-                        for name, _, half in self.halves:
-                            parts[name].append(half.report([view]))
-        finally:
-            self.model.train()
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+        with self._evaluating():
+            for vnode_id in vnodes:
+                shard = torch.arange(vnode_id, size, n, dtype=torch.int64)
+                for start in range(0, len(shard), self.eval_batch_size):
+                    indices = shard[start:start + self.eval_batch_size]
+                    seed_everything(vnode_seed(spec.seed, step, vnode_id, EVAL_STREAM), self.device)
+                    batch = self.loader.load(indices.tolist())
+                    inputs, targets = move_batch(batch, self.device, self.float_dtype)
+                    outputs = self.model(inputs)
+                    per_sample = spec.loss(outputs, targets)
+                    view = SampleBatch("eval", step, vnode_id, indices, per_sample, outputs, targets)
+                    for name, _, half in self.halves:
+                        parts[name].append(half.report([view]))
         return {name: SampleColumns.concat(p) for name, p in parts.items() if any(x is not None for x in p)}
 
     def _finish(self, step: int, vnode_losses: dict[int, torch.Tensor], buffer_sum: Optional[list[torch.Tensor]],
@@ -394,6 +450,14 @@ class StepEngine:
             if any(key[0] != step for key, _ in group):
                 raise ValueError(f"a batch of another step arrived during step {step}")
             self.stats.restore()
+            chosen: dict[int, torch.Tensor] = {}
+            if self.selector is not None:  # each node's choice, from its own scoring forward (not fused)
+                picked = []
+                for k, (key, batch) in enumerate(group):
+                    x, y = move_batch(batch, self.device, self.float_dtype)
+                    chosen[key[1]] = self._select(step, key[1], start + k, x, y, inputs)
+                    picked.append((key, take_rows(batch, chosen[key[1]])))
+                group = picked
             inputs_g, targets = move_batch(interleave_batches([b for _, b in group]), self.device, self.float_dtype)
             self.emit(Event.BATCH_LOADED, step, len(group))
             ctx.groups, ctx.rows = len(group), leading_rows(inputs_g)
@@ -413,9 +477,9 @@ class StepEngine:
                     before = default_generator_states(self.device)
                     see = None
                     if self.halves:
-                        def see(per_sample, outputs, targets, start=start, vnode_ids=vnode_ids):
+                        def see(per_sample, outputs, targets, start=start, vnode_ids=vnode_ids, chosen=chosen):
                             return self._see_group(views, step, vnode_ids, start, per_sample, outputs, targets,
-                                                   inputs)
+                                                   inputs, chosen)
                     means = self._group_forward_backward(inputs_g, targets, len(group), step, see)
                     check_no_stray_draws(before, self.device)
             finally:
@@ -441,7 +505,8 @@ class StepEngine:
 
     def _see_group(self, views: list[SampleBatch], step: int, vnode_ids: list[int], start: int,
                    per_sample: torch.Tensor, outputs: Any, targets: Any,
-                   inputs: Optional[dict[str, SampleColumns]]) -> torch.Tensor:
+                   inputs: Optional[dict[str, SampleColumns]],
+                   chosen: Optional[dict[int, torch.Tensor]] = None) -> torch.Tensor:
         """``_see`` for a fused group, whose rows are interleaved (row ``i * G + k``: sample ``i`` of
         the group's ``k``-th node)."""
         groups = len(vnode_ids)
@@ -451,7 +516,7 @@ class StepEngine:
             node_outputs = outputs[rows] if isinstance(outputs, torch.Tensor) else outputs
             node_targets = targets[rows] if isinstance(targets, torch.Tensor) else targets
             columns.append(self._see(views, step, vnode_id, start + k, per_sample[rows], node_outputs,
-                                     node_targets, inputs))
+                                     node_targets, inputs, (chosen or {}).get(vnode_id)))
         return torch.stack(columns, dim=1).flatten()
 
     def _group_forward_backward(self, inputs: Any, targets: Any, groups: int, step: int = -1,

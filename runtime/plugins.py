@@ -92,7 +92,7 @@ class SampleColumns:
 class SampleBatch:
     """One virtual node's samples at one point of the loop: what a plugin's worker half sees."""
 
-    source: str  # "train" (a training step) or "eval" (the end-of-epoch evaluation pass)
+    source: str  # "train" (a training step), "eval" (the end-of-epoch evaluation pass), "score" (``select``)
     step: int  # the training step (for "eval": the step the pass runs before)
     vnode_id: int
     indices: torch.Tensor  # int64 [b], on the CPU: dataset indices
@@ -105,11 +105,20 @@ class SampleBatch:
 class WorkerHalf:
     """The part of a plugin that runs next to the device. Picklable (it travels with the job)."""
 
-    def loss(self, batch: SampleBatch, per_sample: torch.Tensor) -> torch.Tensor:
+    def loss(self, batch: SampleBatch, per_sample: torch.Tensor, outputs: Any) -> torch.Tensor:
         """A mutator that changes ``"loss"``: the per-sample loss to train on instead of
-        ``per_sample`` (differentiable; ``batch.loss`` is its detached value). Observers never
-        get here."""
+        ``per_sample`` (differentiable; ``batch.loss`` is its detached value). ``outputs``: the
+        node's model outputs, differentiable (``batch.outputs`` is their detached value).
+        Observers never get here."""
         return per_sample
+
+    def select(self, batch: SampleBatch, generator: torch.Generator) -> torch.Tensor:
+        """A mutator that changes ``"batch"``: the rows of a node's batch to train on (int64,
+        ascending), from ``batch``: a scoring pass over the whole batch (``source="score"``), run in
+        eval mode under ``no_grad`` (running statistics untouched). Every node selects as many rows.
+        Any random choice draws from ``generator`` (a CPU generator seeded by ``(seed, step,
+        vnode_id)``), so the choice depends on the batch and the plan's inputs alone."""
+        return torch.arange(len(batch.indices))
 
     def report(self, batches: list[SampleBatch]) -> Optional[SampleColumns]:
         """Reduce one step's (or one evaluation chunk's) batches, in virtual-node order, to the
@@ -129,6 +138,8 @@ class PluginJob:
     seed: int
     deterministic: bool
     run_dir: Optional[Path]  # None: no directory (nothing to write)
+    dataset: Any = dataclasses.field(default=None, compare=False, repr=False)  # as the workers see it
+    peers: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # name -> master half
 
     @property
     def epochs(self) -> int:
@@ -141,8 +152,10 @@ class Plugin:
     in the constructor); the master half's state is created in ``on_attach``.
 
     Class attributes: ``name`` (unique in a job: it keys reports, plan inputs and checkpoint
-    state) and ``changes`` (empty for an observer; a mutator names what it changes, e.g.
-    ``frozenset({"loss"})``).
+    state) and ``changes`` (empty for an observer; a mutator names what it changes:
+    ``"loss"``, its worker half's ``loss`` replaces each node's per-sample loss; ``"batch"``, its
+    worker half's ``select`` picks the rows of each node's batch that are trained on;
+    ``"dataset"``, ``wrap_dataset`` alters the samples).
     """
 
     name: ClassVar[str] = ""
@@ -159,6 +172,20 @@ class Plugin:
 
     def validate(self) -> None:
         """Raise ``InvalidJobSpec`` for a bad setting (before any work)."""
+
+    def requires(self) -> tuple[str, ...]:
+        """Names of the plugins that must come before this one in ``JobSpec.plugins`` (the master
+        halves this one reads, through ``PluginJob.peers``, once they have seen each event)."""
+        return ()
+
+    def validate_peers(self, plugins: Sequence["Plugin"]) -> None:
+        """Raise ``InvalidJobSpec`` when the job's other plugins are set up in a way this one cannot use."""
+
+    def wrap_dataset(self, dataset: Any, seed: int) -> Any:
+        """Plugins that change ``"dataset"``: the dataset the job trains on, from the one it built.
+        Called in every process that builds the dataset (workers and master), in plugin order; the
+        result must depend on ``dataset`` and ``seed`` alone."""
+        return dataset
 
     # -- worker half -------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import torch
 MODEL_STREAM = 0
 DATA_STREAM = 1
 EVAL_STREAM = 2  # the loading of a node's evaluation-pass batches (plugins)
+SELECT_STREAM = 3  # a plugin's choice of the rows a node trains on (WorkerHalf.select)
 
 
 def vnode_seed(seed: int, step: int, vnode_id: int, stream: int = MODEL_STREAM) -> int:

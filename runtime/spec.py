@@ -174,8 +174,17 @@ class JobSpec:
                 raise InvalidJobSpec("plugins", f"two plugins are named {plugin.name!r}; each name must be "
                                      "unique (it keys reports and checkpoint state)" if plugin.name else
                                      f"{type(plugin).__name__} has no name; set the class attribute 'name'")
-            names.add(plugin.name)
             plugin.validate()
+            missing = [name for name in plugin.requires() if name not in names]
+            if missing:
+                raise InvalidJobSpec("plugins", f"{type(plugin).__name__} reads what {missing} record(s): put "
+                                     f"{' and '.join(_plugin_class(n) + '()' for n in missing)} before it in plugins=[...]")
+            names.add(plugin.name)
+        for plugin in self.plugins:
+            plugin.validate_peers(self.plugins)
+        selectors = [type(p).__name__ for p in self.plugins if "batch" in p.changes]
+        if len(selectors) > 1:
+            raise InvalidJobSpec("plugins", f"{selectors} each choose the rows a node trains on; keep one of them")
         if self.plugins and self.cuda_graphs:
             raise InvalidJobSpec("cuda_graphs", "a captured graph hides the per-sample losses that plugins need; "
                                  "set cuda_graphs=False or plugins=[]")
@@ -217,6 +226,11 @@ class JobSpec:
         if self.plugins:  # absent when there are none: checkpoints written before plugins existed still resume
             out["plugins"] = _digest("; ".join(p.describe() for p in self.plugins))
         return out
+
+
+def _plugin_class(name: str) -> str:
+    """The class a plugin name belongs to, for error messages."""
+    return {"recorder": "DynamicsRecorder", "archaeology": "MetadataArchaeology"}.get(name, name)
 
 
 def _digest(text: str) -> str:

@@ -1,6 +1,7 @@
 """The ``vnodes`` command line.
 
     vnodes run path/to/job.py[:name] --steps K [--checkpoint-dir D] [--deterministic]
+    vnodes analyze RUN_DIR [--job path/to/job.py[:name]] [--epochs E] [--k K] [--metric euclidean|dtw]
 
 A job file defines a ``JobSpec`` (or a zero-argument function returning one). Without ``:name`` the
 file's ``spec`` is used, else its only ``JobSpec``, else a function called ``job``.
@@ -28,6 +29,10 @@ EXIT_USAGE = 2
 
 class JobFileError(VnodesError):
     """The job file cannot be loaded or defines no usable ``JobSpec``."""
+
+
+class RunDirError(VnodesError):
+    """``vnodes analyze``: the run directory holds nothing to analyze, or the job does not match it."""
 
 
 def _job_path(target: str) -> tuple[Path, str]:
@@ -160,6 +165,28 @@ def _parser() -> argparse.ArgumentParser:
 
     add_worker_arguments(worker)
 
+    analyze = commands.add_parser(
+        "analyze", help="report which samples look mislabeled, corrupted, atypical or typical",
+        description="Classify every training sample of a finished (or running) job by its loss trajectory "
+        "among the probe suites that MetadataArchaeology planted (MAP-D), and write RUN_DIR/analysis/: "
+        "report.html (numbers, plots, the most-flagged samples) and samples.csv (p(suite) of every sample). "
+        "The job must have run with plugins=[DynamicsRecorder(), MetadataArchaeology()] and "
+        "--checkpoint-dir RUN_DIR.",
+    )
+    analyze.add_argument("run_dir", metavar="RUN_DIR", help="the --checkpoint-dir of the run")
+    analyze.add_argument("--job", metavar="JOB.py[:NAME]",
+                         help="the job file the run trained (and any --set it was given): its dataset shows "
+                         "the most-flagged samples' inputs, as trained on (default: their loss curves)")
+    analyze.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                         help="with --job: a --set the run was trained with (the seed decides which samples "
+                         "are probes)")
+    analyze.add_argument("--epochs", type=int_in_range(1), metavar="E",
+                         help="classify by the first E recorded epochs (default: every recorded epoch)")
+    analyze.add_argument("--k", type=int_in_range(1), metavar="K",
+                         help="neighbours in the vote (default: the job's MetadataArchaeology(k=...), MAP-D's 20)")
+    analyze.add_argument("--metric", choices=("euclidean", "dtw"),
+                         help="distance between trajectories (default: the job's; dtw needs dtaidistance)")
+
     status = commands.add_parser("status", help="show a running job's status")
     status.add_argument("--master", required=True, metavar="HOST:PORT")
     status.add_argument("--token", default=os.environ.get("VNODES_TOKEN"))
@@ -250,6 +277,86 @@ def _worker(args: argparse.Namespace) -> int:
     return run_worker(args)
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from .plugins.analysis import analyze, read_probes
+    from .plugins.recorder import load_dynamics
+    from .plugins.report import missing_packages
+
+    if args.overrides and not args.job:
+        raise VnodesError("--set applies to the job file's dataset; pass --job JOB.py with it")
+    run_dir = Path(args.run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise RunDirError(f"run directory {str(run_dir)!r} does not exist; pass the --checkpoint-dir of a run "
+                          "trained with plugins=[DynamicsRecorder(), MetadataArchaeology()]")
+    missing = missing_packages()
+    if missing:  # before the slow part
+        raise VnodesError(f"vnodes analyze draws its report with matplotlib and scikit-learn; install them: "
+                          f"pip install {' '.join(missing)}")
+    try:
+        probes, _ = read_probes(run_dir)
+        num_samples = load_dynamics(run_dir, "eval").num_samples
+    except (FileNotFoundError, ValueError) as exc:
+        raise RunDirError(str(exc)) from exc
+    dataset = _analyzed_dataset(args, run_dir, probes, num_samples) if args.job else None
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rclassifying {done:,}/{total:,} samples", end="" if done < total else "\n", file=sys.stderr,
+              flush=True)
+
+    try:
+        report = analyze(run_dir, epochs=args.epochs, k=args.k, metric=args.metric, dataset=dataset,
+                         progress=progress if sys.stderr.isatty() else None)
+    except (FileNotFoundError, ValueError) as exc:
+        raise RunDirError(str(exc)) from exc
+    except ImportError as exc:  # metric dtw without dtaidistance
+        raise VnodesError(str(exc)) from exc
+    import numpy as np
+
+    most_likely = report.most_likely()
+    most_likely[~np.isfinite(report.p[report.suites[0]])] = -1  # no complete trajectory: not classified
+    shares = []
+    for j, suite in enumerate(report.suites):
+        count = int((most_likely == j).sum())
+        shares.append(f"{suite} {count:,} ({count / report.num_samples:.1%})")
+    unclassified = int((most_likely < 0).sum())
+    if unclassified:
+        shares.append(f"not classified (no complete trajectory) {unclassified:,}")
+    correct, total = int(report.confusion.trace()), int(report.confusion.sum())
+    accuracy = f"{report.heldout_accuracy:.1%} ({correct}/{total})" if total else "n/a (no held-out probe recorded)"
+    plots = sorted(name for name in report.files if name.endswith(".png"))
+    print(f"{report.num_samples:,} samples, {report.epochs} epochs, k={report.k}, {report.metric}: "
+          f"held-out probes classified correctly {accuracy}")
+    print("most likely suite: " + ", ".join(shares))
+    print(f"report: {report.files['report.html']} (with {', '.join(plots)}); every sample: "
+          f"{report.files['samples.csv']}")
+    return 0
+
+
+def _analyzed_dataset(args: argparse.Namespace, run_dir: Path, probes, num_samples: int):
+    """The job's dataset as the workers trained on it (probes altered), checked against the run.
+
+    Raises:
+        JobFileError, BadOverride, InvalidJobSpec: as for ``vnodes run``.
+        RunDirError: the dataset's size or probes are not the run's.
+    """
+    from vnodes.runtime.engine import build_dataset
+
+    from .plugins.probes import ProbedDataset
+
+    spec = apply_job_options(load_job(args.job), argparse.Namespace(overrides=args.overrides, deterministic=False))
+    dataset = build_dataset(spec)
+    if len(dataset) != num_samples:
+        raise RunDirError(f"{args.job} builds a dataset of {len(dataset):,} samples, {run_dir} recorded "
+                          f"{num_samples:,}; pass the job file the run trained")
+    if isinstance(dataset, ProbedDataset) and "mislabeled" in probes.suites:
+        planted = set(probes.probes()["mislabeled"].tolist())
+        if planted != set(dataset.altered.mislabeled.tolist()):
+            raise RunDirError(f"{args.job} plants other probes than {run_dir} holds (another seed or "
+                              "MetadataArchaeology setting?); pass the job file the run trained, with the "
+                              "--set options it was given")
+    return dataset
+
+
 def _status(args: argparse.Namespace) -> int:
     from vnodes.runtime.master_client import MasterClient, read_pem
 
@@ -293,7 +400,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        return {"run": _run, "master": _master, "worker": _worker, "status": _status}[args.command](args)
+        commands = {"run": _run, "master": _master, "worker": _worker, "analyze": _analyze, "status": _status}
+        return commands[args.command](args)
     except VnodesError as exc:
         if args.verbose:
             traceback.print_exc()

@@ -108,7 +108,8 @@ def build_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
     spec.validate()
     if not durable:  # in process: no other writer can be at work in run_dir (a restarted master may have some)
         sweep_temporaries(run_dir)
-    dataset_size = len(build_dataset(spec))
+    dataset = build_dataset(spec)
+    dataset_size = len(dataset)
     sampler = VNodeSampler(dataset_size, spec.virtual_nodes, spec.vnode_batch_size, spec.seed)
     ckpt = latest_checkpoint(run_dir)
     start, losses, epoch_counter = 0, [], 0
@@ -125,7 +126,7 @@ def build_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
     host = None
     if spec.plugins:
         job = PluginJob(dataset_size, spec.virtual_nodes, spec.vnode_batch_size, sampler.steps_per_epoch, steps,
-                        spec.seed, spec.deterministic, run_dir)
+                        spec.seed, spec.deterministic, run_dir, dataset)
         host = PluginHost(spec.plugins, job, sampler)
         host.load_state_dict(ckpt.plugins if ckpt is not None else None)
     # A master restarted on its run directory past its newest checkpoint: the workers that still hold

@@ -9,9 +9,12 @@ averaged over ranks after each step (``broadcast_buffers=False``). Under ``"vnod
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import tempfile
+
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,7 +33,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out: str, record: bool = False) -> None:
+def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out: str, record: bool = False,
+               hooks=None) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -57,11 +61,18 @@ def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out:
             for k, (x, y) in enumerate(loader):
                 if step == steps:
                     break
+                b = spec.vnode_batch_size
+                indices = torch.tensor(order[k * b:(k + 1) * b])
+                if hooks and hooks.select:  # the rows this rank trains on, from its own scoring forward
+                    rows = hooks.select(model, x.to(dtype), y, spec, step, rank)
+                    x, y, indices = x[rows], y[rows], indices[rows]
                 torch.manual_seed(vnode_seed(spec.seed, step, rank))
-                per_sample = spec.loss(ddp(x.to(dtype)), y)
+                outputs = ddp(x.to(dtype))
+                per_sample = spec.loss(outputs, y)
+                if hooks and hooks.loss:
+                    per_sample = hooks.loss(per_sample, outputs, indices, step)
                 if record:
-                    b = spec.vnode_batch_size
-                    seen.append((epoch, torch.tensor(order[k * b:(k + 1) * b]), per_sample.detach().clone()))
+                    seen.append((epoch, indices, per_sample.detach().clone()))
                 loss = per_sample.mean()
                 optimizer.zero_grad()
                 loss.backward()
@@ -124,11 +135,22 @@ def _tables(every: list, num_samples: int, epochs: int, evaluated: list) -> dict
     return {"train": train, "eval": evals}
 
 
-def run_ddp(spec: JobSpec, steps: int, record: bool = False) -> dict:
+@dataclasses.dataclass
+class Hooks:
+    """What a user adds to a DDP loop for a plugin's math (picklable functions):
+    ``select(model, x, y, spec, step, rank) -> rows`` picks the rows a rank trains on;
+    ``loss(per_sample, outputs, indices, step) -> per_sample`` replaces the per-sample loss."""
+
+    select: Optional[Callable] = None
+    loss: Optional[Callable] = None
+
+
+def run_ddp(spec: JobSpec, steps: int, record: bool = False, hooks: Optional[Hooks] = None) -> dict:
     """Train ``spec`` with ``virtual_nodes`` real DDP processes; return rank 0's state and losses
-    (and with ``record``, the per-sample dynamics a recorder would record: ``_tables``)."""
+    (and with ``record``, the per-sample dynamics a recorder would record: ``_tables``). ``spec.plugins``
+    are ignored: ``hooks`` carry what a plugin changes, written here the way a DDP user would."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "ddp.pt")
-        mp.start_processes(_rank_main, args=(spec.virtual_nodes, free_port(), spec, steps, out, record),
+        mp.start_processes(_rank_main, args=(spec.virtual_nodes, free_port(), spec, steps, out, record, hooks),
                            nprocs=spec.virtual_nodes, join=True, start_method="spawn")
         return torch.load(out, weights_only=True)

@@ -32,7 +32,7 @@ def recorder_spec(**overrides):
 class WeightsHalf(WorkerHalf):
     """Scales each sample's loss by the weight the master put in the plan."""
 
-    def loss(self, batch: SampleBatch, per_sample: torch.Tensor) -> torch.Tensor:
+    def loss(self, batch: SampleBatch, per_sample: torch.Tensor, outputs) -> torch.Tensor:
         weights = torch.from_numpy(batch.inputs.columns["weight"].copy()).to(per_sample)
         return per_sample * weights
 

@@ -17,6 +17,7 @@ inputs for step ``s`` are computed once, from the state after step ``s - 1`` com
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -28,6 +29,7 @@ from vnodes.runtime.sampler import VNodeSampler
 class PluginHost:
     def __init__(self, plugins: Sequence[Plugin], job: PluginJob, sampler: VNodeSampler):
         self.plugins = [copy.deepcopy(p) for p in plugins]  # the job's objects stay settings only
+        job = dataclasses.replace(job, peers={p.name: p for p in self.plugins})
         self.job = job
         self.sampler = sampler
         self.names = {p.name for p in self.plugins}

@@ -150,6 +150,11 @@ class DynamicsRecorder(Plugin):
             row[name][report.indices] = values
         self._store.write_epoch("eval", epoch, row)
 
+    def table(self, source: str = "eval", signal: str = "loss") -> np.ndarray:
+        """Master half: what has been recorded so far, ``[num_samples, complete epochs]`` (a view of
+        the file), for the plugins that come after this one (e.g. ``MetadataArchaeology``)."""
+        return self._store.table(source, signal)
+
     def state_dict(self) -> dict[str, Any]:
         return {"epochs": dict(self._store.epochs), "row_epoch": self._row_epoch,
                 "row": {name: torch.from_numpy(row.copy()) for name, row in self._row.items()}}
@@ -193,6 +198,15 @@ class DynamicsStore:
             self._write_meta()
         except OSError as exc:
             raise StorageError.from_os_error(f"the {source} dynamics of epoch {epoch}", self.directory, exc) from exc
+
+    def table(self, source: str, signal: str = "loss") -> np.ndarray:
+        """The complete epochs of ``source``'s ``signal``: a read-only float32 view
+        ``[num_samples, epochs]`` of the file (not loaded into memory)."""
+        epochs = self.epochs.get(source, 0)
+        if epochs == 0:
+            return np.zeros((self.num_samples, 0), np.float32)
+        path = self.directory / f"{source}.{signal}.f32"
+        return np.memmap(path, dtype="<f4", mode="r", shape=(epochs, self.num_samples)).T
 
     def roll_back(self, epochs: dict[str, int]) -> None:
         """Count only the epochs a checkpoint had recorded (the later rows are recorded again)."""
