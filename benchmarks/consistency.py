@@ -1,6 +1,6 @@
 """How well the C-score proxy (``consistency_proxy``) agrees with a small exact reference.
 
-    python benchmarks/consistency.py            # about 3 minutes on 2 CPU cores
+    python benchmarks/consistency.py            # 2-3 minutes on 2 CPU cores (--compare: ~40 s more)
     python benchmarks/consistency.py --smoke    # tiny sizes, well under a minute: checks the script itself
 
 Two datasets, nothing downloaded: scikit-learn's ``load_digits`` (1,797 samples, 64 features, 10
@@ -142,7 +142,8 @@ def train_mlps(x: torch.Tensor, y: torch.Tensor, train: np.ndarray, recipe: MLPR
     return [p.detach() for p in params]
 
 
-def predict(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, chunk: int = 50) -> tuple[np.ndarray, np.ndarray]:
+def predict(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+            chunk: int = 50) -> tuple[np.ndarray, np.ndarray]:
     """Every model on every sample: 0/1 hits and the probability of the label, ``[models, n]``."""
     w1, b1, w2, b2 = params
     hits, probs = [], []
@@ -173,7 +174,7 @@ def reference_cscore(features: np.ndarray, labels: np.ndarray, holdouts: int, re
         times = held.sum(0)
         counts[ratio] = int(times.min())
         if times.min() != times.max():
-            raise AssertionError(f"ratio {ratio}: holdouts per sample range {times.min()}-{times.max()}")
+            raise RuntimeError(f"ratio {ratio}: holdouts per sample range {times.min()}-{times.max()}")
         score += (hits * held).sum(0) / times
         soft += (probs * held).sum(0) / times
         for parity in (0, 1):

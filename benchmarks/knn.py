@@ -203,7 +203,7 @@ def print_table(console, samples: int, epochs: int, table_bytes: int, full: list
     table = Table(title=f"knn_proba (k={K}, {SUITES} suites) on {samples:,} samples x {epochs} epochs of float32 "
                   f"random-walk losses; the table: {table_bytes / MB:,.1f} MiB on disk, epoch-major, read through "
                   "load_dynamics (page cache warm)")
-    for name, justify in (("measurement", "left"), ("wall", "right"), ("samples/s", "right"), ("ratio", "right"),
+    for name, justify in (("measurement", "left"), ("wall", "right"), ("samples/s", "right"), ("speed ratio", "right"),
                           ("peak RSS", "right"), ("note", "left")):
         table.add_column(name, justify=justify)
     for r in full:

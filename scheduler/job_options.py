@@ -62,9 +62,12 @@ def add_job_options(parser: argparse.ArgumentParser, run_dir_required: bool) -> 
     from .plugins import PLUGINS
 
     parser.add_argument("--plugin", dest="plugins", action="append", default=[], choices=sorted(PLUGINS),
-                        help="host this plugin on the master with its default settings (repeatable): "
-                             "recorder records every sample's loss per epoch into the run directory "
-                             "(read it back with vnodes.scheduler.plugins.load_dynamics)")
+                        help="host this plugin on the master with its default settings (repeatable, in "
+                             "order): recorder records every sample's loss per epoch into the run directory "
+                             "(vnodes.scheduler.plugins.load_dynamics); archaeology plants MAP-D's probe "
+                             "suites (after recorder; then vnodes analyze RUN_DIR); correction and "
+                             "prioritized correct labels and backpropagate the samples worth it (after "
+                             "archaeology)")
 
 
 def settable_fields() -> list[str]:

@@ -98,7 +98,8 @@ def test_memmap_epoch_major_gives_the_in_memory_result(tmp_path):
     calls = []
     got = knn_proba(ref, labels, view, chunk_rows=300, progress=lambda done, total: calls.append((done, total)))
     np.testing.assert_array_equal(got, knn_proba(ref, labels, table, chunk_rows=1000))
-    np.testing.assert_array_equal(got, KNeighborsClassifier(20).fit(ref, labels).predict_proba(table).astype(np.float32))
+    expected = KNeighborsClassifier(20).fit(ref, labels).predict_proba(table)
+    np.testing.assert_array_equal(got, expected.astype(np.float32))
     assert calls == [(300, 1000), (600, 1000), (900, 1000), (1000, 1000)]
     np.testing.assert_array_equal(view, table)  # the map still reads right after its pages were released
 

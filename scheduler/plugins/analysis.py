@@ -82,7 +82,8 @@ def analyze(run_dir: str | os.PathLike, *, epochs: Optional[int] = None, k: Opti
     Args:
         run_dir: the run's ``checkpoint_dir``.
         epochs: use the first ``epochs`` recorded epochs (default: all of them).
-        k, metric: override the job's settings of the vote.
+        k: override the job's number of neighbours in the vote.
+        metric: override the job's distance, ``"euclidean"`` or ``"dtw"``.
         write: write ``RUN_DIR/analysis/`` (HTML report with PNG plots, CSV of probabilities).
         dataset: the job's dataset, to show the most-flagged samples' inputs in the report
             (images when inputs are 2-D or 3-D, curves when 1-D).

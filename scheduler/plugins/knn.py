@@ -5,8 +5,8 @@ Dynamics", ICLR 2023) describes each training sample by its loss at every epoch,
 length E, and classifies it by the suites (mislabeled, corrupted, typical, atypical...) of the
 reference probes nearest to that vector: scikit-learn's ``KNeighborsClassifier(20)``, uniform
 weights, Euclidean distance on the raw losses. A sample's p(suite) is the fraction of its k nearest
-references in that suite. ``knn_proba`` computes exactly that (it matches ``predict_proba``), for
-tables far larger than memory:
+references in that suite. ``knn_proba`` computes that (equal to ``predict_proba`` wherever no two
+references tie at the k-th distance), for tables far larger than memory:
 
 - **Chunking.** The queries (a ``[N, E]`` array, typically the transposed epoch-major memory map
   that ``load_dynamics`` returns) are read ``chunk_rows`` rows at a time, never whole. For each
@@ -17,28 +17,35 @@ tables far larger than memory:
   (as read, and in float64: 12 bytes per value for float32 input) and ``topk``'s output; ties at the
   k-th distance are resolved a quarter-chunk at a time in 11 bytes per reference and row (at most
   0.35 x the block). So the transient memory is about 1.4 x ``BLOCK_BYTES`` plus the chunk's rows,
-  on top of the references (R x E float64) and the result (N x num_classes float32). Reading
-  through a memory map puts every page read into this process's resident set (file-backed pages,
-  but RSS and cgroup limits count them), so after each chunk the map's pages are released
-  (``madvise(MADV_DONTNEED)``: they leave this process and stay in the page cache; nothing is lost
-  on a read-only or shared map). A copy-on-write map (``mode="c"``) is left alone: releasing it
-  would drop the caller's private changes.
+  on top of the references (R x E float64) and the result (N x num_classes float32): at 1.28M
+  samples x 100 epochs and 1,000 or 2,000 references, the peak RSS grows by about 130 MiB for a
+  488 MiB table (``benchmarks/knn.py``). Reading through a memory map puts the pages read into this
+  process's resident set (file-backed, but RSS and cgroup limits count them, and a fault can map a
+  whole page-cache folio, up to 2 MiB), so a map is copied ``READ_EPOCHS`` epochs at a time and its
+  pages are released in between (``madvise(MADV_DONTNEED)``: they leave this process and stay in the
+  page cache; nothing is lost on a read-only or shared map). A copy-on-write map (``mode="c"``) is
+  read whole-chunk and never released (that would drop the caller's private changes): its pages
+  accumulate up to the table's size.
 - **Euclidean**, in float64, as scikit-learn computes it (it upcasts float32 input to float64 too):
   the block is ``|r|^2 - 2 q.r`` (one ``addmm``), which orders the references as ``|q - r|^2`` does
-  (``|q|^2`` is the same for every reference of a row). Float32 would compute the block about 1.3x
-  faster and halve its memory, but its rounding (about 1e-7 of ``|r|^2``) reorders close
-  neighbours: on random-walk trajectories, 1,000 references, it changed the vote of about 0.5% of the
-  samples (``benchmarks/knn.py`` measures both).
-- **Ties** at the k-th distance go to the lower reference index, whatever the chunking. This is
-  what scikit-learn's brute-force search does in the common case (its bounded max-heap refuses a
-  reference that only equals the current k-th distance, and it scans references in index order),
-  but its heap may drop either of two tied references when a closer one arrives later, and its own
-  rounding can split distances that are equal here; so on exact ties the two may differ.
+  (``|q|^2`` is the same for every reference of a row), then ``topk``. Float32 would halve the block's
+  memory and run about 1.4x faster on CPU, but its rounding (about 1e-7 of ``|r|^2``, against 1e-16)
+  reorders close neighbours: on 50,000 random-walk trajectories against 1,000 references it changed
+  the vote of 7 samples (``benchmarks/knn.py`` measures both). On CPU, scikit-learn's own search
+  (a GEMM, then a bounded heap in Cython) is about 2x faster than this one; what this one adds is
+  the memory bound on a table of any size, NaN rows, and progress.
+- **Ties** at the k-th distance go to the lower reference index, whatever the chunking. Scikit-learn
+  keeps a bounded max-heap fed in index order: a reference that only equals the current k-th
+  distance is refused, so it too keeps the lower index when the tied references come after the
+  closer ones; but when a closer reference arrives later, its heap drops whichever tied reference
+  sits at its root, and its rounding can split distances that are equal here. On exact ties the two
+  may therefore differ; without ties (continuous data) they agree exactly.
 - **DTW** (``metric="dtw"``): dynamic time warping through ``dtaidistance``'s C implementation
   (``dtw.distance_matrix_fast``, one block of references x chunk per call; ``dtw_window`` is its
   ``window``, the largest shift allowed, None: any), then the same vote. It costs O(E^2) per pair
-  (O(E x window) with a window) against O(E): about a thousand times slower than Euclidean at
-  E = 100, so its chunks are small (``DTW_PAIRS`` pairs) for timely progress.
+  (O(E x window) with a window) against O(E): at E = 100, about 1,000x slower than Euclidean
+  without a window and 200x with ``dtw_window=10`` (17 h and 3 h for 1.28M samples against 1,000
+  references on 2 CPU cores), so its chunks are small (``DTW_PAIRS`` pairs) for timely progress.
 
 A query row with a NaN (a sample not recorded in some epoch) or an infinity gets a row of NaN: no
 distance to it means anything. References must be finite.

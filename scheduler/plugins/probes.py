@@ -203,6 +203,26 @@ class ProbeSuites:
         os.replace(tmp, path)
 
 
+def pool_features(dataset: Any, pool: np.ndarray, seed: int, max_dim: int = 256,
+                  chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Flattened inputs and classes of the ``pool`` samples. Inputs wider than ``max_dim`` are
+    projected on the way in (a seeded Gaussian matrix, ``D x max_dim``), ``chunk`` samples at a
+    time, so 20,000 ImageNet images never sit in memory at full width."""
+    projection = None
+    rows, labels = [], []
+    for start in range(0, len(pool), chunk):
+        items = [dataset[i] for i in pool[start:start + chunk].tolist()]
+        x = torch.stack([torch.as_tensor(item[0]).double().reshape(-1) for item in items])
+        if x.shape[1] > max_dim:
+            if projection is None:
+                g = torch.Generator().manual_seed(seed)
+                projection = torch.randn(x.shape[1], max_dim, generator=g, dtype=torch.float64) / max_dim ** 0.5
+            x = x @ projection
+        rows.append(x.numpy())
+        labels.extend(target_of(item) for item in items)
+    return np.concatenate(rows), np.asarray(labels, np.int64)
+
+
 def build_suites(dataset: ProbedDataset, suites: Sequence[str], size: int, seed: int, rounds: int,
                  progress: Optional[Any] = None) -> ProbeSuites:
     """Every suite's probes: the altered ones as drawn, typical and atypical by the consistency proxy
@@ -219,9 +239,7 @@ def build_suites(dataset: ProbedDataset, suites: Sequence[str], size: int, seed:
         free = np.setdiff1d(np.arange(len(dataset)), taken)
         rng = np.random.Generator(np.random.PCG64(_stream(seed, "pool")))
         pool = np.sort(rng.choice(free, size=min(len(free), POOL), replace=False))
-        items = [dataset.base[i] for i in pool.tolist()]
-        features = np.stack([np.asarray(torch.as_tensor(x).double().reshape(-1)) for x, _ in items])
-        labels = np.asarray([target_of(item) for item in items], np.int64)
+        features, labels = pool_features(dataset.base, pool, _stream(seed, "projection"))
         scores = consistency_proxy(features, labels, seed=_stream(seed, "proxy") % (2 ** 31), rounds=rounds,
                                    progress=progress)
         typical, atypical = typical_atypical(scores, 2 * size)
