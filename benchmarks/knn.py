@@ -11,10 +11,12 @@ transposed memory map). The reference probes: 250 and 500 samples per suite (1,0
 references), drawn from the table, labelled with their suite. k = 20, as MAP-D. Rows, in one run:
 
 1. **The whole table**: ``knn_proba`` on the memory map, in a child process that does only this (so
-   its peak RSS is its own: ``ru_maxrss``; RSS with ``psutil``), once per reference count: wall time,
-   samples/s, peak RSS against the table's size on disk. The table is in the page cache (just
-   written), so this is compute, not disk. Once more with 1,000 references through a copy-on-write
-   map (``mode="c"``), whose pages ``knn_proba`` may not release: what the release saves.
+   its peak RSS is its own), once per reference count: wall and CPU time, samples/s, peak RSS
+   against the table's size on disk. Peak RSS is ``VmHWM``; ``ru_maxrss`` is recorded too but is no
+   use here: it keeps the parent's high-water mark across fork and exec (``_hwm``). RSS before the
+   call: ``psutil``. The table is in the page cache (just written), so this is compute, not disk.
+   Once more with 1,000 references through a copy-on-write map (``mode="c"``), whose pages
+   ``knn_proba`` may not release: what the release saves.
 2. **The anchor**: scikit-learn's ``KNeighborsClassifier(20).fit(refs).predict_proba`` on a
    50,000-row random subsample (in memory, float32), against ``knn_proba`` on the same rows, 3 runs
    each, interleaved; the medians, their ratio, and the agreement (max |difference|, rows that
@@ -88,21 +90,29 @@ def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _hwm() -> int:
+    """This address space's peak RSS (``VmHWM``). Unlike ``ru_maxrss`` it starts afresh at exec:
+    ``ru_maxrss`` keeps the high-water mark of the address space exec replaced, i.e. the parent's at
+    fork, and the parent has read the table through its own map."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def whole_table(run_dir: Path, refs: int, mode: str) -> dict:
     """The child: ``knn_proba`` over the whole recording; what it measured as a dict (stdout: JSON)."""
     refs_x, labels = np.load(run_dir / f"refs{refs}.npy"), np.load(run_dir / f"labels{refs}.npy")
     loss = load_dynamics(run_dir).loss
     if mode != "r":  # the same file and layout, mapped copy-on-write
         loss = np.memmap(loss.base.filename, dtype="<f4", mode=mode, shape=loss.T.shape).T
-    before = {"rss": _rss(), "maxrss": _maxrss()}
+    before = {"rss": _rss(), "maxrss": _maxrss(), "hwm": _hwm()}
     chunks: list[int] = []
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     proba = knn.knn_proba(refs_x, labels, loss, num_classes=SUITES, k=K, progress=lambda done, n: chunks.append(done))
-    wall = time.perf_counter() - t0
-    after = {"rss": _rss(), "maxrss": _maxrss()}
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    after = {"rss": _rss(), "maxrss": _maxrss(), "hwm": _hwm()}
     suite = np.load(run_dir / "suite.npy")
     np.save(run_dir / f"proba{refs}{mode}.npy", proba)
-    return {"refs": refs, "mode": mode, "samples": len(proba), "epochs": loss.shape[1], "wall_s": wall,
+    return {"refs": refs, "mode": mode, "samples": len(proba), "epochs": loss.shape[1], "wall_s": wall, "cpu_s": cpu,
             "before": before, "after": after, "chunks": len(chunks), "chunk_rows": chunks[0],
             "nan_rows": int(np.isnan(proba).any(axis=1).sum()),
             "recovered": float((proba.argmax(axis=1) == suite).mean()), "threads": torch.get_num_threads()}
@@ -203,23 +213,23 @@ def print_table(console, samples: int, epochs: int, table_bytes: int, full: list
     table = Table(title=f"knn_proba (k={K}, {SUITES} suites) on {samples:,} samples x {epochs} epochs of float32 "
                   f"random-walk losses; the table: {table_bytes / MB:,.1f} MiB on disk, epoch-major, read through "
                   "load_dynamics (page cache warm)")
-    for name, justify in (("measurement", "left"), ("wall", "right"), ("samples/s", "right"), ("speed ratio", "right"),
-                          ("peak RSS", "right"), ("note", "left")):
+    for name, justify in (("measurement", "left"), ("wall", "right"), ("samples/s", "right"),
+                          ("speed ratio", "right"), ("peak RSS", "right"), ("note", "left")):
         table.add_column(name, justify=justify)
-    for r in full:
-        growth = r["after"]["maxrss"] - r["before"]["rss"]
-        table.add_row(f"whole table, memory map, {r['refs']:,} references",
-                      _s(r["wall_s"]), _rate(r["samples"], r["wall_s"]), "",
-                      f"{r['after']['maxrss'] / MB:,.0f} MiB",
+    for r in full + ([cow] if cow else []):
+        growth = r["after"]["hwm"] - r["before"]["rss"]
+        if r["mode"] == "r":
+            what = f"whole table, memory map, {r['refs']:,} references"
+            extra = (f"; {r['chunks']} chunks of {r['chunk_rows']:,} rows; argmax = generating suite for "
+                     f"{r['recovered']:.1%}; NaN rows {r['nan_rows']}")
+        else:
+            what = f"  same, {r['refs']:,} references, copy-on-write map (pages never released)"
+            extra = ": what releasing the map's pages saves"
+        table.add_row(what, _s(r["wall_s"]), _rate(r["samples"], r["wall_s"]), "",
+                      f"{r['after']['hwm'] / MB:,.0f} MiB",
                       f"{growth / MB:,.0f} MiB above the {r['before']['rss'] / MB:,.0f} MiB before the call "
-                      f"({growth / table_bytes:.1%} of the table); {r['chunks']} chunks of {r['chunk_rows']:,} rows; "
-                      f"argmax = generating suite for {r['recovered']:.1%}; NaN rows {r['nan_rows']}")
-    if cow is not None:
-        growth = cow["after"]["maxrss"] - cow["before"]["rss"]
-        table.add_row(f"  same, {cow['refs']:,} references, copy-on-write map (pages kept)", _s(cow["wall_s"]),
-                      _rate(cow["samples"], cow["wall_s"]), "", f"{cow['after']['maxrss'] / MB:,.0f} MiB",
-                      f"{growth / MB:,.0f} MiB above before ({growth / table_bytes:.1%} of the table): what "
-                      "releasing the map's pages after each chunk saves")
+                      f"({growth / table_bytes:.1%} of the table; ru_maxrss {r['after']['maxrss'] / MB:,.0f} MiB, "
+                      f"the parent's mark); CPU {r['cpu_s']:,.1f} s ({r['threads']} threads){extra}")
     t = a["times"]
     sk, ours, f32 = (statistics.median(t[name]) for name in ("sklearn", "ours", "f32"))
     refs = full[0]["refs"]
@@ -251,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-suite", type=int, nargs="+",
                         help="reference probes per suite, one whole-table run each (default 250 500; smoke 25 50)")
     parser.add_argument("--subsample", type=int, help="rows of the sklearn anchor (default 50,000; smoke 2,000)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side of the anchor (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per side of the anchor (default %(default)s)")
     parser.add_argument("--dtw-queries", type=int, help="queries of the DTW rows (default 400; smoke 20)")
     parser.add_argument("--skip-cow", action="store_true", help="leave out the copy-on-write whole-table run")
     parser.add_argument("--dir", help="where the table is written (default: the system's temporary folder)")

@@ -157,8 +157,9 @@ def test_dtw_vote_matches_brute_force_dtaidistance():
 
 def test_dtw_finds_the_shifted_copy_that_euclidean_misses():
     pytest.importorskip("dtaidistance")
-    t = np.arange(60, dtype=np.float64)
-    bump = lambda centre: np.exp(-0.5 * ((t - centre) / 3.0) ** 2)  # noqa: E731
+    def bump(centre: float) -> np.ndarray:
+        return np.exp(-0.5 * ((np.arange(60) - centre) / 3.0) ** 2)
+
     ref = np.stack([bump(20), np.zeros(60)])  # label 0: the bump; label 1: a flat line
     q = bump(32)[None]  # the same bump, 12 epochs later
     # Euclidean: the flat line is closer (one bump's energy) than the unshifted bump (two bumps' energy).

@@ -18,7 +18,7 @@ references tie at the k-th distance), for tables far larger than memory:
   k-th distance are resolved a quarter-chunk at a time in 11 bytes per reference and row (at most
   0.35 x the block). So the transient memory is about 1.4 x ``BLOCK_BYTES`` plus the chunk's rows,
   on top of the references (R x E float64) and the result (N x num_classes float32): at 1.28M
-  samples x 100 epochs and 1,000 or 2,000 references, the peak RSS grows by about 130 MiB for a
+  samples x 100 epochs and 1,000 or 2,000 references, the peak RSS grows by 130-150 MiB for a
   488 MiB table (``benchmarks/knn.py``). Reading through a memory map puts the pages read into this
   process's resident set (file-backed, but RSS and cgroup limits count them, and a fault can map a
   whole page-cache folio, up to 2 MiB), so a map is copied ``READ_EPOCHS`` epochs at a time and its
@@ -29,10 +29,10 @@ references tie at the k-th distance), for tables far larger than memory:
 - **Euclidean**, in float64, as scikit-learn computes it (it upcasts float32 input to float64 too):
   the block is ``|r|^2 - 2 q.r`` (one ``addmm``), which orders the references as ``|q - r|^2`` does
   (``|q|^2`` is the same for every reference of a row), then ``topk``. Float32 would halve the block's
-  memory and run about 1.4x faster on CPU, but its rounding (about 1e-7 of ``|r|^2``, against 1e-16)
+  memory and run 1.3-1.4x faster on CPU, but its rounding (about 1e-7 of ``|r|^2``, against 1e-16)
   reorders close neighbours: on 50,000 random-walk trajectories against 1,000 references it changed
   the vote of 7 samples (``benchmarks/knn.py`` measures both). On CPU, scikit-learn's own search
-  (a GEMM, then a bounded heap in Cython) is about 2x faster than this one; what this one adds is
+  (a GEMM, then a bounded heap in Cython) is 1.5-2x faster than this one; what this one adds is
   the memory bound on a table of any size, NaN rows, and progress.
 - **Ties** at the k-th distance go to the lower reference index, whatever the chunking. Scikit-learn
   keeps a bounded max-heap fed in index order: a reference that only equals the current k-th
@@ -43,9 +43,10 @@ references tie at the k-th distance), for tables far larger than memory:
 - **DTW** (``metric="dtw"``): dynamic time warping through ``dtaidistance``'s C implementation
   (``dtw.distance_matrix_fast``, one block of references x chunk per call; ``dtw_window`` is its
   ``window``, the largest shift allowed, None: any), then the same vote. It costs O(E^2) per pair
-  (O(E x window) with a window) against O(E): at E = 100, about 1,000x slower than Euclidean
-  without a window and 200x with ``dtw_window=10`` (17 h and 3 h for 1.28M samples against 1,000
-  references on 2 CPU cores), so its chunks are small (``DTW_PAIRS`` pairs) for timely progress.
+  (O(E x window) with a window) against O(E): at E = 100, 1,000-2,000x slower than Euclidean
+  without a window and 200-300x with ``dtw_window=10`` (10-20 h and about 3 h for 1.28M samples
+  against 1,000 references on 2 CPU cores), so its chunks are small (``DTW_PAIRS`` pairs) for
+  timely progress.
 
 A query row with a NaN (a sample not recorded in some epoch) or an infinity gets a row of NaN: no
 distance to it means anything. References must be finite.
@@ -69,7 +70,7 @@ DTW_PAIRS = 2**18  # query-reference pairs per DTW chunk, when chunk_rows is not
 READ_EPOCHS = 8
 
 
-def knn_proba(references, labels, queries, *, num_classes: int | None = None, k: int = 20,
+def knn_proba(references: np.ndarray, labels: np.ndarray, queries: np.ndarray, *, num_classes: int | None = None, k: int = 20,
               metric: str = "euclidean", chunk_rows: int | None = None, dtw_window: int | None = None,
               progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """p(class) of every query: the fraction of its ``k`` nearest references in each class.
@@ -106,9 +107,9 @@ def knn_proba(references, labels, queries, *, num_classes: int | None = None, k:
         distances = _Euclidean(refs, torch.float64)
         rows = chunk_rows or max(1, BLOCK_BYTES // (8 * len(refs)))
     else:
-        distances = _DTW(refs, dtw_window)
+        distances = _DTW(refs, None if dtw_window is None else int(dtw_window))
         rows = chunk_rows or max(1, DTW_PAIRS // len(refs))
-    return _proba(distances, labels, queries, num_classes, k, rows, progress)
+    return _proba(distances, labels, queries, num_classes, int(k), int(rows), progress)
 
 
 def _checked(references, labels, queries, num_classes, k, metric, chunk_rows, dtw_window, progress):
