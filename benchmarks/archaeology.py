@@ -1,7 +1,7 @@
 """What metadata archaeology buys: finding mislabeled samples, correcting them, and skipping backward
 passes, against the usual baselines, on the same model and budget.
 
-    python benchmarks/archaeology.py            # 3 seeds, digits and MNIST-1D: about 20 minutes on 2 CPU cores
+    python benchmarks/archaeology.py            # 3 seeds, digits and MNIST-1D: about 17 minutes on 2 CPU cores
     python benchmarks/archaeology.py --smoke    # 1 seed, digits, 6 epochs: under 2 minutes; checks the script
 
 **Data** (nothing is downloaded). scikit-learn's ``load_digits`` (1,797 samples, 64 features, 10
@@ -526,7 +526,7 @@ def _pm(values: list[float], fmt: str = "{:.3f}", scale: float = 1.0) -> str:
     mean = statistics.fmean(values) * scale
     if len(values) < 2:
         return fmt.format(mean)
-    return f"{fmt.format(mean)} ± {fmt.format(statistics.stdev(values) * scale)}"
+    return f"{fmt.format(mean)} ± {fmt.replace('+', '').format(statistics.stdev(values) * scale)}"
 
 
 def _verdict(passed: bool) -> str:

@@ -51,7 +51,7 @@ class PrioritizedWorker(WorkerHalf):
         g = generator
         if self.score == "loss":
             loss = batch.loss.detach().double().cpu()
-            # percentile of each loss within the batch: (rank + 1) / n, ties share the lower rank's
+            # percentile of each loss within the batch: the share of the batch at or below it (ties share the higher)
             ranks = torch.searchsorted(torch.sort(loss).values, loss, right=True).double()
             weights = (ranks / n) ** self.beta
             rows = torch.multinomial(weights, m, replacement=False, generator=g)
