@@ -83,9 +83,22 @@ def consistency_proxy(features: np.ndarray, labels: np.ndarray, *, seed: int, ro
             ``rounds`` or ``max_dim`` < 1), before anything is fitted.
         ImportError: scikit-learn is not installed (``pip install scikit-learn``).
     """
+    return held_out_probabilities(features, labels, seed=seed, rounds=rounds, max_dim=max_dim, progress=progress)[0]
+
+
+def held_out_probabilities(features: np.ndarray, labels: np.ndarray, *, seed: int, rounds: int = 4,
+                           max_dim: int = 256, progress: Optional[Callable[[int, int], None]] = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """``consistency_proxy`` and, beside it, each sample's held-out probability of the most likely
+    *other* class (same models, same average). Where the second exceeds the first, the held-out
+    models vote for another class: the sample is more likely mislabeled than atypical.
+
+    Returns:
+        ``(p_label, p_other)``, float32 ``[N]`` each. Raises as ``consistency_proxy``.
+    """
     features, labels = _validate(features, labels, seed=seed, rounds=rounds, max_dim=max_dim)
     try:
-        import sklearn  # noqa: F401  (an optional dependency: the 'examples' and 'dev' extras)
+        import sklearn  # noqa: F401  (an optional dependency: the 'archaeology' extra)
     except ImportError as exc:
         raise ImportError("consistency_proxy fits scikit-learn models: pip install scikit-learn") from exc
     features = _project(features, max_dim, seed)
@@ -200,12 +213,14 @@ def _halves(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, n
 
 
 def _held_out(features: np.ndarray, labels: np.ndarray, seed: int, rounds: int,
-              make_model: Callable[[int], Any], progress: Optional[Callable[[int, int], None]]) -> np.ndarray:
-    """Mean over ``rounds`` of each sample's held-out probability of its label under
-    ``make_model(n_train)``, fitted on the other half."""
+              make_model: Callable[[int], Any], progress: Optional[Callable[[int, int], None]]
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over ``rounds`` of each sample's held-out probability of its label, and of the most
+    likely other class, under ``make_model(n_train)`` fitted on the other half."""
     from sklearn.exceptions import ConvergenceWarning
 
     total = np.zeros(len(labels), np.float64)
+    other = np.zeros(len(labels), np.float64)
     done = 0
     for r in range(rounds):
         a, b = _halves(labels, np.random.default_rng([seed, r]))
@@ -213,21 +228,25 @@ def _held_out(features: np.ndarray, labels: np.ndarray, seed: int, rounds: int,
             seen = np.unique(labels[train])
             if len(seen) == 1:  # a half of one class (tiny or lopsided data): no model can be fitted
                 total[test] += labels[test] == seen[0]
+                other[test] += labels[test] != seen[0]
             else:
                 model = make_model(len(train))
                 with warnings.catch_warnings():
                     # The iteration cap is part of the recipe: an early stop is expected, not a fault.
                     warnings.simplefilter("ignore", ConvergenceWarning)
                     model.fit(features[train], labels[train])
-                total[test] += _label_probability(model, features[test], labels[test])
+                p_label, p_other = _label_probability(model, features[test], labels[test])
+                total[test] += p_label
+                other[test] += p_other
             done += 1
             if progress is not None:
                 progress(done, 2 * rounds)
-    return (total / rounds).astype(np.float32)
+    return (total / rounds).astype(np.float32), (other / rounds).astype(np.float32)
 
 
-def _label_probability(model: Any, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """``P(label | x)`` for each row; 0 where the label is a class the model never saw."""
+def _label_probability(model: Any, features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``P(label | x)`` for each row (0 where the label is a class the model never saw), and the
+    largest probability of any other class."""
     proba = model.predict_proba(features)
     classes = np.asarray(model.classes_)
     column = np.searchsorted(classes, labels)  # classes_ is sorted
@@ -236,4 +255,6 @@ def _label_probability(model: Any, features: np.ndarray, labels: np.ndarray) -> 
     out = np.zeros(len(labels), np.float64)
     rows = np.flatnonzero(seen)
     out[rows] = proba[rows, column[rows]]
-    return out
+    others = proba.copy()
+    others[rows, column[rows]] = -np.inf
+    return out, others.max(axis=1)

@@ -12,7 +12,9 @@ like a suite's probes probably belongs to that suite (``knn.py``). The suites:
   standard deviation of about 0.25; ``noise=0.5`` (the default) sits between the two;
 - ``typical`` and ``atypical``: unaltered samples with the highest and the lowest consistency
   scores, estimated before training by a cheap proxy (``consistency.py``) over a pool of at most
-  ``POOL`` samples.
+  ``POOL`` samples. Samples whose held-out models vote for another class than their label are
+  left out of both: in a dataset with label noise they are the mislabeled ones, and as atypical
+  probes they would teach the vote that mislabeled samples are atypical.
 
 **Sizes.** MAP-D uses 250 reference and 250 held-out probes per suite. Here each suite has
 ``suite_size(N) = min(250, max(10, N // 40))`` reference probes and as many held-out ones, so four
@@ -223,11 +225,22 @@ def pool_features(dataset: Any, pool: np.ndarray, seed: int, max_dim: int = 256,
     return np.concatenate(rows), np.asarray(labels, np.int64)
 
 
+def likely_mislabeled(p_label: np.ndarray, p_other: np.ndarray, keep: int) -> np.ndarray:
+    """The samples whose held-out models vote for another class than their label: mislabeled
+    more likely than atypical, so neither typical nor atypical probes (at most as many as leave
+    ``keep`` samples to choose from)."""
+    voted_away = np.flatnonzero(p_other > p_label)
+    room = len(p_label) - keep
+    if len(voted_away) > room:  # keep the clearest cases out, and enough samples in
+        voted_away = voted_away[np.argsort(p_label[voted_away] - p_other[voted_away], kind="stable")[:max(0, room)]]
+    return np.sort(voted_away)
+
+
 def build_suites(dataset: ProbedDataset, suites: Sequence[str], size: int, seed: int, rounds: int,
                  progress: Optional[Any] = None) -> ProbeSuites:
     """Every suite's probes: the altered ones as drawn, typical and atypical by the consistency proxy
     over a seeded pool of unaltered samples."""
-    from .consistency import consistency_proxy, typical_atypical
+    from .consistency import held_out_probabilities, typical_atypical
 
     altered = dataset.altered
     reference, heldout = {}, {}
@@ -240,9 +253,9 @@ def build_suites(dataset: ProbedDataset, suites: Sequence[str], size: int, seed:
         rng = np.random.Generator(np.random.PCG64(_stream(seed, "pool")))
         pool = np.sort(rng.choice(free, size=min(len(free), POOL), replace=False))
         features, labels = pool_features(dataset.base, pool, _stream(seed, "projection"))
-        scores = consistency_proxy(features, labels, seed=_stream(seed, "proxy") % (2 ** 31), rounds=rounds,
-                                   progress=progress)
-        typical, atypical = typical_atypical(scores, 2 * size)
+        scores, other = held_out_probabilities(features, labels, seed=_stream(seed, "proxy") % (2 ** 31),
+                                               rounds=rounds, progress=progress)
+        typical, atypical = typical_atypical(scores, 2 * size, exclude=likely_mislabeled(scores, other, 4 * size))
         for suite, rows in (("typical", typical), ("atypical", atypical)):
             if suite in suites:  # interleaved by score: reference and held-out probes alike
                 chosen = pool[np.asarray(rows)]
