@@ -2,6 +2,7 @@
 
     vnodes run path/to/job.py[:name] --steps K [--checkpoint-dir D] [--deterministic]
     vnodes analyze RUN_DIR [--job path/to/job.py[:name]] [--epochs E] [--k K] [--metric euclidean|dtw]
+    vnodes simulate WORKLOAD [--policy NAME|all] [--gpus N] [--resize-cost S] [--json] [--out DIR]
 
 A job file defines a ``JobSpec`` (or a zero-argument function returning one). Without ``:name`` the
 file's ``spec`` is used, else its only ``JobSpec``, else a function called ``job``.
@@ -13,6 +14,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -33,6 +35,10 @@ class JobFileError(VnodesError):
 
 class RunDirError(VnodesError):
     """``vnodes analyze``: the run directory holds nothing to analyze, or the job does not match it."""
+
+
+class SimulationInputError(VnodesError):
+    """``vnodes simulate``: the workload, the policy or the cluster size cannot be simulated."""
 
 
 def _job_path(target: str) -> tuple[Path, str]:
@@ -186,6 +192,32 @@ def _parser() -> argparse.ArgumentParser:
                          help="neighbours in the vote (default: the job's MetadataArchaeology(k=...), MAP-D's 20)")
     analyze.add_argument("--metric", choices=("euclidean", "dtw"),
                          help="distance between trajectories (default: the job's; dtw needs dtaidistance)")
+
+    simulate = commands.add_parser(
+        "simulate", help="simulate a cluster scheduling policy on a workload trace",
+        description="Replay a workload trace on a simulated GPU cluster under a scheduling policy and report "
+        "job completion times (JCT), makespan and utilization. WORKLOAD is a Pollux workload CSV (name, time, "
+        "application, num_replicas, batch_size; simulated on 64 GPUs, decisions every 60 s) or a VirtualFlow "
+        "JSON trace (8 GPUs, decisions every 60 s and at every arrival and completion). The shipped traces are "
+        "in vnodes/scheduler/cluster/traces/.",
+    )
+    simulate.add_argument("workload", metavar="WORKLOAD", help="a Pollux .csv or a VirtualFlow .json trace")
+    simulate.add_argument("--policy", default="vnodes", metavar="NAME",
+                          help="fifo, priority, tiresias, wfs, vnodes (default), or all: every policy side by side")
+    simulate.add_argument("--gpus", metavar="N",
+                          help="GPUs in the cluster, in nodes of 4 (N <= 4: one node of N; default: 64 for a "
+                          "Pollux CSV, 8 for a VirtualFlow JSON)")
+    simulate.add_argument("--resize-cost", metavar="S",
+                          help="charge every start, resume and resize a flat S seconds without progress, for "
+                          "every policy (default: vnodes' measured costs for vnodes, VirtualFlow's for wfs on a "
+                          "VirtualFlow trace, 30 s otherwise as Pollux charges)")
+    simulate.add_argument("--json", action="store_true",
+                          help="print one JSON object: avg_jct_s, median_jct_s, p99_jct_s, makespan_s, "
+                          "utilization, ftf_mean, ftf_max, resizes_per_job, preemptions_per_job, jcts "
+                          "{job: seconds}, ...; with --policy all: policies {name: those}")
+    simulate.add_argument("--out", metavar="DIR",
+                          help="also write DIR/simulation.json (the --json object), jct_cdf.png and "
+                          "gpus_in_use.png (needs matplotlib)")
 
     status = commands.add_parser("status", help="show a running job's status")
     status.add_argument("--master", required=True, metavar="HOST:PORT")
@@ -357,6 +389,114 @@ def _analyzed_dataset(args: argparse.Namespace, run_dir: Path, probes, num_sampl
     return dataset
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from .cluster import report
+    from .cluster.apps import TRACES_DIR, application_for, load_applications
+    from .cluster.policies import POLICIES
+    from .cluster.simulator import Cluster, simulate
+    from .cluster.workload import load_workload
+
+    path = Path(args.workload).expanduser()
+    if not path.is_file():
+        raise SimulationInputError(f"workload {args.workload!r} does not exist; pass a Pollux workload CSV or a "
+                                   f"VirtualFlow JSON trace (shipped: {TRACES_DIR}/pollux/workloads/workload-1.csv)")
+    if path.suffix not in (".csv", ".json"):
+        raise SimulationInputError(f"workload {args.workload!r} is neither a .csv (Pollux) nor a .json "
+                                   "(VirtualFlow) trace; pass one of those")
+    virtualflow = path.suffix == ".json"
+    if args.policy == "all":
+        policies = list(POLICIES)
+    elif args.policy in POLICIES:
+        policies = [args.policy]
+    else:
+        raise SimulationInputError(f"--policy {args.policy!r} is unknown; choose one of {', '.join(POLICIES)}, "
+                                   "or all")
+    gpus = _positive_gpus(args.gpus) if args.gpus is not None else (8 if virtualflow else 64)
+    cost = _resize_cost(args.resize_cost) if args.resize_cost is not None else None
+    if args.out and report.missing_packages():  # before the slow part
+        raise VnodesError(f"--out draws its plots with matplotlib; install it: pip install "
+                          f"{' '.join(report.missing_packages())} (or leave out --out)")
+    profiles = load_applications()
+    try:
+        jobs = load_workload(path, profiles)
+        for job in jobs:
+            application_for(job, profiles)
+    except ValueError as exc:
+        raise SimulationInputError(str(exc)) from exc
+    biggest = max(jobs, key=lambda j: j.requested_gpus)
+    if biggest.requested_gpus > gpus:
+        raise SimulationInputError(f"job {biggest.name!r} asks for {biggest.requested_gpus} GPUs, more than "
+                                   f"--gpus {gpus}; pass --gpus {_cluster_size_for(biggest.requested_gpus)} or more")
+    cluster = Cluster.of(gpus)
+    results = {}
+    for name in policies:
+        if sys.stderr.isatty():
+            print(f"simulating {name} on {len(jobs)} jobs...", file=sys.stderr, flush=True)
+        results[name] = simulate(jobs, name, cluster, simulation_resize(name, virtualflow, cost), profiles,
+                                 on_events=virtualflow)
+    doc = report.document(results, str(path), on_events=virtualflow, interval_s=60.0)
+    files = report.write_outputs(Path(args.out).expanduser(), results, doc) if args.out else {}
+    if args.json:
+        print(json.dumps(doc))
+        if files:
+            print(f"wrote {', '.join(str(p) for p in files.values())}", file=sys.stderr)
+        return 0
+    from rich.console import Console
+
+    clock = "every 60 s and at every arrival and completion" if virtualflow else "every 60 s"
+    title = (f"{path.name}: {len(jobs)} jobs on {cluster.gpus} GPUs ({cluster.nodes} x {cluster.gpus_per_node}), "
+             f"decisions {clock}")
+    Console(width=max(140, Console().width)).print(report.table(results, title))
+    if files:
+        print(f"wrote {', '.join(str(p) for p in files.values())}")
+    return 0
+
+
+def simulation_resize(policy: str, virtualflow: bool, flat_cost_s: Optional[float] = None):
+    """The resize model ``vnodes simulate`` charges ``policy``: a flat ``flat_cost_s`` for every
+    policy when given; else vnodes' own costs for vnodes, VirtualFlow's for wfs on a VirtualFlow
+    trace, and Pollux's flat 30 s for the rest."""
+    from .cluster.simulator import flat_resize, virtualflow_resize, vnodes_resize
+
+    if flat_cost_s is not None:
+        return flat_resize(flat_cost_s)
+    if policy == "vnodes":
+        return vnodes_resize()
+    if policy == "wfs" and virtualflow:
+        return virtualflow_resize()
+    return flat_resize(30.0)
+
+
+def _cluster_size_for(gpus: int) -> int:
+    """The smallest ``--gpus`` that holds ``gpus``: itself up to 4, then a multiple of 4."""
+    return gpus if gpus <= 4 else -(-gpus // 4) * 4
+
+
+def _positive_gpus(text: str) -> int:
+    try:
+        gpus = int(text)
+    except ValueError:
+        raise SimulationInputError(f"--gpus {text!r} is not a whole number; pass the cluster's GPU count, "
+                                   "e.g. --gpus 64") from None
+    if gpus < 1:
+        raise SimulationInputError(f"--gpus {gpus} is not positive; pass the cluster's GPU count, e.g. --gpus 64")
+    if gpus > 4 and gpus % 4:
+        raise SimulationInputError(f"--gpus {gpus}: clusters of more than 4 GPUs are built of nodes of 4; pass a "
+                                   f"multiple of 4, e.g. --gpus {_cluster_size_for(gpus)}")
+    return gpus
+
+
+def _resize_cost(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise SimulationInputError(f"--resize-cost {text!r} is not a number of seconds >= 0; pass e.g. "
+                                   "--resize-cost 30 (Pollux's cost per start and resize)")
+    return seconds
+
+
 def _status(args: argparse.Namespace) -> int:
     from vnodes.runtime.master_client import MasterClient, read_pem
 
@@ -400,7 +540,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        commands = {"run": _run, "master": _master, "worker": _worker, "analyze": _analyze, "status": _status}
+        commands = {"run": _run, "master": _master, "worker": _worker, "analyze": _analyze, "simulate": _simulate,
+                    "status": _status}
         return commands[args.command](args)
     except VnodesError as exc:
         if args.verbose:

@@ -23,14 +23,16 @@ The policies (``POLICIES``):
   free and moves GPUs to where they add the most throughput (below).
 
 ``vnodes`` in detail. Jobs are ranked as Tiresias ranks them (two queues, a job moving to the
-second once it has attained 16 GPU-hours divided by its priority; arrival order within each), so
+second once its attained service divided by its priority reaches 16 GPU-hours; arrival order
+within each), so
 short jobs still finish first. First, Tiresias' choice: each job in rank order gets its whole
 request if that many GPUs are still unclaimed. Then no job waits for a full set: the jobs left out
 start, in rank order, on what is left. The GPUs still free go one at a time to the job whose
 throughput grows most by one more (relative to its current throughput, times ``rank_decay`` per
 rank), up to its virtual nodes, never past the point where a GPU adds less than ``min_gain`` of
-the job's throughput. A running job grows only if the throughput it gains over ``horizon_s``
-exceeds what the resize's pause costs (``resize_s`` in the snapshot); shrinks are never held back,
+the job's throughput. A running job grows only if the steps it gains over ``horizon_s`` exceed
+what the grow costs: the new GPUs' share while they start (``join_s``) and the pause at full size
+(``resize_s``: the re-formation and the state transfer); shrinks are never held back,
 since the GPUs they free go to other jobs.
 """
 
@@ -55,6 +57,7 @@ class JobView:
     gpus: int  # GPUs it holds now
     attained_gpu_s: float  # GPU-seconds it has held so far
     throughput: tuple[float, ...] = ()  # steps/s on 1, 2, ..., max_gpus GPUs (consolidated); elastic policies
+    resize_s: Optional[float] = None  # the pause a grow costs this job (its state transfer included); None: the snapshot's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +65,8 @@ class Snapshot:
     now_s: float
     total_gpus: int
     jobs: tuple[JobView, ...]  # in arrival order
-    resize_s: float = 0.0  # what one resize costs the job (its pause), for policies that weigh it
+    resize_s: float = 0.0  # the pause one resize costs a job, for policies that weigh it
+    join_s: float = 0.0  # how long new GPUs stay useless while the job trains on at its old size
 
 
 Allocation = dict[str, int]
@@ -239,15 +243,14 @@ class VnodesPolicy:
         """Keep a running job's allocation where a grow would not pay for its pause (keeping uses
         fewer GPUs than wanted, so the allocation stays within the cluster)."""
         out = dict(want)
-        if snapshot.resize_s <= 0:
-            return out
         for job in snapshot.jobs:  # only grows are damped: a shrink frees GPUs that another job takes
             n_old, n_new = job.gpus, want[job.name]
-            if n_old == 0 or n_new <= n_old or not job.throughput:
+            if n_old == 0 or n_new <= n_old or n_new > len(job.throughput):
                 continue
             old, new = job.throughput[n_old - 1], job.throughput[n_new - 1]
+            pause = job.resize_s if job.resize_s is not None else snapshot.resize_s
             gained = (new - old) * self.horizon_s  # steps gained over the horizon
-            lost = new * snapshot.resize_s  # steps the pause costs
+            lost = (new - old) * snapshot.join_s + new * pause  # the joiners' start-up, then the pause
             if gained <= lost:
                 out[job.name] = n_old
         return out

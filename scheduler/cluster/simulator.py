@@ -273,7 +273,7 @@ class Simulation:
                 job.running = list(job.held)
                 job.join_at = None
                 pause = self.resize.grow_pause_s if self.resize.grow_pause_s is not None else self.resize.pause_s
-                job.busy_until = b + pause + self.resize.transfer_s(job.trace.application)
+                job.busy_until = max(job.busy_until, b + pause + self.resize.transfer_s(job.trace.application))
             a = b
 
     def _next_completion(self, now: float) -> float:
@@ -300,13 +300,14 @@ class Simulation:
         active = [j for j in self.jobs if j.finished_s is None and j.trace.arrival_s <= now]
         if not active:
             return
+        grow_pause = self.resize.grow_pause_s if self.resize.grow_pause_s is not None else self.resize.pause_s
         views = tuple(JobView(j.name, j.trace.arrival_s, j.trace.priority, j.trace.requested_gpus,
                               (j.trace.requested_gpus if self.policy_name == "wfs" else j.virtual_nodes)
                               if self.elastic else j.trace.requested_gpus,
-                              sum(j.held), j.attained_gpu_s, self.curves.get(j.name, ()))
+                              sum(j.held), j.attained_gpu_s, self.curves.get(j.name, ()),
+                              resize_s=grow_pause + self.resize.transfer_s(j.trace.application))
                       for j in active)
-        pause = self.resize.pause_s + (self.resize.join_s if self.elastic else 0.0)
-        snapshot = Snapshot(now, self.cluster.gpus, views, resize_s=pause)
+        snapshot = Snapshot(now, self.cluster.gpus, views, resize_s=grow_pause, join_s=self.resize.join_s)
         allocation, self.state = self.policy(snapshot, self.state)
         check_allocation(snapshot, allocation, self.elastic, self.policy_name)
         # Releases first (preemptions, shrinks), then starts and grows in the policy's order.
@@ -343,7 +344,7 @@ class Simulation:
         job.resizes += 1
         if count < n_old or flat:
             job.running = list(job.held)
-            job.busy_until = now + self.resize.pause_s
+            job.busy_until = max(job.busy_until, now + self.resize.pause_s)  # a start's stall is not cut short
         else:  # grow: the job trains on at its old size while the joiners start
             job.running = [min(r, h) for r, h in zip(job.running, job.held)]
             job.join_at = now + self.resize.join_s
