@@ -9,7 +9,6 @@ from the step alone and needs no state of its own in a checkpoint.
 
 from __future__ import annotations
 
-import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from .errors import InvalidJobSpec
@@ -44,7 +43,7 @@ class VNodeSampler:
                 "Use a larger dataset, fewer virtual nodes or a smaller vnode_batch_size.",
             )
         self._epoch: int | None = None
-        self._rank_indices: dict[int, torch.Tensor] = {}
+        self._rank_indices: dict[int, list[int]] = {}  # this epoch's order of each node's samples
 
     def _sampler(self, rank: int) -> DistributedSampler:
         return DistributedSampler(
@@ -66,6 +65,6 @@ class VNodeSampler:
         if rank_indices is None:
             sampler = self._sampler(vnode_id)
             sampler.set_epoch(epoch)
-            rank_indices = self._rank_indices[vnode_id] = torch.tensor(list(iter(sampler)))
+            rank_indices = self._rank_indices[vnode_id] = list(iter(sampler))
         b = self.vnode_batch_size
-        return rank_indices[k * b:(k + 1) * b].tolist()
+        return rank_indices[k * b:(k + 1) * b]
