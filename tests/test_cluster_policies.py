@@ -147,6 +147,9 @@ SATURATED = (1.0, 2.0, 2.05, 2.06)  # the third GPU adds 2.5% < min_gain
 HALTING = (1.0, 2.0, 2.1, 2.2)  # the third GPU adds exactly 5%, the fourth less
 
 
+WHOLE = VnodesPolicy(first_share=1.0)  # Tiresias' whole requests first, then partial starts and extras
+
+
 def vjob(name, arrival, req, max_gpus=8, throughput=LINEAR, **kw):
     return job(name, arrival, req, max_gpus=max_gpus, throughput=throughput[:max_gpus], **kw)
 
@@ -176,8 +179,8 @@ def vjob(name, arrival, req, max_gpus=8, throughput=LINEAR, **kw):
                  id="linear pair: gain x 0.5 per rank, ties to the earlier rank"),
     pytest.param(snap(8, vjob("a", 0, 2, max_gpus=2)), {"a": 2}, id="a job never exceeds its max_gpus"),
 ])
-def test_vnodes(snapshot, expected):
-    allocation = allocate(P.vnodes, snapshot)
+def test_vnodes_whole_requests_first(snapshot, expected):
+    allocation = allocate(WHOLE, snapshot)
     assert allocation == expected
     check_allocation(snapshot, allocation, elastic=True, name="vnodes")
 
@@ -193,11 +196,29 @@ def test_vnodes_grows_only_when_it_pays_within_the_horizon(gpus, resize_s, expec
     snapshot = snap(4, vjob("a", 0, 2, max_gpus=4, throughput=HALTING, gpus=gpus), resize_s=resize_s)
     assert P.vnodes.horizon_s == 600.0 and P.vnodes.min_gain == 0.05
     assert allocate(P.vnodes, snapshot) == {"a": expected}
+    assert allocate(WHOLE, snapshot) == {"a": expected}
 
 
 def test_vnodes_without_partial_starts_waits_for_a_whole_request():
     snapshot = snap(8, vjob("a", 0, 6, max_gpus=6), vjob("b", 1, 4, max_gpus=4))
-    assert allocate(VnodesPolicy(partial_starts=False), snapshot) == {"a": 6, "b": 0}
+    assert allocate(VnodesPolicy(partial_starts=False, first_share=1.0), snapshot) == {"a": 6, "b": 0}
+
+
+@pytest.mark.parametrize("snapshot,expected", [
+    pytest.param(snap(8, vjob("a", 0, 4), vjob("b", 1, 4), vjob("c", 2, 4)), {"a": 4, "b": 2, "c": 2},
+                 id="half of each request first: all three start, a is topped up first"),
+    pytest.param(snap(8, vjob("a", 0, 8), vjob("b", 1, 8)), {"a": 4, "b": 4},
+                 id="two big requests share the cluster instead of one waiting"),
+    pytest.param(snap(8, vjob("a", 0, 3, max_gpus=3), vjob("b", 1, 1, max_gpus=1)), {"a": 3, "b": 1},
+                 id="a share rounds up; room for all: whole requests"),
+    pytest.param(snap(4, vjob("a", 0, 2), vjob("b", 1, 2), vjob("c", 2, 2), vjob("d", 3, 2), vjob("e", 4, 2)),
+                 {"a": 1, "b": 1, "c": 1, "d": 1, "e": 0}, id="one GPU each in rank order, the rest wait"),
+])
+def test_vnodes_default_shares_requests_under_contention(snapshot, expected):
+    assert VnodesPolicy().first_share == 0.5
+    allocation = allocate(P.vnodes, snapshot)
+    assert allocation == expected
+    check_allocation(snapshot, allocation, elastic=True, name="vnodes")
 
 
 def random_snapshot(rng: random.Random, policy: str) -> Snapshot:

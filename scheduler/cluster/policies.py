@@ -25,8 +25,11 @@ The policies (``POLICIES``):
 ``vnodes`` in detail. Jobs are ranked as Tiresias ranks them (two queues, a job moving to the
 second once its attained service divided by its priority reaches 16 GPU-hours; arrival order
 within each), so
-short jobs still finish first. First, Tiresias' choice: each job in rank order gets its whole
-request if that many GPUs are still unclaimed. Then no job waits for a full set: the jobs left out
+short jobs still finish first. First, each job in rank order gets ``first_share`` of its request
+(half, rounded up) if that many GPUs are still unclaimed, so that twice as many jobs start when the
+cluster is contended (a job at half its GPUs takes less than twice as long: scaling is sublinear);
+then the jobs that started are topped up to their whole requests in rank order
+(``first_share=1.0`` is Tiresias' choice). Then no job waits for a full set: the jobs left out
 start, in rank order, on what is left. The GPUs still free go one at a time to the job whose
 throughput grows most by one more (relative to its current throughput, times ``rank_decay`` per
 rank), up to its virtual nodes, never past the point where a GPU adds less than ``min_gain`` of
@@ -209,11 +212,24 @@ class VnodesPolicy:
     horizon_s: float = 600.0  # a resize must pay for its pause within this time
     rank_decay: float = 0.5  # each later rank counts this much less when GPUs are shared out
     partial_starts: bool = True  # a job that does not fit whole starts on what is left
+    first_share: float = 0.5  # the share of its request each job gets before any job gets all of it
 
     def __call__(self, snapshot: Snapshot, state: Mapping) -> tuple[Allocation, Mapping]:
         order, state = _las_order(snapshot, state, self.threshold_gpu_s, weigh_priority=True)
-        want = _in_order(snapshot, order, skip_blocked=True)  # Tiresias' choice first: whole requests
-        free = snapshot.total_gpus - sum(want.values())
+        free = snapshot.total_gpus
+        want: Allocation = {j.name: 0 for j in order}
+        for job in order:  # a share of each request first, for as many jobs as fit (skipping ahead)
+            first = min(job.max_gpus, max(1, math.ceil(job.requested_gpus * self.first_share)))
+            if first <= free:
+                want[job.name] = first
+                free -= first
+        for job in order:  # then the whole requests, in rank order
+            if free == 0:
+                break
+            if want[job.name]:
+                more = min(min(job.requested_gpus, job.max_gpus) - want[job.name], free)
+                want[job.name] += max(0, more)
+                free -= max(0, more)
         for job in order:  # then no job waits for a full set: the rest start on what is left
             if free == 0 or not self.partial_starts:
                 break
