@@ -47,7 +47,7 @@ Target: each MAP-D variant at least as good as the best baseline (mean over seed
 noise level and metric.
 
 **(b) Label correction** at 40% noise: clean test accuracy at the end of training, plain
-cross-entropy (no plugins) against ``[DynamicsRecorder(), MetadataArchaeology(), LabelCorrection()]``
+cross-entropy (no plugins) against ``[DynamicsRecorder(), MetadataArchaeology(), LabelCorrection(warmup_epochs=...)]``
 (default warm-up: max(2, epochs // 5) epochs). Target: at least +5 points (mean over seeds).
 
 **(c) Prioritized sampling** on clean labels: plain training against ``PrioritizedSampling(keep=0.25)``
@@ -398,7 +398,8 @@ def correction(name: str, seed: int, work: Path, epochs: int, progress) -> Corre
     steps = epochs * steps_per_epoch(len(splits(name)[1]))
     accuracy, seconds = {}, {}
     for label, plugins in (("plain", []),
-                           ("corrected", [DynamicsRecorder(), MetadataArchaeology(), LabelCorrection()])):
+                           ("corrected", [DynamicsRecorder(), MetadataArchaeology(),
+                                                          LabelCorrection(warmup_epochs=max(2, epochs // 5))])):
         run_dir = work / f"correct-{name}-{seed}-{label}"
         run = run_job(job(name, data, plugins, seed), steps, run_dir)
         accuracy[label], seconds[label] = final_accuracy(name, run_dir), run.wall_s

@@ -145,7 +145,7 @@ class StepEngine:
         self.float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                                 torch.get_default_dtype())
         self._loss_checked = False
-        self._chosen_count: Optional[int] = None  # rows a selecting plugin chose per node (all alike)
+        self._chosen_count: Optional[int] = None  # rows a selecting plugin chose per node in this step
         self.fusion: Optional[FusionContext] = None
         self.graphs: Optional[GroupGraphs] = None
         self.group_size: Optional[int] = spec.fused_group_size  # None: all of a worker's nodes
@@ -222,6 +222,7 @@ class StepEngine:
         views: list[SampleBatch] = []
         for p in self.params:  # a step is computed from scratch, also when it is redone
             p.grad = None
+        self._chosen_count = None
         self.stats.begin_step()
 
         for position, ((batch_step, vnode_id), batch) in enumerate(batches):
@@ -294,11 +295,11 @@ class StepEngine:
                            self._plan_rows(name, step, vnode_id, position, inputs, indices))
         generator = torch.Generator().manual_seed(vnode_seed(self.spec.seed, step, vnode_id, SELECT_STREAM))
         chosen = torch.as_tensor(half.select(view, generator), dtype=torch.int64).cpu()
-        expected = self._chosen_count
+        expected = self._chosen_count  # this step's count so far (every node of a step selects as many)
         if chosen.ndim != 1 or (expected is not None and len(chosen) != expected) or len(chosen) == 0 \
                 or len(torch.unique(chosen)) != len(chosen) or chosen.min() < 0 or chosen.max() >= len(indices) \
                 or not bool((chosen[1:] > chosen[:-1]).all()):
-            raise ValueError(f"plugin {name!r} chose rows {chosen.tolist()[:8]}... of virtual node {vnode_id}'s batch of "
+            raise ValueError(f"plugin {name!r} chose rows {chosen.reshape(-1).tolist()[:8]} of virtual node {vnode_id}'s batch of "
                              f"{len(indices)} at step {step}; select must return distinct rows, ascending, as many "
                              "for every node")
         self._chosen_count = len(chosen)
@@ -443,6 +444,7 @@ class StepEngine:
         grad_sum: Optional[list[Optional[torch.Tensor]]] = None  # CUDA graphs: the groups' gradients
         for p in self.params:
             p.grad = None
+        self._chosen_count = None
         self.stats.begin_step()
         for start in range(0, len(batches), size):
             group = batches[start:start + size]

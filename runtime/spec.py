@@ -177,7 +177,8 @@ class JobSpec:
             plugin.validate()
             missing = [name for name in plugin.requires() if name not in names]
             if missing:
-                raise InvalidJobSpec("plugins", f"{type(plugin).__name__} reads what {missing} record(s): put "
+                raise InvalidJobSpec("plugins", f"{type(plugin).__name__} reads what {', '.join(missing)} "
+                                     f"record{'s' if len(missing) == 1 else ''}: put "
                                      f"{' and '.join(_plugin_class(n) + '()' for n in missing)} before it in plugins=[...]")
             names.add(plugin.name)
         for plugin in self.plugins:

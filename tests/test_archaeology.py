@@ -62,6 +62,31 @@ def test_the_probed_dataset_alters_exactly_its_probes_the_same_way_everywhere():
     assert not np.array_equal(other.altered.mislabeled, altered.mislabeled)
 
 
+class Augmented(torch.utils.data.Dataset):
+    """Random brightness in ``__getitem__``, from the global generator (as torchvision transforms do)."""
+
+    def __init__(self):
+        self.base = aj.dataset()
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return x * (1 + 0.1 * torch.rand(())), y
+
+
+def test_an_augmenting_dataset_gets_the_same_probes_whatever_the_process_drew_before():
+    spec = aj.spec([DynamicsRecorder(), MetadataArchaeology(suites=("mislabeled", "corrupted"))], dataset=Augmented)
+    torch.manual_seed(0)
+    a = build_dataset(spec)
+    torch.manual_seed(1)
+    b = build_dataset(spec)
+    assert a.noise_std == b.noise_std
+    i = int(a.altered.corrupted[0])
+    assert torch.equal(a.base.base[i][0], b.base.base[i][0])  # the unaugmented sample
+
+
 def test_noise_strength_is_relative_to_the_inputs_scale():
     spec = aj.archaeology_spec()
     data = build_dataset(spec)
@@ -180,9 +205,10 @@ def all_three_dir(tmp_path_factory):
     return run
 
 
-def test_resumed_from_a_checkpoint_the_run_and_its_decisions_are_bitwise(tmp_path, all_three_dir):
+@pytest.mark.parametrize("stop", [23, 20], ids=["mid-epoch", "at an epoch's end"])
+def test_resumed_from_a_checkpoint_the_run_and_its_decisions_are_bitwise(tmp_path, all_three_dir, stop):
     spec = aj.all_three_spec()
-    train(spec, steps=23, checkpoint_dir=tmp_path, progress=False)  # stops mid-epoch, after two fits
+    train(spec, steps=stop, checkpoint_dir=tmp_path, progress=False)
     train(spec, steps=aj.STEPS, checkpoint_dir=tmp_path, progress=False)
     assert_bitwise(params(tmp_path), params(all_three_dir))
     a, b = analyze(tmp_path, write=False), analyze(all_three_dir, write=False)

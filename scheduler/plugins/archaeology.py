@@ -9,10 +9,12 @@ as MAP-D does) gives every sample p(suite).
 
 The probes are written to ``RUN_DIR/archaeology/probes.json`` when the master starts;
 ``analyze(run_dir)`` (``analysis.py``) fits the vote on the whole recording at the end. During
-training the vote is refitted after each epoch only when a plugin after this one reads it
-(``LabelCorrection``, ``PrioritizedSampling``: they call ``follow``). The fit is a function of the
-recorded trajectories, which are a function of the job: its checkpointed state is the number of
-epochs it was fitted on, and a resumed master refits on the same rows.
+training the vote is fitted, once per epoch, only when a plugin after this one reads it
+(``LabelCorrection``, ``PrioritizedSampling``, through ``p_for_step``): for step ``s`` on the epochs
+``usable_epochs(s)``, a function of the step alone. The fit is a function of the recorded
+trajectories, which are a function of the job, so nothing of it is checkpointed: a resumed master
+fits again on the same rows, and a run stopped and resumed at any step decides what a run that
+never stopped decides.
 """
 
 from __future__ import annotations
@@ -112,7 +114,15 @@ class MetadataArchaeology(Plugin):
                                  f"not fit a dataset of {n} samples (at most half of it may be probes, and the "
                                  f"{size * len(self.suites)} reference probes must be at least k={self.k}); set "
                                  "probes_per_suite or k lower, or use a larger dataset")
-        classes = self.num_classes or int(all_targets(dataset).max()) + 1
+        targets = all_targets(dataset) if self.num_classes is None or n <= 1_000_000 else None
+        largest = int(targets.max()) if targets is not None else None
+        classes = self.num_classes or largest + 1
+        if largest is not None and classes <= largest:
+            raise InvalidJobSpec("plugins", f"MetadataArchaeology(num_classes={classes}): the dataset has class "
+                                 f"{largest}; set num_classes to at least {largest + 1}, or leave it None")
+        if classes < 2 or (targets is not None and len(np.unique(targets)) < 2):
+            raise InvalidJobSpec("plugins", "MetadataArchaeology needs a dataset of at least 2 classes (a mislabeled "
+                                 "probe gets another class); this one has one")
         altered = AlteredProbes.draw(n, classes, seed, size, tuple(s for s in self.suites if s in ALTERED))
         return ProbedDataset(dataset, altered, float(self.noise), seed)
 
@@ -123,7 +133,9 @@ class MetadataArchaeology(Plugin):
             raise InvalidJobSpec("plugins", "MetadataArchaeology writes its probes into the run directory; pass "
                                  "checkpoint_dir")
         if not isinstance(job.dataset, ProbedDataset):
-            raise RuntimeError("MetadataArchaeology: the master's dataset was not wrapped (wrap_dataset)")
+            raise InvalidJobSpec("plugins", "MetadataArchaeology plants its probes in the dataset the job builds; "
+                                 "this master was given an unwrapped one (build it with vnodes.runtime.engine."
+                                 "build_dataset)")
         self._job = job
         self._recorder = job.peers["recorder"]
         t0 = time.perf_counter()
@@ -142,12 +154,25 @@ class MetadataArchaeology(Plugin):
         self.fitted = 0  # epochs of the fit in self.p
 
     def follow(self) -> None:
-        """Refit after every epoch from now on (called by the plugins after this one that read ``p``)."""
+        """Called by the plugins after this one that read ``p`` during training."""
         self.following = True
 
-    def on_eval(self, epoch: int, report: Optional[SampleColumns]) -> None:
-        if self.following:
-            self.fit(epoch + 1)
+    def usable_epochs(self, step: int) -> int:
+        """Epochs of trajectory a decision for ``step`` may use: those whose evaluation pass had
+        committed before ``step`` was planned in a run that never stopped (the pass after epoch
+        ``e`` rides on the first step of epoch ``e + 1``, so it counts from the second on). A
+        function of the step alone, so a run stopped and resumed at any step decides the same."""
+        return max(0, (step - 1) // self._job.steps_per_epoch)
+
+    def p_for_step(self, step: int) -> Optional[np.ndarray]:
+        """p(suite) of every sample ``[N, suites]`` as decisions for ``step`` see it (fitted on
+        ``usable_epochs(step)`` epochs, once per epoch); None before the first epoch's pass."""
+        epochs = self.usable_epochs(step)
+        if epochs == 0:
+            return None
+        if self.fitted != epochs:
+            self.fit(epochs)
+        return self.p
 
     def fit(self, epochs: int) -> None:
         """p(suite) for every sample, from the first ``epochs`` epochs of the evaluation pass."""
@@ -159,18 +184,14 @@ class MetadataArchaeology(Plugin):
                            k=self.k, metric=self.metric)
         self.fitted = epochs
 
-    def probability(self, suite: str) -> Optional[np.ndarray]:
-        """p(``suite``) of every sample from the latest fit; None before the first."""
-        if self.p is None:
+    def probability(self, suite: str, step: int) -> Optional[np.ndarray]:
+        """p(``suite``) of every sample as decisions for ``step`` see it; None before the first
+        fit; zeros for a suite this job does not plant."""
+        p = self.p_for_step(step)
+        if p is None:
             return None
-        return self.p[:, self.probes.suites.index(suite)] if suite in self.probes.suites else \
+        return p[:, self.probes.suites.index(suite)] if suite in self.probes.suites else \
             np.zeros(self._job.num_samples, np.float32)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"fitted": self.fitted}
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        fitted = int(state.get("fitted", 0))
-        self.p, self.fitted = None, 0
-        if fitted:
-            self.fit(fitted)
+        self.p, self.fitted = None, 0  # refitted on demand (p_for_step), from the recorder's rows

@@ -7,9 +7,9 @@ After a warm-up, each sample's per-sample loss becomes (Arazo et al., 2019, as M
     loss = (1 - B) * CE(outputs, given label) + B * CE(outputs, argmax of outputs)
 
 ``B`` is computed on the master and reaches the workers through the plans (``on_plan``): the
-rows of a step's samples, from the kNN fit committed before the step was planned (the fit after
-epoch ``e`` counts from the second step of epoch ``e + 1`` on, because the evaluation pass of epoch
-``e`` rides on that epoch's first step). Before the warm-up ends no ``B`` is sent, and the loss is
+rows of a step's samples, from the kNN fit on the epochs ``MetadataArchaeology.usable_epochs(step)``
+(the fit after epoch ``e`` counts from the second step of epoch ``e + 1`` on, because the
+evaluation pass of epoch ``e`` rides on that epoch's first step). Before the warm-up ends no ``B`` is sent, and the loss is
 the job's own. The given-label term is the job's per-sample loss, so the job's loss should be the
 cross-entropy for this to be Arazo's; the prediction term is ``torch.nn.functional.cross_entropy``.
 """
@@ -27,6 +27,7 @@ from vnodes.runtime.errors import InvalidJobSpec
 from vnodes.runtime.plugins import Plugin, PluginJob, SampleBatch, SampleColumns, WorkerHalf
 
 CLIP = 1e-4
+DEFAULT_WARMUP = 5  # epochs; a function of the job, not of how many steps one train() call runs
 
 
 class CorrectionWorker(WorkerHalf):
@@ -47,7 +48,7 @@ class LabelCorrection(Plugin):
 
     Args:
         warmup_epochs: epochs trained on the given labels before the first correction (the kNN needs
-            trajectories to vote on); default ``max(2, epochs // 5)`` of the run.
+            trajectories to vote on); default 5.
     """
 
     warmup_epochs: Optional[int] = None
@@ -59,7 +60,7 @@ class LabelCorrection(Plugin):
         w = self.warmup_epochs
         if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
             raise InvalidJobSpec("plugins", f"LabelCorrection(warmup_epochs={w!r}): must be None (the default: "
-                                 "a fifth of the run, at least 2) or an integer >= 1")
+                                 f"{DEFAULT_WARMUP}) or an integer >= 1")
 
     def requires(self) -> tuple[str, ...]:
         return ("recorder", "archaeology")
@@ -79,12 +80,12 @@ class LabelCorrection(Plugin):
         self._job = job
         self._archaeology = job.peers["archaeology"]
         self._archaeology.follow()
-        self.warmup = self.warmup_epochs if self.warmup_epochs is not None else max(2, job.epochs // 5)
+        self.warmup = self.warmup_epochs if self.warmup_epochs is not None else DEFAULT_WARMUP
 
     def on_plan(self, step: int, vnodes: Sequence[int], indices: Sequence[np.ndarray]) -> Optional[SampleColumns]:
         archaeology = self._archaeology
-        if archaeology.fitted < self.warmup:
+        if archaeology.usable_epochs(step) < self.warmup:
             return None
         rows = np.concatenate(indices)
-        b = np.clip(archaeology.probability("mislabeled")[rows], CLIP, 1 - CLIP).astype(np.float32)
+        b = np.clip(archaeology.probability("mislabeled", step)[rows], CLIP, 1 - CLIP).astype(np.float32)
         return SampleColumns(rows, {"b": b})

@@ -113,11 +113,11 @@ class PrioritizedSampling(Plugin):
         self.candidates = 0
 
     def on_plan(self, step: int, vnodes: Sequence[int], indices: Sequence[np.ndarray]) -> Optional[SampleColumns]:
-        if self._archaeology is None or self._archaeology.p is None:
+        if self._archaeology is None or self._archaeology.p_for_step(step) is None:
             return None
         rows = np.concatenate(indices)
-        mislabeled = self._archaeology.probability("mislabeled")[rows]
-        corrupted = self._archaeology.probability("corrupted")[rows]
+        mislabeled = self._archaeology.probability("mislabeled", step)[rows]
+        corrupted = self._archaeology.probability("corrupted", step)[rows]
         return SampleColumns(rows, {"clean": np.clip(1 - mislabeled - corrupted, 0, 1).astype(np.float32)})
 
     def on_step_committed(self, step: int, report: Optional[SampleColumns]) -> None:

@@ -30,12 +30,14 @@ same noise every epoch, on every worker. Reference and held-out probes are inter
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import random
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -141,8 +143,25 @@ class ProbedDataset(torch.utils.data.Dataset):
         offset = self._relabel.get(index)
         if offset is not None:
             label = (target_of((x, y)) + offset) % self.altered.num_classes
-            y = torch.as_tensor(label, dtype=y.dtype) if isinstance(y, torch.Tensor) else label
+            y = torch.full_like(y, label) if isinstance(y, torch.Tensor) else label
         return x, y
+
+
+@contextlib.contextmanager
+def seeded_reads(seed: int) -> Iterator[None]:
+    """Read dataset items with every global random stream (torch's, Python's, NumPy's) seeded by
+    ``seed``, and put back as they were afterwards: a dataset that augments in ``__getitem__`` then
+    gives the same items in every process, whatever that process drew before."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def input_std(dataset: Any, seed: int) -> float:
@@ -150,9 +169,11 @@ def input_std(dataset: Any, seed: int) -> float:
     n = len(dataset)
     rng = np.random.Generator(np.random.PCG64(_stream(seed, "input-std")))
     picks = rng.choice(n, size=min(n, NOISE_SAMPLES), replace=False)
+    with seeded_reads(_stream(seed, "input-std-reads")):
+        items = [dataset[i] for i in picks.tolist()]
     values = []
-    for i in picks.tolist():
-        x = dataset[i][0]
+    for i, item in zip(picks.tolist(), items):
+        x = item[0]
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise InvalidJobSpec("plugins", f"the corrupted probe suite adds Gaussian noise to inputs, but sample {i}'s "
                                  f"input is {type(x).__name__}{'' if not isinstance(x, torch.Tensor) else ' ' + str(x.dtype)}; "
@@ -213,7 +234,8 @@ def pool_features(dataset: Any, pool: np.ndarray, seed: int, max_dim: int = 256,
     projection = None
     rows, labels = [], []
     for start in range(0, len(pool), chunk):
-        items = [dataset[i] for i in pool[start:start + chunk].tolist()]
+        with seeded_reads(seed + start):
+            items = [dataset[i] for i in pool[start:start + chunk].tolist()]
         x = torch.stack([torch.as_tensor(item[0]).double().reshape(-1) for item in items])
         if x.shape[1] > max_dim:
             if projection is None:
