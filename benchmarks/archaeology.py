@@ -75,11 +75,8 @@ import argparse
 import dataclasses
 import functools
 import logging
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -94,6 +91,8 @@ from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 from vnodes.runtime import Callback, JobSpec, RunState, VNodeSampler, train
+
+from machine import header
 from vnodes.runtime.checkpoint import latest_checkpoint, list_checkpoints
 from vnodes.scheduler.plugins import (DynamicsRecorder, LabelCorrection, MetadataArchaeology, PrioritizedSampling,
                                       analyze, load_dynamics)
@@ -500,26 +499,6 @@ def prioritized(name: str, seed: int, work: Path, epochs: int, progress) -> tupl
 
 # -- the report -------------------------------------------------------------------------------------
 
-def header() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    import cleanlab
-    import sklearn
-
-    return (f"{platform.node()}: {cpu}, {os.cpu_count()} CPU(s), Python {platform.python_version()}, "
-            f"torch {torch.__version__}, numpy {np.__version__}, scikit-learn {sklearn.__version__}, "
-            f"cleanlab {cleanlab.__version__}, commit {commit}, {time.strftime('%Y-%m-%d %H:%M')}")
-
 
 def _pm(values: list[float], fmt: str = "{:.3f}", scale: float = 1.0) -> str:
     if not values:
@@ -693,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     total_s = time.perf_counter() - t0
     progress(f"measured in {total_s:.0f} s")
 
-    console.print(header(), highlight=False)
+    console.print(header("torch", "numpy", "sklearn", "cleanlab"), highlight=False)
     recipe = "; ".join(f"{n}: MLP {'-'.join(str(w) for w in (splits(n)[0].shape[1], *RECIPES[n].hidden, CLASSES))}, "
                        f"{epochs[n]} epochs" for n in names)
     console.print(f"Adam lr {LR}, {VNODES} virtual nodes x {VNODE_BATCH} per step, 1 worker in process, fast mode; "

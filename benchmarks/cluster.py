@@ -43,10 +43,7 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,6 +52,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from vnodes.scheduler.cluster.apps import TRACES_DIR, load_applications
+
+from machine import header
 from vnodes.scheduler.cluster.simulator import (Cluster, ResizeModel, SimResult, flat_resize, simulate,
                                                 virtualflow_resize, vnodes_resize)
 from vnodes.scheduler.cluster.workload import load_workload, pollux_workloads
@@ -205,26 +204,6 @@ def model_check(rounds: int, steps: int, progress: Callable[[str], None]) -> dic
 
 # -- the report -----------------------------------------------------------------------------------
 
-def header() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    import scipy
-    import torch
-
-    return (f"{platform.node()}: {cpu}, {os.cpu_count()} CPU(s), Python {platform.python_version()}, "
-            f"numpy {np.__version__}, scipy {scipy.__version__}, torch {torch.__version__}, commit {commit}, "
-            f"{time.strftime('%Y-%m-%d %H:%M')}")
-
 
 def _verdict(passed: bool) -> str:
     return "[green]ok[/green]" if passed else "[red]missed[/red]"
@@ -270,7 +249,7 @@ def print_report(console, pollux: list[Row], virtualflow: list[Row], workloads: 
     from rich.table import Table
 
     ok = True
-    console.print(header(), highlight=False)
+    console.print(header("numpy", "scipy", "torch"), highlight=False)
     names = ", ".join(p.stem for p in workloads)
     table = Table(title=f"Cluster scheduling, simulated. pollux: {names} ({160 * len(workloads):,} jobs), 64 GPUs "
                   "(16 x 4), a decision every 60 s; avg JCT = mean of the per-workload averages, p99 over all jobs "

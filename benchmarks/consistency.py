@@ -33,18 +33,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
-import platform
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from vnodes.scheduler.plugins import consistency
+
+from machine import header
 from vnodes.scheduler.plugins.consistency import consistency_proxy, typical_atypical
 
 RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -293,25 +291,6 @@ def measure(name: str, limit: Optional[int], holdouts: int, recipe: MLPRecipe, r
 
 # -- the report -----------------------------------------------------------------------------------
 
-def header() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    import sklearn
-
-    return (f"{platform.node()}: {cpu}, {os.cpu_count()} CPU(s), Python {platform.python_version()}, "
-            f"torch {torch.__version__}, numpy {np.__version__}, scikit-learn {sklearn.__version__}, "
-            f"commit {commit}, {time.strftime('%Y-%m-%d %H:%M')}")
-
 
 def _s(seconds: Optional[float]) -> str:
     return "-" if seconds is None else f"{seconds:,.2f} s"
@@ -320,7 +299,7 @@ def _s(seconds: Optional[float]) -> str:
 def print_table(console, rows: list[Row], recipe: MLPRecipe, threads: int) -> None:
     from rich.table import Table
 
-    console.print(header(), highlight=False)
+    console.print(header("torch", "numpy", "sklearn"), highlight=False)
     table = Table(title=f"C-score proxy against a small exact reference: MLP {recipe.hidden} hidden units, "
                   f"Adam lr {recipe.lr}, {recipe.steps} steps x {recipe.batch}, ratios {list(RATIOS)}; proxy: "
                   f"consistency_proxy(seed=0): 2 x rounds fits of logistic regression, weight decay "

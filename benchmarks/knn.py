@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -47,6 +46,8 @@ import numpy as np
 import torch
 
 from vnodes.scheduler.plugins import knn, load_dynamics
+
+from machine import header
 from vnodes.scheduler.plugins.recorder import DIRECTORY, DynamicsStore
 
 K = 20
@@ -172,25 +173,6 @@ def dtw_rate(sub: np.ndarray, refs: np.ndarray, labels: np.ndarray, window) -> f
 
 # -- the report ----------------------------------------------------------------------------------------
 
-def header() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    import sklearn
-
-    return (f"{platform.node()}: {cpu}, {os.cpu_count()} CPU(s), Python {platform.python_version()}, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}, "
-            f"scikit-learn {sklearn.__version__}, commit {commit}, {time.strftime('%Y-%m-%d %H:%M')}")
-
 
 def _s(seconds: float) -> str:
     return f"{seconds:,.2f} s" if seconds < 100 else f"{seconds:,.0f} s"
@@ -209,7 +191,7 @@ def print_table(console, samples: int, epochs: int, table_bytes: int, full: list
     from rich.markup import escape
     from rich.table import Table
 
-    console.print(header(), highlight=False)
+    console.print(header("torch", "numpy", "sklearn", extra=f"{torch.get_num_threads()} torch threads"), highlight=False)
     table = Table(title=f"knn_proba (k={K}, {SUITES} suites) on {samples:,} samples x {epochs} epochs of float32 "
                   f"random-walk losses; the table: {table_bytes / MB:,.1f} MiB on disk, epoch-major, read through "
                   "load_dynamics (page cache warm)")

@@ -51,7 +51,6 @@ import functools
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -68,6 +67,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from vnodes.runtime import Callback, JobSpec, RunState, StepEngine, train
+
+from machine import header
 from vnodes.runtime.plugins import PluginJob, SampleBatch, SampleColumns
 from vnodes.scheduler.plugins import DynamicsRecorder, load_dynamics
 from vnodes.scheduler.plugins.recorder import RecorderWorker
@@ -464,22 +465,6 @@ def run_child(samples: int, epochs: int, per_step: int, out: Optional[str], time
 
 # -- the report -------------------------------------------------------------------------------------
 
-def header() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return (f"{platform.node()}: {cpu}, {os.cpu_count()} CPU(s), Python {platform.python_version()}, "
-            f"torch {torch.__version__}, numpy {np.__version__}, commit {commit}, {time.strftime('%Y-%m-%d %H:%M')}")
-
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:,.1f} ms"
@@ -506,7 +491,7 @@ def print_tables(console, work: Workload, step_pairs: list[Pairs], engine_eval: 
     from rich.table import Table
 
     ok = True
-    console.print(header(), highlight=False)
+    console.print(header("torch", "numpy"), highlight=False)
     table = Table(title=f"DynamicsRecorder cost: MLP {FEATURES}-{work.hidden}-{work.hidden}-{CLASSES}, "
                   f"{work.samples:,} synthetic samples, {work.virtual_nodes} x {work.vnode_batch_size} per step "
                   f"({work.steps_per_epoch} steps/epoch), CPU, {work.threads} thread(s) per process, fast mode; "

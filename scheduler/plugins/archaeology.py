@@ -149,13 +149,8 @@ class MetadataArchaeology(Plugin):
             self.probes.write(directory / PROBES, {"k": self.k, "metric": self.metric})
         except OSError as exc:
             raise StorageError.from_os_error("the probe suites", directory, exc) from exc
-        self.following = False  # set by a plugin that reads p during training (follow)
         self.p: Optional[np.ndarray] = None  # [N, suites] after a fit
         self.fitted = 0  # epochs of the fit in self.p
-
-    def follow(self) -> None:
-        """Called by the plugins after this one that read ``p`` during training."""
-        self.following = True
 
     def usable_epochs(self, step: int) -> int:
         """Epochs of trajectory a decision for ``step`` may use: those whose evaluation pass had

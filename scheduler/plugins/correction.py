@@ -79,7 +79,6 @@ class LabelCorrection(Plugin):
     def on_attach(self, job: PluginJob) -> None:
         self._job = job
         self._archaeology = job.peers["archaeology"]
-        self._archaeology.follow()
         self.warmup = self.warmup_epochs if self.warmup_epochs is not None else DEFAULT_WARMUP
 
     def on_plan(self, step: int, vnodes: Sequence[int], indices: Sequence[np.ndarray]) -> Optional[SampleColumns]:

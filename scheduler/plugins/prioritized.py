@@ -108,8 +108,7 @@ class PrioritizedSampling(Plugin):
         self._job = job
         self._archaeology = job.peers.get("archaeology") if self.score == "mapd" else None
         if self._archaeology is not None:
-            self._archaeology.follow()
-        self.backward_samples = 0  # samples backpropagated in committed steps
+            self.backward_samples = 0  # samples backpropagated in committed steps
         self.candidates = 0
 
     def on_plan(self, step: int, vnodes: Sequence[int], indices: Sequence[np.ndarray]) -> Optional[SampleColumns]:
