@@ -127,7 +127,7 @@ def test_a_standalone_master_serves_the_job_as_run_does_and_status_shows_a_table
                                "--steps", "4", "--port", str(port), "--checkpoint-dir", str(tmp_path),
                                "--set", "seed=11", "--deterministic", "--checkpoint-every", "2"], env=env)
     worker = subprocess.Popen([sys.executable, "-m", "vnodes.scheduler.cli", "worker", "--master",
-                               f"127.0.0.1:{port}", "--slowdown", "20"], env=env)
+                               f"127.0.0.1:{port}", "--slowdown", "200"], env=env)  # steps long enough for status to see
     try:
         deadline = time.monotonic() + 60
         while True:
