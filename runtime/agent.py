@@ -185,6 +185,10 @@ class WorkerAgent:
     def _on_sigterm(self, signum, frame) -> None:
         self._draining = True
 
+    def drain(self) -> None:
+        """Leave the job at the next step boundary, as SIGTERM does (callable from any thread)."""
+        self._draining = True
+
     def run(self) -> int:
         """Join the job and work until the master says stop. Returns the exit code.
 

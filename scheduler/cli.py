@@ -3,6 +3,7 @@
     vnodes run path/to/job.py[:name] --steps K [--checkpoint-dir D] [--deterministic]
     vnodes analyze RUN_DIR [--job path/to/job.py[:name]] [--epochs E] [--k K] [--metric euclidean|dtw]
     vnodes simulate WORKLOAD [--policy NAME|all] [--gpus N] [--resize-cost S] [--json] [--out DIR]
+    vnodes cluster / submit / jobs / cancel: a service sharing workers among jobs (cluster/commands.py)
 
 A job file defines a ``JobSpec`` (or a zero-argument function returning one). Without ``:name`` the
 file's ``spec`` is used, else its only ``JobSpec``, else a function called ``job``.
@@ -219,6 +220,10 @@ def _parser() -> argparse.ArgumentParser:
                           help="also write DIR/simulation.json (the --json object), jct_cdf.png and "
                           "gpus_in_use.png (needs matplotlib)")
 
+    from .cluster.commands import add_cluster_commands
+
+    add_cluster_commands(commands)
+
     status = commands.add_parser("status", help="show a running job's status")
     status.add_argument("--master", required=True, metavar="HOST:PORT")
     status.add_argument("--token", default=os.environ.get("VNODES_TOKEN"))
@@ -270,6 +275,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _master(args: argparse.Namespace) -> int:
+    from .durable import clear_outcome, write_outcome
     from .launcher import start_master
     from vnodes.runtime.checkpoint import check_checkpoint_dir
 
@@ -288,6 +294,7 @@ def _master(args: argparse.Namespace) -> int:
     parse_overrides(args.overrides)
     code = pack_job_folder(args.job, run_dir)
     spec = apply_job_options(load_job(args.job), args)
+    clear_outcome(run_dir)
     handle = start_master(spec, args.steps, run_dir, checkpoint_every=args.checkpoint_every or 0,
                           expected_workers=args.min_workers, host=args.host, port=args.port, token=args.token,
                           placement=args.placement, tls=tls, code=code)
@@ -296,9 +303,12 @@ def _master(args: argparse.Namespace) -> int:
         handle.wait_for_end()  # until every worker has heard the end or is gone (bounded)
     finally:
         handle.stop()
-    if handle.master.failure:
-        print(f"vnodes: job failed: {handle.master.failure.message}", file=sys.stderr)
+    failure = handle.master.failure
+    if failure:
+        write_outcome(run_dir, "failed", handle.master.step, failure.message, failure.error_type)
+        print(f"vnodes: job failed: {failure.message}", file=sys.stderr)
         return 1
+    write_outcome(run_dir, "done", handle.master.step)
     print(f"done: {handle.master.step} steps", flush=True)
     return 0
 
@@ -540,8 +550,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        from .cluster.commands import cancel_command, cluster_command, jobs_command, submit_command
+
         commands = {"run": _run, "master": _master, "worker": _worker, "analyze": _analyze, "simulate": _simulate,
-                    "status": _status}
+                    "status": _status, "cluster": cluster_command, "submit": submit_command, "jobs": jobs_command,
+                    "cancel": cancel_command}
         return commands[args.command](args)
     except VnodesError as exc:
         if args.verbose:

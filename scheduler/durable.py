@@ -106,3 +106,35 @@ class DurableState:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+OUTCOME_FILE = "outcome.json"
+
+
+def write_outcome(run_dir: Path, state: str, step: int, message: str = "", error_type: str = "") -> None:
+    """Record how the job ended (``state``: ``done`` or ``failed``) as ``RUN_DIR/outcome.json``,
+    atomically, for whoever started the master (``vnodes cluster`` reads it). Best effort: a run
+    directory that cannot be written already failed the job with its own message."""
+    path = Path(run_dir) / OUTCOME_FILE
+    tmp = path.with_suffix(".json.tmp")
+    with contextlib.suppress(OSError):
+        with open(tmp, "w") as f:
+            json.dump({"state": state, "step": step, "message": message, "error_type": error_type}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def read_outcome(run_dir: Path) -> Optional[dict]:
+    """The outcome ``write_outcome`` recorded, or None (none yet, or unreadable)."""
+    try:
+        data = json.loads((Path(run_dir) / OUTCOME_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("state") in ("done", "failed") else None
+
+
+def clear_outcome(run_dir: Path) -> None:
+    """Forget a previous run's outcome (a job resumed to train longer)."""
+    with contextlib.suppress(OSError):
+        (Path(run_dir) / OUTCOME_FILE).unlink(missing_ok=True)

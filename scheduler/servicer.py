@@ -562,15 +562,15 @@ class MasterServer:
     """A ``grpc.aio`` server on its own event-loop thread; ``stop`` may be called from any thread."""
 
     def __init__(self, servicer: MasterServicer, address: str, interceptors: list,
-                 tls: Optional[tuple[bytes, bytes]]):
+                 tls: Optional[tuple[bytes, bytes]], max_request_bytes: int = MAX_REQUEST_BYTES):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="vnodes-master-grpc", daemon=True)
         self.thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self._start(servicer, address, interceptors, tls),
-                                                     self.loop).result()
+        self.port = asyncio.run_coroutine_threadsafe(
+            self._start(servicer, address, interceptors, tls, max_request_bytes), self.loop).result()
 
-    async def _start(self, servicer, address, interceptors, tls) -> int:
-        options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+    async def _start(self, servicer, address, interceptors, tls, max_request_bytes) -> int:
+        options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", max_request_bytes),
                    *(o for o in MESSAGE_LIMITS if o[0] != "grpc.max_receive_message_length")]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         self.server.add_generic_rpc_handlers((servicer.handler(),))
@@ -604,8 +604,10 @@ def host_port(host: str, port: int) -> str:
 
 
 def serve(servicer: MasterServicer, host: str = "127.0.0.1", port: int = 0, token: Optional[str] = None,
-          tls: Optional[tuple[bytes, bytes]] = None) -> tuple[MasterServer, int]:
-    """Start the master's gRPC server; returns it and the bound port.
+          tls: Optional[tuple[bytes, bytes]] = None,
+          max_request_bytes: int = MAX_REQUEST_BYTES) -> tuple[MasterServer, int]:
+    """Start the master's gRPC server; returns it and the bound port. (The cluster service serves
+    its own servicer, anything with ``handler()``, the same way.)
 
     Listening beyond loopback requires a shared ``token``; ``tls=(key_pem, cert_pem)`` adds TLS.
 
@@ -616,5 +618,5 @@ def serve(servicer: MasterServicer, host: str = "127.0.0.1", port: int = 0, toke
     if not is_loopback(host) and not token:
         raise InsecureListen(host)
     interceptors = [_TokenInterceptor(token)] if token else []
-    server = MasterServer(servicer, host_port(host, port), interceptors, tls)
+    server = MasterServer(servicer, host_port(host, port), interceptors, tls, max_request_bytes)
     return server, server.port

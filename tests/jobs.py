@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -65,3 +66,25 @@ def cnn_spec(**overrides) -> JobSpec:
 def det_f32_spec() -> JobSpec:
     """Deterministic, float32: the spec the multi-process tests compare bit for bit."""
     return cnn_spec(model=functools.partial(small_cnn, torch.float32), deterministic=True)
+
+
+class SlowReads(torch.utils.data.Dataset):
+    """``synthetic_images`` read with a delay per sample: stretches every step (so a test can act while
+    a job runs) without changing anything it computes."""
+
+    def __init__(self, delay_s: float, seed: int = 1234):
+        self.data, self.delay_s = synthetic_images(seed=seed), delay_s
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        import time
+
+        time.sleep(self.delay_s)
+        return self.data[i]
+
+
+def slow_det_spec() -> JobSpec:
+    """``det_f32_spec`` whose reads take 2 ms a sample (about 64 ms a step on one worker)."""
+    return dataclasses.replace(det_f32_spec(), dataset=functools.partial(SlowReads, 0.002))
