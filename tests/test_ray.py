@@ -7,7 +7,7 @@ import tempfile
 import pytest
 import torch
 
-from vnodes.runtime import train
+from vnodes.runtime import load_checkpoint, train
 
 from jobs import det_f32_spec
 
@@ -112,3 +112,65 @@ def test_plugins_on_ray_record_bitwise_what_one_process_records(cluster, tmp_pat
     train(mutator_spec(), steps=PLUGIN_STEPS, checkpoint_dir=tmp_path / "ray", checkpoint_every=4, launcher="ray",
           workers=2, launch_options={"worker_options": RayWorkerOptions(num_cpus=1), "poll_s": 0.5})
     assert_same_run(tmp_path / "ray", tmp_path / "local")
+
+
+def test_the_cluster_service_moves_ray_actors_between_jobs_bitwise(cluster, tmp_path):
+    """``vnodes cluster --launcher ray``: the pool is what Ray holds (two CPU nodes: two worker actors,
+    placed by Ray); a second job takes a worker from the first at a step boundary; both end
+    bitwise equal to their one-worker runs."""
+    import dataclasses
+    import threading
+    import time
+    from pathlib import Path
+
+    from vnodes.scheduler.cluster.pools import RayPool
+    from vnodes.scheduler.cluster.registry import StateDir
+    from vnodes.scheduler.cluster.service import ClusterService, Submission
+    from vnodes.scheduler.code_package import CodePackage
+
+    c, tmp = cluster
+    c.add_node(num_cpus=1, temp_dir=tmp)
+    c.wait_for_nodes()
+    state = StateDir(tmp_path / "svc")
+    state.open()
+    pool = RayPool(None, num_cpus=1)
+    assert pool.size == 2
+    service = ClusterService(state, pool, policy="vnodes", interval_s=0.3)
+    stop = threading.Event()
+    loop = threading.Thread(target=service.run, args=(stop,), daemon=True)
+    loop.start()
+    code = CodePackage.from_folder(Path(__file__).parent).data
+    plan = {"j1": (7, 150), "j2": (3, 60)}
+
+    def submit(seed, steps, name):
+        return service.submit(Submission(name=name, job="jobs.py:slow_det_spec", code=code, steps=steps, priority=1,
+                                         run_dir=str(tmp_path / name), deterministic=True,
+                                         overrides=(f"seed={seed}",), virtual_nodes=4, requested_workers=0,
+                                         checkpoint_every=0))
+
+    def job(job_id):
+        return next(j for j in service.jobs() if j["id"] == job_id)
+
+    def wait(predicate, timeout_s):
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            assert time.monotonic() < deadline, service.jobs()
+            time.sleep(0.2)
+
+    try:
+        assert submit(*plan["j1"], "j1") == "j1"
+        wait(lambda: job("j1")["step"] >= 10 and job("j1")["workers"] == 2, 120)
+        assert submit(*plan["j2"], "j2") == "j2"
+        wait(lambda: all(j["state"] == "done" for j in service.jobs()), 240)
+        jobs = {j["id"]: j for j in service.jobs()}
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+        service.close()
+        state.close()
+    assert jobs["j1"]["resizes"] >= 1  # gave a worker to j2 while it ran
+    for name, (seed, steps) in plan.items():
+        final = load_checkpoint(tmp_path / name)
+        reference = train(dataclasses.replace(det_f32_spec(), seed=seed), steps=steps).model_state_dict
+        assert final["step"] == steps
+        assert [k for k, v in reference.items() if not torch.equal(final["model"][k], v)] == []

@@ -61,6 +61,7 @@ class JobView:
     attained_gpu_s: float  # GPU-seconds it has held so far
     throughput: tuple[float, ...] = ()  # steps/s on 1, 2, ..., max_gpus GPUs (consolidated); elastic policies
     resize_s: Optional[float] = None  # the pause a grow costs this job (its state transfer included); None: the snapshot's
+    remaining_steps: Optional[float] = None  # steps left to train (a vnodes job declares its steps); None: unknown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,10 +213,24 @@ class VnodesPolicy:
     horizon_s: float = 600.0  # a resize must pay for its pause within this time
     rank_decay: float = 0.5  # each later rank counts this much less when GPUs are shared out
     partial_starts: bool = True  # a job that does not fit whole starts on what is left
-    first_share: float = 0.5  # the share of its request each job gets before any job gets all of it
+    first_share: float = 1.0  # the share of its request each job gets before any job gets all of it
+    order: str = "srtf"  # "srtf": least remaining time first where jobs declare their steps; "las": Tiresias'
+
+    def _by_remaining_time(self, order: list[JobView]) -> list[JobView]:
+        """Jobs that declare their remaining steps first, by remaining time at their request divided
+        by priority (ties and the rest keep ``order``)."""
+        def key(rank_job):
+            rank, job = rank_job
+            if job.remaining_steps is None or not job.throughput:
+                return (1, 0.0, rank)
+            n = max(1, min(job.requested_gpus, job.max_gpus, len(job.throughput)))
+            return (0, job.remaining_steps / job.throughput[n - 1] / job.priority, rank)
+        return [job for _, job in sorted(enumerate(order), key=key)]
 
     def __call__(self, snapshot: Snapshot, state: Mapping) -> tuple[Allocation, Mapping]:
         order, state = _las_order(snapshot, state, self.threshold_gpu_s, weigh_priority=True)
+        if self.order == "srtf":
+            order = self._by_remaining_time(order)
         free = snapshot.total_gpus
         want: Allocation = {j.name: 0 for j in order}
         for job in order:  # a share of each request first, for as many jobs as fit (skipping ahead)

@@ -89,7 +89,8 @@ def snapshot(jobs: Sequence[JobRecord], slots: Sequence[SlotRecord], now_s: floa
         views.append(JobView(name=job.id, arrival_s=job.submitted_at, priority=job.priority,
                              requested_gpus=max(1, min(job.requested_workers, most)), max_gpus=most,
                              gpus=len(live_slots(slots, job.id)), attained_gpu_s=job.attained_worker_s,
-                             throughput=throughput_curve(job.rates, most)))
+                             throughput=throughput_curve(job.rates, most),
+                             remaining_steps=float(max(0, job.steps - job.step))))
     return Snapshot(now_s=now_s, total_gpus=pool_size, jobs=tuple(views), resize_s=RESIZE_PAUSE_S,
                     join_s=WORKER_START_S)
 

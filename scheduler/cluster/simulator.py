@@ -305,7 +305,8 @@ class Simulation:
                               (j.trace.requested_gpus if self.policy_name == "wfs" else j.virtual_nodes)
                               if self.elastic else j.trace.requested_gpus,
                               sum(j.held), j.attained_gpu_s, self.curves.get(j.name, ()),
-                              resize_s=grow_pause + self.resize.transfer_s(j.trace.application))
+                              resize_s=grow_pause + self.resize.transfer_s(j.trace.application),
+                              remaining_steps=j.target_steps - j.steps)
                       for j in active)
         snapshot = Snapshot(now, self.cluster.gpus, views, resize_s=grow_pause, join_s=self.resize.join_s)
         allocation, self.state = self.policy(snapshot, self.state)
