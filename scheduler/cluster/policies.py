@@ -19,20 +19,21 @@ The policies (``POLICIES``):
 - ``wfs``: VirtualFlow's elastic weighted fair share: shares proportional to priority, in powers of
   two, never above a job's demand (``wfs_shares``).
 - ``vnodes``: ours. A vnodes job runs on any number of GPUs up to its virtual nodes with the same
-  result, and a resize costs a fraction of a second, so it starts every job at once on what is
-  free and moves GPUs to where they add the most throughput (below).
+  result, a resize costs a fraction of a second, and its steps are known, so it runs the least
+  remaining time first, starts jobs on what is free and moves GPUs to where they add the most
+  throughput (below).
 
-``vnodes`` in detail. Jobs are ranked as Tiresias ranks them (two queues, a job moving to the
-second once its attained service divided by its priority reaches 16 GPU-hours; arrival order
-within each), so
-short jobs still finish first. First, each job in rank order gets ``first_share`` of its request
-(half, rounded up) if that many GPUs are still unclaimed, so that twice as many jobs start when the
-cluster is contended (a job at half its GPUs takes less than twice as long: scaling is sublinear);
-then the jobs that started are topped up to their whole requests in rank order
-(``first_share=1.0`` is Tiresias' choice). Then no job waits for a full set: the jobs left out
-start, in rank order, on what is left. The GPUs still free go one at a time to the job whose
-throughput grows most by one more (relative to its current throughput, times ``rank_decay`` per
-rank), up to its virtual nodes, never past the point where a GPU adds less than ``min_gain`` of
+``vnodes`` in detail. A vnodes job declares its steps, so the policy knows each job's remaining
+steps, and its throughput: jobs are ranked by remaining time at their request (remaining steps over
+steps/s) divided by priority, least first (``order="srtf"``); jobs that declare no steps follow, as
+Tiresias ranks them (two queues, a job moving to the second once its attained service divided by
+its priority reaches 16 GPU-hours; arrival order within each); ``order="las"`` ranks every job so.
+First, each job in rank order gets ``first_share`` of its request (all of it by default; 0.5 starts
+twice as many jobs under contention) if that many GPUs are still unclaimed; then the jobs that
+started are topped up to their whole requests in rank order. Then no job waits for a full set: the
+jobs left out start, in rank order, on what is left. The GPUs still free go one at a time to the job
+whose throughput grows most by one more (relative to its current throughput, times ``rank_decay``
+per rank), up to its virtual nodes, never past the point where a GPU adds less than ``min_gain`` of
 the job's throughput. A running job grows only if the steps it gains over ``horizon_s`` exceed
 what the grow costs: the new GPUs' share while they start (``join_s``) and the pause at full size
 (``resize_s``: the re-formation and the state transfer); shrinks are never held back,
