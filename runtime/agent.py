@@ -27,7 +27,7 @@ Exit codes:
 
     0  the master said stop: the job finished (or failed elsewhere), or this worker left (SIGTERM)
     2  this worker cannot run: bad arguments, refused by the master (token, protocol), the job's code
-       or spec unusable here, or no master answered at start (within 30 s)
+       or spec unusable here, or no master answered at start (within --connect-timeout)
     3  hung: the watchdog ended it (``watchdog.py``); the job goes on without it
     4  master lost: the master went away mid-job and none answered within --master-timeout
 """
@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 EXIT_FATAL = 2  # this worker cannot run (see the module docstring)
 EXIT_MASTER_LOST = 4  # the master went away mid-job and did not come back in time
 DEFAULT_MASTER_TIMEOUT_S = 60.0
+DEFAULT_CONNECT_TIMEOUT_S = 30.0  # how long a new worker tries to reach its master at start
 
 
 def master_timeout_from_env() -> float:
@@ -149,7 +150,8 @@ class WorkerAgent:
     def __init__(self, master: str, device: Optional[str] = None, token: Optional[str] = None,
                  launch_index: int = -1, throughput: float = 0.0, slowdown: float = 1.0,
                  reconnect_timeout_s: float = DEFAULT_MASTER_TIMEOUT_S, hang_timeout_s: Optional[float] = None,
-                 tls_root_cert: Optional[bytes] = None, direct_client=None):
+                 tls_root_cert: Optional[bytes] = None, direct_client=None,
+                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S):
         """``device``: this worker's own device (``--device``: a launcher's assignment, or the
         operator's); the job's ``device`` fixes the type (``devices.choose_device``). Resolved in
         ``run``: nothing here touches a device. ``reconnect_timeout_s``: how long a lost master is
@@ -168,6 +170,7 @@ class WorkerAgent:
         self.throughput = throughput
         self.slowdown = slowdown  # test knob: >1 simulates a slower device (sleeps in proportion)
         self.reconnect_timeout_s = reconnect_timeout_s
+        self.connect_timeout_s = connect_timeout_s  # how long the first registration is tried
         self._draining = False
         self._left = False
         self._next_plan: Optional[PlanView] = None
@@ -206,7 +209,7 @@ class WorkerAgent:
         # Before the job is known: what this worker would run a job of no stated device on (it
         # describes itself with it when registering; a bad --device fails here, before any call).
         self.device = resolve_device(None, self.own_device)
-        reg = self._connect(worker_id="", timeout_s=30.0)
+        reg = self._connect(worker_id="", timeout_s=self.connect_timeout_s)
         try:
             main_file, code_dir = None, ""
             if reg.code is not None:  # the job's folder, shipped by the master: first on sys.path
@@ -470,7 +473,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 EXIT_CODES_HELP = """exit codes:
   0  the master said stop: the job finished (or failed elsewhere), or this worker left (SIGTERM)
   2  this worker cannot run: bad arguments, refused by the master, the job's code or spec
-     unusable here, or no master answered at start (within 30 s)
+     unusable here, or no master answered at start (within --connect-timeout)
   3  hung: the watchdog ended it (--hang-timeout); the job goes on without it
   4  master lost: the master went away mid-job and none answered within --master-timeout
 """
@@ -500,6 +503,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="when the master is lost mid-job (killed, restarting), keep trying to reach it "
                              "this long, then exit with code 4 (default: env VNODES_MASTER_TIMEOUT, else "
                              f"{DEFAULT_MASTER_TIMEOUT_S:.0f})")
+    parser.add_argument("--connect-timeout", type=float, metavar="SECONDS", default=DEFAULT_CONNECT_TIMEOUT_S,
+                        help="at start, keep trying to reach the master this long, then exit with code 2 "
+                             f"(default {DEFAULT_CONNECT_TIMEOUT_S:.0f})")
     parser.add_argument("--slowdown", type=float, default=1.0,
                         help="test knob: stretch each step by this factor (simulates a slower device)")
 
@@ -514,10 +520,12 @@ def run_worker(args: argparse.Namespace) -> int:
         master_timeout = master_timeout_from_env() if args.master_timeout is None else args.master_timeout
         if not master_timeout > 0:
             raise VnodesError(f"--master-timeout {args.master_timeout} is not a positive number of seconds")
+        if not args.connect_timeout > 0:
+            raise VnodesError(f"--connect-timeout {args.connect_timeout} is not a positive number of seconds")
         tls_root_cert = read_pem(args.tls_ca, "--tls-ca") if args.tls_ca else None
         agent = WorkerAgent(args.master, args.device, args.token, args.launch_index, args.throughput,
                             args.slowdown, reconnect_timeout_s=master_timeout, hang_timeout_s=hang_timeout,
-                            tls_root_cert=tls_root_cert)
+                            tls_root_cert=tls_root_cert, connect_timeout_s=args.connect_timeout)
         try:
             code = agent.run()
         except MasterLost as exc:

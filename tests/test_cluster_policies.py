@@ -148,7 +148,7 @@ SATURATED = (1.0, 2.0, 2.05, 2.06)  # the third GPU adds 2.5% < min_gain
 HALTING = (1.0, 2.0, 2.1, 2.2)  # the third GPU adds exactly 5%, the fourth less
 
 
-WHOLE = VnodesPolicy(first_share=1.0, order="las")  # Tiresias' order, whole requests first, then partial starts and extras
+WHOLE = VnodesPolicy(first_share=1.0, order="las", partial_starts=True)  # Tiresias' order, whole requests first, then partial starts and extras
 
 
 def vjob(name, arrival, req, max_gpus=8, throughput=LINEAR, **kw):
@@ -216,7 +216,7 @@ def test_vnodes_without_partial_starts_waits_for_a_whole_request():
                  {"a": 1, "b": 1, "c": 1, "d": 1, "e": 0}, id="one GPU each in rank order, the rest wait"),
 ])
 def test_vnodes_first_share_half_shares_requests_under_contention(snapshot, expected):
-    allocation = allocate(VnodesPolicy(first_share=0.5), snapshot)
+    allocation = allocate(VnodesPolicy(first_share=0.5, partial_starts=True), snapshot)
     assert allocation == expected
     check_allocation(snapshot, allocation, elastic=True, name="vnodes")
 
@@ -224,17 +224,19 @@ def test_vnodes_first_share_half_shares_requests_under_contention(snapshot, expe
 @pytest.mark.parametrize("snapshot,expected", [
     pytest.param(snap(8, vjob("a", 0, 4, remaining_steps=1000), vjob("b", 1, 4, remaining_steps=10),
                       vjob("c", 2, 4, remaining_steps=100)), {"a": 0, "b": 4, "c": 4},
-                 id="least remaining time first: the oldest, longest job waits"),
+                 id="least remaining service first: the oldest, longest job waits"),
     pytest.param(snap(8, vjob("a", 0, 8, remaining_steps=100, throughput=LINEAR[:8]),
                       vjob("b", 1, 2, remaining_steps=60, throughput=(0.1, 0.2))), {"a": 8, "b": 0},
-                 id="remaining time, not steps: a needs 100/8 s, b 60/0.2 s"),
+                 id="remaining GPU-seconds, not steps: a needs 100/8 x 8, b 60/0.2 x 2"),
+    pytest.param(snap(8, vjob("a", 0, 8, remaining_steps=100), vjob("b", 1, 1, remaining_steps=20)),
+                 {"a": 0, "b": 8}, id="two-dimensional: b's 20 GPU-s before a's 100 (then b takes the idle GPUs)"),
     pytest.param(snap(4, vjob("a", 0, 4, remaining_steps=100), vjob("b", 1, 4, remaining_steps=300, priority=5)),
                  {"a": 0, "b": 4}, id="divided by priority: b's 300/5 beats a's 100"),
     pytest.param(snap(4, vjob("a", 0, 4), vjob("b", 1, 4, remaining_steps=300)), {"a": 0, "b": 4},
                  id="a job that declares its steps goes before one that does not"),
 ])
-def test_vnodes_default_runs_the_least_remaining_time_first(snapshot, expected):
-    assert (P.vnodes.order, P.vnodes.first_share) == ("srtf", 1.0)
+def test_vnodes_default_runs_the_least_remaining_service_first(snapshot, expected):
+    assert (P.vnodes.order, P.vnodes.first_share, P.vnodes.partial_starts) == ("srtf", 1.0, False)
     allocation = allocate(P.vnodes, snapshot)
     assert allocation == expected
     check_allocation(snapshot, allocation, elastic=True, name="vnodes")

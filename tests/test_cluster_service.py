@@ -80,6 +80,16 @@ def test_throughput_curve(rates, most, expected):
     assert throughput_curve(rates, most) == pytest.approx(expected)
 
 
+def test_a_job_not_measured_yet_is_guessed_at_the_others_typical_rate():
+    """Else a new job (1 step/s per worker, the unit) would look slower than any measured one, and
+    least-remaining-service-first would never start it before them."""
+    jobs = [job("j1", rates={"2": 40.0}), job("j2", rates={"1": 30.0, "4": 60.0}), job("j3", rates={"1": 10.0}),
+            job("j4")]
+    snap = snapshot(jobs, [], now_s=0.0, pool_size=4)
+    assert snap.jobs[3].throughput == pytest.approx((20.0, 40.0, 60.0, 80.0))  # the median of 20, 30, 10
+    assert throughput_curve({}, 2, per_worker=5.0) == (5.0, 10.0)
+
+
 def test_snapshot_caps_requests_by_the_pool_and_leaves_out_final_and_cancelled_jobs():
     jobs = [job("j1", vnodes=8, requested=8), job("j2", vnodes=2, requested=4),
             job("j3", state=ClusterJobState.DONE), job("j4", cancel=True)]
@@ -216,12 +226,22 @@ class Service:
         return self
 
     def submit(self, run_dir: Path, steps: int, priority: int = 1, seed: int = 7, workers: int = 0) -> str:
+        """With ``vnodes submit`` (a process: it imports torch and the job, a few seconds)."""
         args = [sys.executable, "-m", "vnodes.scheduler.cli", "submit", SLOW_JOB, "--cluster", self.address,
                 "--steps", str(steps), "--priority", str(priority), "--run-dir", str(run_dir), "--deterministic",
                 "--set", f"seed={seed}"] + (["--workers", str(workers)] if workers else [])
         out = subprocess.run(args, capture_output=True, text=True, timeout=120, env=_env())
         assert out.returncode == 0, out.stderr
         return out.stdout.strip()
+
+    def submit_here(self, run_dir: Path, steps: int) -> str:
+        """As ``vnodes submit`` sends it, from this process (no start-up to wait for)."""
+        client = ClusterClient(self.address)
+        try:
+            return client.submit(**_submission(run_dir.parent, name="slow", job="jobs.py:slow_det_spec",
+                                               steps=steps, run_dir=str(run_dir)))
+        finally:
+            client.close()
 
     def jobs(self) -> dict:
         client = ClusterClient(self.address)
@@ -274,11 +294,11 @@ def _assert_bitwise(run_dir: Path, reference: dict, steps: int) -> None:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_three_jobs_resized_live_each_bitwise_equal_to_its_solo_run(tmp_path):
-    """wfs on a pool of 4: j1 starts alone on 4 workers; j2 arrives and takes half; j3, five times
-    the priority, arrives and gets 2 while j1 and j2 shrink to 1. Workers move at step boundaries;
-    every job ends with the parameters of its one-worker run."""
+    """wfs on a pool of 4: j1 starts alone on 4 workers; j2 arrives (and would take half), then
+    j3, five times the priority, gets 2 while j1 and j2 shrink to 1. Workers move at step
+    boundaries; every job ends with the parameters of its one-worker run."""
     svc = Service(tmp_path / "svc", workers=4, policy="wfs").start()
-    plan = {"j1": (7, 300, 1), "j2": (3, 240, 1), "j3": (5, 100, 5)}  # seed, steps, priority
+    plan = {"j1": (7, 220, 1), "j2": (3, 80, 1), "j3": (5, 60, 5)}  # seed, steps, priority
     seen: dict[str, set[int]] = {j: set() for j in plan}
     shares: list[dict[str, int]] = []
     stop = threading.Event()
@@ -295,9 +315,8 @@ def test_three_jobs_resized_live_each_bitwise_equal_to_its_solo_run(tmp_path):
         ids = [svc.submit(tmp_path / "j1", plan["j1"][1], plan["j1"][2], seed=plan["j1"][0])]
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        _wait(lambda: svc.jobs()["j1"]["step"] >= 20, 90, "j1 running")
+        _wait(lambda: svc.jobs()["j1"]["step"] >= 10, 90, "j1 running")
         ids.append(svc.submit(tmp_path / "j2", plan["j2"][1], plan["j2"][2], seed=plan["j2"][0]))
-        _wait(lambda: svc.jobs()["j2"]["step"] >= 10, 90, "j2 running")
         ids.append(svc.submit(tmp_path / "j3", plan["j3"][1], plan["j3"][2], seed=plan["j3"][0]))
         assert ids == ["j1", "j2", "j3"]
         _wait(lambda: all(j["state"] == "done" for j in svc.jobs().values()), 240, "every job done")
@@ -320,11 +339,11 @@ def test_three_jobs_resized_live_each_bitwise_equal_to_its_solo_run(tmp_path):
 def test_a_killed_service_and_master_restart_and_the_job_ends_bitwise(tmp_path):
     """SIGKILL the service mid-job, and the job's master too; a new service on the same state
     directory adopts the workers, restarts the master on its port (the workers reconnect to it)."""
-    steps = 250
+    steps = 160
     svc = Service(tmp_path / "svc", workers=2, policy="vnodes").start()
     try:
-        job_id = svc.submit(tmp_path / "run", steps)
-        _wait(lambda: svc.jobs()[job_id]["step"] >= 30, 90, "the job running")
+        job_id = svc.submit_here(tmp_path / "run", steps)
+        _wait(lambda: svc.jobs()[job_id]["step"] >= 20, 90, "the job running")
         svc.kill()
         record = svc.registry().job(job_id)
         os.kill(record.master.pid, signal.SIGKILL)
@@ -342,8 +361,8 @@ def test_a_killed_service_and_master_restart_and_the_job_ends_bitwise(tmp_path):
 def test_cancel_a_running_and_a_queued_job(tmp_path):
     svc = Service(tmp_path / "svc", workers=1, policy="fifo").start()
     try:
-        running = svc.submit(tmp_path / "a", 100_000)
-        queued = svc.submit(tmp_path / "b", 10)  # fifo on one worker: waits behind the first
+        running = svc.submit_here(tmp_path / "a", 100_000)
+        queued = svc.submit_here(tmp_path / "b", 10)  # fifo on one worker: waits behind the first
         _wait(lambda: svc.jobs()[running]["step"] >= 5, 90, "the first job running")
         assert svc.jobs()[queued]["state"] == "queued"
         out = subprocess.run([sys.executable, "-m", "vnodes.scheduler.cli", "cancel", queued, "--cluster",

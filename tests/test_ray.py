@@ -135,12 +135,12 @@ def test_the_cluster_service_moves_ray_actors_between_jobs_bitwise(cluster, tmp_
     state.open()
     pool = RayPool(None, num_cpus=1)
     assert pool.size == 2
-    service = ClusterService(state, pool, policy="vnodes", interval_s=0.3)
+    service = ClusterService(state, pool, policy="wfs", interval_s=0.3)  # equal priorities: one worker each
     stop = threading.Event()
     loop = threading.Thread(target=service.run, args=(stop,), daemon=True)
     loop.start()
     code = CodePackage.from_folder(Path(__file__).parent).data
-    plan = {"j1": (7, 150), "j2": (3, 60)}
+    plan = {"j1": (7, 100), "j2": (3, 30)}
 
     def submit(seed, steps, name):
         return service.submit(Submission(name=name, job="jobs.py:slow_det_spec", code=code, steps=steps, priority=1,
@@ -159,7 +159,7 @@ def test_the_cluster_service_moves_ray_actors_between_jobs_bitwise(cluster, tmp_
 
     try:
         assert submit(*plan["j1"], "j1") == "j1"
-        wait(lambda: job("j1")["step"] >= 10 and job("j1")["workers"] == 2, 120)
+        wait(lambda: job("j1")["step"] >= 5 and job("j1")["workers"] == 2, 120)
         assert submit(*plan["j2"], "j2") == "j2"
         wait(lambda: all(j["state"] == "done" for j in service.jobs()), 240)
         jobs = {j["id"]: j for j in service.jobs()}

@@ -8,6 +8,7 @@ uninterrupted trajectory.
 """
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -176,4 +177,6 @@ def test_full_run_dir_fails_the_job_from_the_checkpointing_worker(tmp_path):
                      f"make {disk} writable"):
             assert part in line, (part, line)
         # The master's own files fit; the checkpoint's temporary file is gone.
-        assert sorted(os.listdir(disk)) == ["filler", "losses.f64", "master.json"]
+        assert sorted(os.listdir(disk)) == ["filler", "losses.f64", "master.json", "outcome.json"]
+        outcome = json.loads((disk / "outcome.json").read_text())  # how the job ended, for whoever started it
+        assert (outcome["state"], outcome["step"]) == ("failed", 2) and "No space left on device" in outcome["message"]

@@ -20,18 +20,18 @@ The policies (``POLICIES``):
   two, never above a job's demand (``wfs_shares``).
 - ``vnodes``: ours. A vnodes job runs on any number of GPUs up to its virtual nodes with the same
   result, a resize costs a fraction of a second, and its steps are known, so it runs the least
-  remaining time first, starts jobs on what is free and moves GPUs to where they add the most
-  throughput (below).
+  remaining service first and moves idle GPUs to where they add the most throughput (below).
 
 ``vnodes`` in detail. A vnodes job declares its steps, so the policy knows each job's remaining
-steps, and its throughput: jobs are ranked by remaining time at their request (remaining steps over
-steps/s) divided by priority, least first (``order="srtf"``); jobs that declare no steps follow, as
-Tiresias ranks them (two queues, a job moving to the second once its attained service divided by
-its priority reaches 16 GPU-hours; arrival order within each); ``order="las"`` ranks every job so.
+steps, and its throughput: jobs are ranked by the service they still need at their request
+(remaining steps over steps/s, times GPUs: two-dimensional, as Tiresias' attained service is)
+divided by priority, least first (``order="srtf"``); jobs that declare no steps follow, as Tiresias
+ranks them (two queues, a job moving to the second once its attained service divided by its
+priority reaches 16 GPU-hours; arrival order within each); ``order="las"`` ranks every job so.
 First, each job in rank order gets ``first_share`` of its request (all of it by default; 0.5 starts
 twice as many jobs under contention) if that many GPUs are still unclaimed; then the jobs that
-started are topped up to their whole requests in rank order. Then no job waits for a full set: the
-jobs left out start, in rank order, on what is left. The GPUs still free go one at a time to the job
+started are topped up to their whole requests in rank order. With ``partial_starts``, no job waits
+for a full set: the jobs left out start, in rank order, on what is left. The GPUs still free go one at a time to the job
 whose throughput grows most by one more (relative to its current throughput, times ``rank_decay``
 per rank), up to its virtual nodes, never past the point where a GPU adds less than ``min_gain`` of
 the job's throughput. A running job grows only if the steps it gains over ``horizon_s`` exceed
@@ -213,25 +213,25 @@ class VnodesPolicy:
     min_gain: float = 0.05  # a GPU must add at least this fraction of the job's throughput
     horizon_s: float = 600.0  # a resize must pay for its pause within this time
     rank_decay: float = 0.5  # each later rank counts this much less when GPUs are shared out
-    partial_starts: bool = True  # a job that does not fit whole starts on what is left
+    partial_starts: bool = False  # a job that does not fit whole starts on what is left
     first_share: float = 1.0  # the share of its request each job gets before any job gets all of it
-    order: str = "srtf"  # "srtf": least remaining time first where jobs declare their steps; "las": Tiresias'
+    order: str = "srtf"  # "srtf": least remaining service first where jobs declare their steps; "las": Tiresias'
 
-    def _by_remaining_time(self, order: list[JobView]) -> list[JobView]:
-        """Jobs that declare their remaining steps first, by remaining time at their request divided
-        by priority (ties and the rest keep ``order``)."""
+    def _by_remaining_service(self, order: list[JobView]) -> list[JobView]:
+        """Jobs that declare their remaining steps first, by remaining GPU-seconds at their request
+        (remaining steps over steps/s, times GPUs) divided by priority; ties and the rest keep ``order``."""
         def key(rank_job):
             rank, job = rank_job
             if job.remaining_steps is None or not job.throughput:
                 return (1, 0.0, rank)
             n = max(1, min(job.requested_gpus, job.max_gpus, len(job.throughput)))
-            return (0, job.remaining_steps / job.throughput[n - 1] / job.priority, rank)
+            return (0, job.remaining_steps / job.throughput[n - 1] * n / job.priority, rank)
         return [job for _, job in sorted(enumerate(order), key=key)]
 
     def __call__(self, snapshot: Snapshot, state: Mapping) -> tuple[Allocation, Mapping]:
         order, state = _las_order(snapshot, state, self.threshold_gpu_s, weigh_priority=True)
         if self.order == "srtf":
-            order = self._by_remaining_time(order)
+            order = self._by_remaining_service(order)
         free = snapshot.total_gpus
         want: Allocation = {j.name: 0 for j in order}
         for job in order:  # a share of each request first, for as many jobs as fit (skipping ahead)

@@ -55,11 +55,15 @@ class StopMaster:
 Action = Union[StartMaster, Spawn, Drain, StopMaster]
 
 
-def throughput_curve(rates: Mapping[str, float], max_workers: int) -> tuple[float, ...]:
+def _measured(rates: Mapping[str, float], max_workers: int) -> dict[int, float]:
+    return {int(n): r for n, r in rates.items() if r > 0 and 1 <= int(n) <= max_workers}
+
+
+def throughput_curve(rates: Mapping[str, float], max_workers: int, per_worker: float = 1.0) -> tuple[float, ...]:
     """Steps/s on 1..``max_workers`` workers: measured where known, else scaled linearly from the
-    nearest measured count (fewer workers first on a tie), else linear in the count (1 step/s per
-    worker: only the shape matters to a policy before anything is measured)."""
-    measured = {int(n): r for n, r in rates.items() if r > 0 and 1 <= int(n) <= max_workers}
+    nearest measured count (fewer workers first on a tie), else ``per_worker`` steps/s per worker
+    (a job not measured yet)."""
+    measured = _measured(rates, max_workers)
     curve = []
     for n in range(1, max_workers + 1):
         if n in measured:
@@ -68,8 +72,17 @@ def throughput_curve(rates: Mapping[str, float], max_workers: int) -> tuple[floa
             nearest = min(measured, key=lambda m: (abs(m - n), m))
             curve.append(measured[nearest] * n / nearest)
         else:
-            curve.append(float(n))
+            curve.append(per_worker * n)
     return tuple(curve)
+
+
+def typical_rate(jobs: Sequence[JobRecord]) -> float:
+    """Steps/s per worker of the jobs measured so far (the median of each one's best), the guess
+    for a job not measured yet: so that a new job is ranked among the others by its remaining
+    steps, not by an arbitrary unit. 1.0 when none is measured."""
+    per_worker = sorted(max(r / int(n) for n, r in job.rates.items()) for job in jobs
+                        if _measured(job.rates, job.virtual_nodes))
+    return per_worker[len(per_worker) // 2] if per_worker else 1.0
 
 
 def live_slots(slots: Sequence[SlotRecord], job_id: str) -> list[SlotRecord]:
@@ -81,7 +94,7 @@ def snapshot(jobs: Sequence[JobRecord], slots: Sequence[SlotRecord], now_s: floa
     """What a policy sees: every job that is neither final nor being cancelled, in submission
     order, with ``now_s`` and arrival times in Unix seconds. A job never
     asks for more workers than the pool has or than it has virtual nodes."""
-    views = []
+    views, guess = [], typical_rate(jobs)
     for job in jobs:
         if job.state.final or job.cancel_requested:
             continue
@@ -89,7 +102,7 @@ def snapshot(jobs: Sequence[JobRecord], slots: Sequence[SlotRecord], now_s: floa
         views.append(JobView(name=job.id, arrival_s=job.submitted_at, priority=job.priority,
                              requested_gpus=max(1, min(job.requested_workers, most)), max_gpus=most,
                              gpus=len(live_slots(slots, job.id)), attained_gpu_s=job.attained_worker_s,
-                             throughput=throughput_curve(job.rates, most),
+                             throughput=throughput_curve(job.rates, most, guess),
                              remaining_steps=float(max(0, job.steps - job.step))))
     return Snapshot(now_s=now_s, total_gpus=pool_size, jobs=tuple(views), resize_s=RESIZE_PAUSE_S,
                     join_s=WORKER_START_S)
