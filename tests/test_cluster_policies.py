@@ -229,14 +229,14 @@ def test_vnodes_first_share_half_shares_requests_under_contention(snapshot, expe
                       vjob("b", 1, 2, remaining_steps=60, throughput=(0.1, 0.2))), {"a": 8, "b": 0},
                  id="remaining GPU-seconds, not steps: a needs 100/8 x 8, b 60/0.2 x 2"),
     pytest.param(snap(8, vjob("a", 0, 8, remaining_steps=100), vjob("b", 1, 1, remaining_steps=20)),
-                 {"a": 0, "b": 8}, id="two-dimensional: b's 20 GPU-s before a's 100 (then b takes the idle GPUs)"),
+                 {"a": 7, "b": 1}, id="two-dimensional: b's 20 GPU-s before a's 100; a starts on the 7 left"),
     pytest.param(snap(4, vjob("a", 0, 4, remaining_steps=100), vjob("b", 1, 4, remaining_steps=300, priority=5)),
                  {"a": 0, "b": 4}, id="divided by priority: b's 300/5 beats a's 100"),
     pytest.param(snap(4, vjob("a", 0, 4), vjob("b", 1, 4, remaining_steps=300)), {"a": 0, "b": 4},
                  id="a job that declares its steps goes before one that does not"),
 ])
 def test_vnodes_default_runs_the_least_remaining_service_first(snapshot, expected):
-    assert (P.vnodes.order, P.vnodes.first_share, P.vnodes.partial_starts) == ("srtf", 1.0, False)
+    assert (P.vnodes.order, P.vnodes.first_share, P.vnodes.partial_starts) == ("srtf", 1.0, True)
     allocation = allocate(P.vnodes, snapshot)
     assert allocation == expected
     check_allocation(snapshot, allocation, elastic=True, name="vnodes")

@@ -30,7 +30,7 @@ ranks them (two queues, a job moving to the second once its attained service div
 priority reaches 16 GPU-hours; arrival order within each); ``order="las"`` ranks every job so.
 First, each job in rank order gets ``first_share`` of its request (all of it by default; 0.5 starts
 twice as many jobs under contention) if that many GPUs are still unclaimed; then the jobs that
-started are topped up to their whole requests in rank order. With ``partial_starts``, no job waits
+started are topped up to their whole requests in rank order. With ``partial_starts`` (default), no job waits
 for a full set: the jobs left out start, in rank order, on what is left. The GPUs still free go one at a time to the job
 whose throughput grows most by one more (relative to its current throughput, times ``rank_decay``
 per rank), up to its virtual nodes, never past the point where a GPU adds less than ``min_gain`` of
@@ -213,7 +213,7 @@ class VnodesPolicy:
     min_gain: float = 0.05  # a GPU must add at least this fraction of the job's throughput
     horizon_s: float = 600.0  # a resize must pay for its pause within this time
     rank_decay: float = 0.5  # each later rank counts this much less when GPUs are shared out
-    partial_starts: bool = False  # a job that does not fit whole starts on what is left
+    partial_starts: bool = True  # a job that does not fit whole starts on what is left
     first_share: float = 1.0  # the share of its request each job gets before any job gets all of it
     order: str = "srtf"  # "srtf": least remaining service first where jobs declare their steps; "las": Tiresias'
 
