@@ -392,12 +392,13 @@ class WorkerAgent:
             if self.slowdown > 1.0:
                 time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
             compute_s = time.perf_counter() - t0
-            ok, loss, total, used = True, 0.0, None, None
+            ok, loss, total, used, metrics = True, 0.0, None, None, None
             if partial is not None:
                 self._emit(Event.REDUCE, step)
                 try:
                     total, used = group.reduce(partial, deterministic)  # SYNC: every member of the epoch
                     loss = float(total[-1].item())
+                    metrics = engine.prepare(total, used)  # the same on every member: they hold the same total
                 except RuntimeError as exc:
                     log.warning("step %d: reduction failed (%s); reporting it", step, exc)
                     group.destroy()
@@ -406,13 +407,14 @@ class WorkerAgent:
             try:
                 decision, self._next_plan = client.commit(
                     plan.membership_epoch, step, ok, loss, partial.vnode_losses if partial else {}, compute_s,
-                    reports=partial.reports if partial else None, eval_reports=eval_reports)  # SYNC: master decides
+                    reports=partial.reports if partial else None, eval_reports=eval_reports,
+                    metrics=metrics)  # SYNC: master decides
             except StaleEpoch:  # superseded and forgotten: the step did not commit here
                 decision, self._next_plan = "abort", None
             if decision == "commit":
                 self._emit(Event.STEP_COMMITTED, step)
                 if partial is not None:
-                    engine.apply(total, used)
+                    engine.apply(total, used, metrics)
                     self.held_step = step + 1
             else:
                 self._emit(Event.STEP_ABORTED, step)
@@ -443,7 +445,7 @@ class WorkerAgent:
                 raise VnodesError(f"the master resumes at step {plan.step} but {run_dir} holds "
                                   f"{'no checkpoint' if ckpt is None else f'step {ckpt.step}'}")
             engine.load_state_dict({"model": ckpt.model, "optimizer": ckpt.optimizer,
-                                    "lr_scheduler": ckpt.lr_scheduler})
+                                    "lr_scheduler": ckpt.lr_scheduler, "grad_scaler": ckpt.grad_scaler})
             return plan.step
         return held_step
 

@@ -52,6 +52,7 @@ class Checkpoint:
     vnodes: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per virtual node
     plugins: dict[str, Any] = dataclasses.field(default_factory=dict)
     membership_epoch: int = 0
+    grad_scaler: Optional[dict[str, Any]] = None  # precision="fp16": the job's loss scale and its growth tracker
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from .fused import (FusionContext, GroupFailure, HalveGroup, Raise, Reraise, Run
                     leading_rows, patch_model, segment_means)
 from .graphs import GroupGraphs, unsupported_reason
 from .plugins import SampleBatch, SampleColumns, WorkerHalf
+from .precision import GlobalGradScaler, autocast
 from .reduction import Block, Payload, TreeReducer
 from .sampler import VNodeSampler
 from .seeding import EVAL_STREAM, MODEL_STREAM, SELECT_STREAM, seed_everything, seed_generators, vnode_seed
@@ -86,8 +87,8 @@ def call_job_code(role: str, function: Callable, *args: Any) -> Any:
 
 
 def build_dataset(spec: JobSpec) -> Any:
-    """The job's dataset, checked: map-style, with ``(input, target)`` items; as the plugins that
-    change ``"dataset"`` wrap it.
+    """The job's dataset, checked: map-style, with ``(input, target)`` items (any items with
+    ``step_fn``); as the plugins that change ``"dataset"`` wrap it.
 
     Raises:
         InvalidJobSpec: it has no ``__len__``, is empty, or its items are not pairs.
@@ -102,14 +103,25 @@ def build_dataset(spec: JobSpec) -> Any:
     if size == 0:
         raise InvalidJobSpec("dataset", "built an empty dataset")
     item = call_job_code("dataset's __getitem__ (item 0)", dataset.__getitem__, 0)
-    if not isinstance(item, (tuple, list)) or len(item) != 2:
+    if spec.step_fn is None and (not isinstance(item, (tuple, list)) or len(item) != 2):
         shape = f"a {type(item).__name__}" + (f" of {len(item)}" if isinstance(item, (tuple, list)) else "")
         raise InvalidJobSpec("dataset", f"items must be (input, target) pairs, but item 0 is {shape}; "
-                             "return (x, y) from the dataset's __getitem__")
+                             "return (x, y) from the dataset's __getitem__, or pass step_fn=(model, batch) -> "
+                             "per-sample loss to train on batches of any shape")
     for plugin in spec.plugins:  # e.g. metadata archaeology's probes (plugins.py)
         if "dataset" in plugin.changes:
             dataset = plugin.wrap_dataset(dataset, spec.seed)
     return dataset
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMetrics:
+    """What the reduced gradient says about a step, the same on every worker (``StepEngine.prepare``)."""
+
+    grad_norm: float  # total 2-norm of the global gradient (unscaled; inf or NaN on an fp16 overflow)
+    skipped: bool  # fp16 overflow: the optimizer does not step (everywhere)
+    lr: float  # the learning rate of the first parameter group for this step
+    norm: Optional[torch.Tensor] = dataclasses.field(default=None, compare=False, repr=False)  # grad_norm, in the grads' dtype
 
 
 @dataclasses.dataclass
@@ -145,6 +157,7 @@ class StepEngine:
         self.float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                                 torch.get_default_dtype())
         self._loss_checked = False
+        self.scaler = GlobalGradScaler(device, spec.grad_scaler) if spec.precision == "fp16" else None
         self._chosen_count: Optional[int] = None  # rows a selecting plugin chose per node in this step
         self.fusion: Optional[FusionContext] = None
         self.graphs: Optional[GroupGraphs] = None
@@ -191,7 +204,13 @@ class StepEngine:
         if not isinstance(model, nn.Module):
             raise InvalidJobSpec("model", f"must build an nn.Module, got {type(model).__name__}")
         model.to(device).train()
-        optimizer = call_job_code("optimizer builder", spec.optimizer, model.parameters())
+        params = model.parameters()
+        if spec.param_groups is not None:
+            params = call_job_code("param_groups builder", spec.param_groups, model)
+            if not isinstance(params, (list, tuple)) or not params:
+                raise InvalidJobSpec("param_groups", f"must return a non-empty list of parameter groups (dicts with "
+                                     f"'params'), got {type(params).__name__}")
+        optimizer = call_job_code("optimizer builder", spec.optimizer, params)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise InvalidJobSpec(
                 "optimizer", f"must build a torch.optim.Optimizer from parameters, got {type(optimizer).__name__}"
@@ -229,22 +248,21 @@ class StepEngine:
             if batch_step != step:
                 raise ValueError(f"batch for step {batch_step} arrived during step {step}")
             self.stats.restore()
-            inputs_v, targets = move_batch(batch, self.device, self.float_dtype)
+            inputs_v, targets = self._split(move_batch(batch, self.device, self.float_dtype))
             chosen = None
             if self.selector is not None:
                 chosen = self._select(step, vnode_id, position, inputs_v, targets, inputs)
                 inputs_v, targets = take_rows(inputs_v, chosen), take_rows(targets, chosen)
             seed_generators(vnode_seed(spec.seed, step, vnode_id, MODEL_STREAM), self.device)
             self.emit(Event.BATCH_LOADED, step)
-            outputs = self.model(inputs_v)
-            per_sample = spec.loss(outputs, targets)
+            outputs, per_sample = self._per_sample(inputs_v, targets)
             if not self._loss_checked:
-                self._check_per_sample(per_sample, targets)
+                self._check_per_sample(per_sample, self._rows(inputs_v, targets))
             self.emit(Event.LOSS_COMPUTED, step)
             if self.halves:
                 per_sample = self._see(views, step, vnode_id, position, per_sample, outputs, targets, inputs, chosen)
             vnode_loss = per_sample.mean()
-            (vnode_loss / n).backward()
+            self._backward(vnode_loss / n)
             self.emit(Event.BACKWARD_DONE, step)
 
             vnode_losses[vnode_id] = vnode_loss.detach()
@@ -289,8 +307,7 @@ class StepEngine:
         name, half = self.selector
         indices = torch.tensor(self.sampler.indices(step, vnode_id), dtype=torch.int64)
         with self._evaluating():
-            outputs = self.model(inputs_v)
-            per_sample = self.spec.loss(outputs, targets)
+            outputs, per_sample = self._per_sample(inputs_v, targets)
         view = SampleBatch("score", step, vnode_id, indices, per_sample.detach(), _detach(outputs), targets,
                            self._plan_rows(name, step, vnode_id, position, inputs, indices))
         generator = torch.Generator().manual_seed(vnode_seed(self.spec.seed, step, vnode_id, SELECT_STREAM))
@@ -362,8 +379,7 @@ class StepEngine:
                     seed_everything(vnode_seed(spec.seed, step, vnode_id, EVAL_STREAM), self.device)
                     batch = self.loader.load(indices.tolist())
                     inputs, targets = move_batch(batch, self.device, self.float_dtype)
-                    outputs = self.model(inputs)
-                    per_sample = spec.loss(outputs, targets)
+                    outputs, per_sample = self._per_sample(inputs, targets)
                     view = SampleBatch("eval", step, vnode_id, indices, per_sample, outputs, targets)
                     for name, _, half in self.halves:
                         parts[name].append(half.report([view]))
@@ -460,7 +476,8 @@ class StepEngine:
                     chosen[key[1]] = self._select(step, key[1], start + k, x, y, inputs)
                     picked.append((key, take_rows(batch, chosen[key[1]])))
                 group = picked
-            inputs_g, targets = move_batch(interleave_batches([b for _, b in group]), self.device, self.float_dtype)
+            inputs_g, targets = self._split(move_batch(interleave_batches([b for _, b in group]), self.device,
+                                                       self.float_dtype))
             self.emit(Event.BATCH_LOADED, step, len(group))
             ctx.groups, ctx.rows = len(group), leading_rows(inputs_g)
             weights = [self.stats.weight(v) for v in vnode_ids]
@@ -525,33 +542,83 @@ class StepEngine:
                                 see: Optional[Callable] = None) -> torch.Tensor:
         """Forward, loss and backward of one fused group; returns each node's mean loss. Also what a
         CUDA graph captures (``graphs.py``). ``see``: shows the samples to plugins (``_see_group``)."""
-        outputs = self.model(inputs)
-        per_sample = self.spec.loss(outputs, targets)
+        outputs, per_sample = self._per_sample(inputs, targets)
         if not self._loss_checked:
-            self._check_per_sample(per_sample, targets)
+            self._check_per_sample(per_sample, self._rows(inputs, targets))
         self.emit(Event.LOSS_COMPUTED, step, groups)
         if see is not None:
             per_sample = see(per_sample, outputs, targets)
         means = segment_means(per_sample, groups)  # each node's mean loss (rows are interleaved)
         self.fusion.in_backward = True  # a patched module running now is recomputed (checkpointing)
         try:
-            (means.sum() / self.spec.virtual_nodes).backward()
+            self._backward(means.sum() / self.spec.virtual_nodes)
         finally:
             self.fusion.in_backward = False
         self.emit(Event.BACKWARD_DONE, step, groups)
         return means.detach()
 
-    def apply(self, total: Payload, used: list[bool]) -> float:
-        """Install the reduced gradients and running stats, step the optimizer; return the loss."""
+    def prepare(self, total: Payload, used: list[bool]) -> StepMetrics:
+        """Read the reduced gradient before the step is committed: unscale it (fp16: an overflow
+        found), and take its global 2-norm. Every worker holds the same ``total``, so every worker
+        gets the same answer; only ``total`` changes, which an aborted step discards."""
+        grads = [g for g, was_used in zip(total[:len(self.params)], used) if was_used]
+        skipped = self.scaler.unscale_(grads, self.spec.virtual_nodes) if self.scaler is not None else False
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        return StepMetrics(grad_norm=float(norm), skipped=skipped, lr=float(self.optimizer.param_groups[0]["lr"]),
+                           norm=norm)
+
+    def apply(self, total: Payload, used: list[bool], metrics: Optional[StepMetrics] = None) -> float:
+        """Install the reduced gradients and running stats, then, as DDP with the job's settings
+        would: clip the gradient to ``clip_grad_norm``, step the optimizer (not on an fp16
+        overflow), update the loss scale, step the scheduler. Returns the step's loss.
+        ``metrics``: what ``prepare`` said of ``total`` (prepared here when None)."""
+        if metrics is None:
+            metrics = self.prepare(total, used)
         n_params, n_bufs = len(self.params), len(self.stats.float_buffers)
         for p, grad, was_used in zip(self.params, total[:n_params], used):
             p.grad = grad if was_used else None  # unused everywhere: the optimizer skips it, as in DDP
         self.stats.finish_step(total[n_params:n_params + n_bufs])
-        self.optimizer.step()
+        if not metrics.skipped:
+            if self.spec.clip_grad_norm is not None:
+                grads = [p for p in self.params if p.grad is not None]
+                norm = metrics.norm if metrics.norm is not None else torch.tensor(metrics.grad_norm)
+                torch.nn.utils.clip_grads_with_norm_(grads, self.spec.clip_grad_norm, norm)
+            self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(total[-1].item())
+
+    def _split(self, batch: Any) -> tuple[Any, Any]:
+        """``(inputs, targets)`` of a moved batch; with ``step_fn`` the whole batch is the input."""
+        if self.spec.step_fn is not None:
+            return batch, None
+        inputs, targets = batch
+        return inputs, targets
+
+    def _per_sample(self, inputs: Any, targets: Any) -> tuple[Any, torch.Tensor]:
+        """``(outputs, per-sample loss)`` of one batch under the job's precision: the model's outputs
+        and ``loss(outputs, targets)``, or (None, ``step_fn(model, batch)``)."""
+        with autocast(self.spec.precision, self.device):
+            if self.spec.step_fn is not None:
+                return None, self.spec.step_fn(self.model, inputs)
+            outputs = self.model(inputs)
+            return outputs, self.spec.loss(outputs, targets)
+
+    def _backward(self, share: torch.Tensor) -> None:
+        """Backward of a node's (or a fused group's) share of the global loss (its mean loss over N).
+        fp16: of its mean loss times the scale, as a DDP rank's scaled backward runs, so that fp16
+        activations overflow where they would under DDP; ``prepare`` divides by N with the scale."""
+        if self.scaler is None:
+            share.backward()
+        else:
+            (share * (self.scaler.scale * self.spec.virtual_nodes)).backward()
+
+    def _rows(self, inputs: Any, targets: Any) -> int:
+        """The samples in a batch: its targets' length, or (``step_fn``) its first tensor's rows."""
+        return len(targets) if hasattr(targets, "__len__") else leading_rows(inputs)
 
     def _take_grads(self, used: list[bool]) -> list[torch.Tensor]:
         grads = []
@@ -564,12 +631,11 @@ class StepEngine:
                 p.grad = None
         return grads
 
-    def _check_per_sample(self, per_sample: Any, targets: Any) -> None:
-        expected = len(targets) if hasattr(targets, "__len__") else self.spec.vnode_batch_size
+    def _check_per_sample(self, per_sample: Any, expected: int) -> None:
         if not isinstance(per_sample, torch.Tensor) or per_sample.shape != (expected,):
             shape = list(per_sample.shape) if isinstance(per_sample, torch.Tensor) else type(per_sample).__name__
             raise InvalidJobSpec(
-                "loss",
+                "step_fn" if self.spec.step_fn is not None else "loss",
                 f"must return one loss per sample (shape [{expected}]), got {shape}. The gradient is "
                 "the mean over virtual nodes of each node's mean per-sample loss, and plugins need "
                 "the per-sample values: use reduction='none', e.g. "
@@ -584,6 +650,7 @@ class StepEngine:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -591,6 +658,8 @@ class StepEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.scaler is not None and state.get("grad_scaler") is not None:
+            self.scaler.load_state_dict(state["grad_scaler"])
 
 
 def _no_subscriber(event: Event, step: int, work: int = 1) -> None:

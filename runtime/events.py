@@ -94,6 +94,10 @@ class RunState:
     loss: Optional[float] = None
     step_time_s: float = 0.0
     checkpoint_path: Optional[str] = None
+    grad_norm: Optional[float] = None  # of the step's reduced gradient (before clipping)
+    lr: Optional[float] = None  # the first parameter group's learning rate for the step
+    skipped: bool = False  # precision="fp16": the step overflowed and the optimizer did not step
+    skipped_steps: int = 0  # such steps so far in this run
 
 
 class Callback:

@@ -247,7 +247,8 @@ class MasterClient:
     def commit(self, epoch: int, step: int, ok: bool, loss: float,
                vnode_losses: dict[int, float], step_time_s: float,
                timeout_s: Optional[float] = None, reports: Optional[dict[str, SampleColumns]] = None,
-               eval_reports: Optional[dict[str, SampleColumns]] = None) -> tuple[str, Optional[PlanView]]:
+               eval_reports: Optional[dict[str, SampleColumns]] = None,
+               metrics=None) -> tuple[str, Optional[PlanView]]:
         """Send a commit on the session stream (with the plugins' ``reports`` of the step and
         ``eval_reports`` of an evaluation pass) and wait for its decision.
 
@@ -267,6 +268,9 @@ class MasterClient:
         packed = struct.pack(f"<{len(vnodes)}d", *(vnode_losses[v] for v in vnodes))
         request = pb.CommitRequest(membership_epoch=epoch, step=step, ok=ok, loss=loss, vnodes=vnodes,
                                    vnode_losses=packed, step_time_s=step_time_s)
+        if metrics is not None:  # engine.StepMetrics of the reduced gradient
+            request.metrics.grad_norm, request.metrics.skipped, request.metrics.lr = \
+                metrics.grad_norm, metrics.skipped, metrics.lr
         for field, plugin_reports in ((request.plugin_reports, reports), (request.eval_reports, eval_reports)):
             for name, cols in (plugin_reports or {}).items():
                 pack_samples(field.add(), name, cols.indices, cols.columns)

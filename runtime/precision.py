@@ -55,11 +55,12 @@ class GlobalGradScaler:
     def scale(self) -> torch.Tensor:
         return self._scale
 
-    def unscale_(self, grads: list[torch.Tensor]) -> bool:
-        """Divide ``grads`` by the scale in place; True if any element is inf or NaN (the step is
-        then skipped on every worker: they all hold the same reduced gradients)."""
+    def unscale_(self, grads: list[torch.Tensor], nodes: int = 1) -> bool:
+        """Divide ``grads`` by the scale (and by ``nodes``: summed scaled node gradients make the
+        mean) in place; True if any element is inf or NaN (the step is then skipped on every
+        worker: they all hold the same reduced gradients)."""
         found_inf = torch.zeros((1,), dtype=torch.float32, device=self.device)
-        inv_scale = self._scale.double().reciprocal().float()
+        inv_scale = (self._scale.double() * nodes).reciprocal().float()
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for g in grads:
             by_dtype.setdefault(g.dtype, []).append(g)

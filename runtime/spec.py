@@ -34,7 +34,9 @@ class JobSpec:
             are part of the job.
         dataset: ``() -> Dataset``: a map-style dataset of ``(input, target)`` pairs.
         optimizer: ``(params) -> Optimizer``, e.g. ``functools.partial(torch.optim.SGD, lr=0.1)``.
-        loss: ``(outputs, targets) -> Tensor[b]``: one loss per sample (``reduction="none"``).
+        loss: ``(outputs, targets) -> Tensor[b]``: one loss per sample (``reduction="none"``), for
+            ``(input, target)`` batches run as ``loss(model(input), target)``. Leave it None when
+            ``step_fn`` is set.
         virtual_nodes: N, the number of logical data-parallel workers. Fixed for the job's life.
         vnode_batch_size: b, the batch of each virtual node. The global batch is ``N * b``.
         seed: seeds the model initialisation, the data order and every virtual node's random stream.
@@ -62,14 +64,30 @@ class JobSpec:
         plugins: ``vnodes.runtime.plugins.Plugin`` objects hosted by the master, e.g.
             ``[DynamicsRecorder()]`` (``vnodes.scheduler.plugins``). Their identity and settings are
             part of the fingerprint; mutators among them change training as they declare.
+        step_fn: ``(model, batch) -> Tensor[b]``, instead of ``loss``: the per-sample loss of a
+            collated batch of any shape (dicts of tensors, several inputs, ``model(**batch)``, an
+            output object with ``.logits``...). Batches are whatever ``collate_fn`` makes of the
+            dataset's items. Plugins need ``loss`` (they read outputs and targets).
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: each forward and loss runs under
+            ``torch.autocast`` with that dtype; parameters, gradients and the optimizer keep the
+            model's dtype. ``"fp16"`` scales the loss with one scaler for the whole job: an overflow
+            anywhere skips the step everywhere, as DDP with ``torch.amp.GradScaler`` on every rank
+            does (``runtime/precision.py``).
+        grad_scaler: for ``precision="fp16"``: ``torch.amp.GradScaler`` settings (``init_scale``,
+            ``growth_factor``, ``backoff_factor``, ``growth_interval``); None: its defaults.
+        clip_grad_norm: clip the reduced global gradient to this total 2-norm before the optimizer
+            step (``torch.nn.utils.clip_grad_norm_`` on it, as DDP plus that call computes).
+        param_groups: ``(model) -> list`` of parameter groups (dicts with ``"params"`` and their
+            own settings), passed to ``optimizer`` instead of ``model.parameters()``, e.g. to exclude
+            biases and norms from weight decay by name (``model.named_parameters()``).
     """
 
     model: Callable[[], Any]
     dataset: Callable[[], Any]
     optimizer: Callable[[Any], Any]
-    loss: Callable[[Any, Any], Any]
-    virtual_nodes: int
-    vnode_batch_size: int
+    loss: Optional[Callable[[Any, Any], Any]] = None
+    virtual_nodes: int = dataclasses.field(kw_only=True)
+    vnode_batch_size: int = dataclasses.field(kw_only=True)
     seed: int = 0
     deterministic: bool = False
     lr_scheduler: Optional[Callable[[Any], Any]] = None
@@ -82,6 +100,11 @@ class JobSpec:
     fused_group_size: Optional[int] = None
     cuda_graphs: bool = False
     plugins: list = dataclasses.field(default_factory=list)
+    step_fn: Optional[Callable[[Any, Any], Any]] = None
+    precision: str = "fp32"
+    grad_scaler: Optional[dict] = None
+    clip_grad_norm: Optional[float] = None
+    param_groups: Optional[Callable[[Any], Any]] = None
 
     @property
     def global_batch_size(self) -> int:
@@ -100,12 +123,23 @@ class JobSpec:
         Raises:
             InvalidJobSpec: naming the field and the fix.
         """
-        for name in ("model", "dataset", "optimizer", "loss"):
+        for name in ("model", "dataset", "optimizer"):
             if not callable(getattr(self, name)):
                 raise InvalidJobSpec(
                     name, f"must be a callable, got {getattr(self, name)!r} "
                     f"(pass a function that builds it, e.g. {name}=build_{name})"
                 )
+        if self.loss is None and self.step_fn is None:
+            raise InvalidJobSpec("loss", "is missing: pass loss=(outputs, targets) -> per-sample loss, or "
+                                 "step_fn=(model, batch) -> per-sample loss for batches of another shape")
+        if self.loss is not None and self.step_fn is not None:
+            raise InvalidJobSpec("step_fn", "replaces loss(model(inputs), targets): set one of loss and step_fn, "
+                                 "not both")
+        for name in ("loss", "step_fn", "param_groups"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise InvalidJobSpec(name, f"must be a callable or None, got {value!r}")
+        self._validate_precision()
         import torch
 
         if isinstance(self.model, torch.nn.Module):
@@ -160,6 +194,30 @@ class JobSpec:
                     "device", f"{self.device!r} asked for, but CUDA is not available here; use 'cpu' or None"
                 )
 
+    def _validate_precision(self) -> None:
+        from .precision import PRECISIONS, SCALER_DEFAULTS
+
+        if self.precision not in PRECISIONS:
+            raise InvalidJobSpec("precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.grad_scaler is not None:
+            if self.precision != "fp16":
+                raise InvalidJobSpec("grad_scaler", f"scales fp16 losses; precision is {self.precision!r}: set "
+                                     "precision='fp16' or grad_scaler=None")
+            if not isinstance(self.grad_scaler, dict) or set(self.grad_scaler) - set(SCALER_DEFAULTS):
+                raise InvalidJobSpec("grad_scaler", f"must be a dict of {sorted(SCALER_DEFAULTS)}, got "
+                                     f"{self.grad_scaler!r}")
+            for key, value in self.grad_scaler.items():
+                bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                    or (key == "growth_interval" and not isinstance(value, int)) \
+                    or (key == "backoff_factor" and not value < 1) or (key == "growth_factor" and not value > 1)
+                if bad:
+                    raise InvalidJobSpec("grad_scaler", f"{key}={value!r} is out of range (init_scale > 0, "
+                                         "growth_factor > 1, 0 < backoff_factor < 1, growth_interval an integer >= 1)")
+        if self.clip_grad_norm is not None:
+            value = self.clip_grad_norm
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise InvalidJobSpec("clip_grad_norm", f"must be None or a positive finite number, got {value!r}")
+
     def _validate_plugins(self) -> None:
         from .plugins import Plugin
 
@@ -186,6 +244,12 @@ class JobSpec:
         selectors = [type(p).__name__ for p in self.plugins if "batch" in p.changes]
         if len(selectors) > 1:
             raise InvalidJobSpec("plugins", f"{selectors} each choose the rows a node trains on; keep one of them")
+        if self.plugins and self.step_fn is not None:
+            raise InvalidJobSpec("plugins", "read each batch's outputs and targets, which step_fn does not expose; "
+                                 "use loss=(outputs, targets) -> per-sample loss, or plugins=[]")
+        if self.step_fn is not None and self.cuda_graphs:
+            raise InvalidJobSpec("cuda_graphs", "replays loss(model(inputs), targets); with step_fn set "
+                                 "cuda_graphs=False")
         if self.plugins and self.cuda_graphs:
             raise InvalidJobSpec("cuda_graphs", "a captured graph hides the per-sample losses that plugins need; "
                                  "set cuda_graphs=False or plugins=[]")
@@ -226,7 +290,14 @@ class JobSpec:
         out["seeding"] = _digest(SEEDING_SCHEME)
         if self.plugins:  # absent when there are none: checkpoints written before plugins existed still resume
             out["plugins"] = _digest("; ".join(p.describe() for p in self.plugins))
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in self.OPTIONAL_TRAJECTORY_FIELDS:  # likewise absent at their defaults
+            if getattr(self, name) != defaults[name]:
+                out[name] = _digest(describe(getattr(self, name)))
         return out
+
+    #: trajectory fields added later: in the fingerprint only when set, so older checkpoints resume
+    OPTIONAL_TRAJECTORY_FIELDS = ("step_fn", "precision", "grad_scaler", "clip_grad_norm", "param_groups")
 
 
 def _plugin_class(name: str) -> str:

@@ -60,8 +60,10 @@ class DirectClient:
 
     def commit(self, epoch: int, step: int, ok: bool, loss: float, vnode_losses: dict[int, float],
                step_time_s: float, timeout_s: Optional[float] = None, reports=None,
-               eval_reports=None) -> tuple[str, Optional[PlanView]]:
+               eval_reports=None, metrics=None) -> tuple[str, Optional[PlanView]]:
         report = Report(ok, loss, dict(vnode_losses), step_time_s, reports or {}, eval_reports or {})
+        if metrics is not None:
+            report.grad_norm, report.skipped, report.lr = metrics.grad_norm, metrics.skipped, metrics.lr
         self.master.submit(self.worker_id, epoch, step, report, on_decided=_nothing)  # the only member: decided
         decision, next_plan = self.master.outcome(self.worker_id, epoch, step, want_next=True)
         self.observer.poll()

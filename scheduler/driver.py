@@ -18,6 +18,7 @@ the caller's thread, and the same ``Observer`` fires the callbacks after each of
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
@@ -95,5 +96,9 @@ def fire_commits(master: Master, seen: int, callbacks: Sequence[Callback], state
     new, count = master.committed_since(seen)
     for c in new:
         state.step, state.loss, state.step_time_s = c.step + 1, c.loss, c.step_time_s
+        state.grad_norm = None if math.isnan(c.grad_norm) else c.grad_norm
+        state.lr = None if math.isnan(c.lr) else c.lr
+        state.skipped = c.skipped
+        state.skipped_steps += int(c.skipped)
         fire(list(callbacks), Event.STEP_END, state)
     return count

@@ -39,6 +39,7 @@ import dataclasses
 import enum
 import functools
 import hmac
+import math
 import secrets
 import threading
 import time
@@ -156,6 +157,9 @@ class Report:
     step_time_s: float
     reports: dict[str, SampleColumns] = dataclasses.field(default_factory=dict)  # plugin name -> its report
     eval_reports: dict[str, SampleColumns] = dataclasses.field(default_factory=dict)  # of the evaluation pass
+    grad_norm: float = math.nan  # of the reduced gradient (StepEngine.prepare); nan: not reported
+    skipped: bool = False  # fp16 overflow: the step commits without an optimizer step
+    lr: float = math.nan
 
 
 @dataclasses.dataclass
@@ -168,6 +172,9 @@ class CommittedStep:
     step_time_s: float
     membership_epoch: int
     committed_at_s: float  # master clock
+    grad_norm: float = math.nan
+    skipped: bool = False
+    lr: float = math.nan
 
 
 class Master:
@@ -622,8 +629,9 @@ class Master:
             vnode_losses.update(r.vnode_losses)
         self._decide((m.epoch, self.step), Decision.COMMIT)
         self.committed_count += 1
-        self.committed.append(CommittedStep(self.step, reports[0].loss, vnode_losses,
-                                            max(r.step_time_s for r in reports), m.epoch, self.clock()))
+        first = reports[0]
+        self.committed.append(CommittedStep(self.step, first.loss, vnode_losses, max(r.step_time_s for r in reports),
+                                            m.epoch, self.clock(), first.grad_norm, first.skipped, first.lr))
         self.losses.append(reports[0].loss)
         self.step += 1
         self.reports = {}

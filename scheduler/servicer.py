@@ -385,9 +385,15 @@ class MasterServicer:
         if request.ok:
             _check_number("loss", request.loss, -math.inf, math.inf)
             _check(all(math.isfinite(v) for v in values), "vnode_losses holds a NaN or infinite loss")
+        metrics = request.metrics if request.HasField("metrics") else None
+        if metrics is not None:
+            _check(not math.isnan(metrics.lr), "metrics.lr is NaN")
         report = Report(ok=request.ok, loss=request.loss, vnode_losses=dict(zip(request.vnodes, values)),
                         step_time_s=request.step_time_s, reports=_samples(request.plugin_reports),
-                        eval_reports=_samples(request.eval_reports))
+                        eval_reports=_samples(request.eval_reports),
+                        grad_norm=metrics.grad_norm if metrics is not None else math.nan,
+                        skipped=metrics.skipped if metrics is not None else False,
+                        lr=metrics.lr if metrics is not None else math.nan)
         epoch, step = request.membership_epoch, request.step
         decided = self._decision_future((epoch, step))
         try:

@@ -9,7 +9,9 @@ averaged over ranks after each step (``broadcast_buffers=False``). Under ``"vnod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 import socket
 import tempfile
@@ -44,39 +46,51 @@ def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out:
         model = spec.model()
         mean_policy = spec.running_stats == "mean"
         ddp = DistributedDataParallel(model, broadcast_buffers=not mean_policy)
-        optimizer = spec.optimizer(ddp.parameters())
+        optimizer = spec.optimizer(spec.param_groups(model) if spec.param_groups else ddp.parameters())
+        # precision: autocast around forward and loss; fp16 with a GradScaler on every rank
+        autocast = (contextlib.nullcontext if spec.precision == "fp32" else
+                    functools.partial(torch.autocast, "cpu", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[
+                        spec.precision]))
+        scaler = torch.amp.GradScaler("cpu", **(spec.grad_scaler or {})) if spec.precision == "fp16" else None
         scheduler = spec.lr_scheduler(optimizer) if spec.lr_scheduler else None
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                      seed=spec.seed, drop_last=True)
-        loader = DataLoader(dataset, batch_size=spec.vnode_batch_size, sampler=sampler, drop_last=True)
+        loader = DataLoader(dataset, batch_size=spec.vnode_batch_size, sampler=sampler, drop_last=True,
+                            collate_fn=spec.collate_fn)
         dtype = next(model.parameters()).dtype
         running = [b for m in model.modules() if isinstance(m, _NormBase)
                    for b in m.buffers(recurse=False) if b.is_floating_point()]
-        step, epoch, losses = 0, 0, []
+        step, epoch, losses, grad_norms, skipped = 0, 0, [], [], []
         seen = []  # record: (epoch, dataset indices, per-sample losses) of this rank's batches
         evaluated = []  # record: per epoch, rank 0's evaluation of every sample (loss, true prob, margin)
         while step < steps:
             sampler.set_epoch(epoch)
             order = list(iter(sampler))
-            for k, (x, y) in enumerate(loader):
+            for k, batch in enumerate(loader):
                 if step == steps:
                     break
-                b = spec.vnode_batch_size
-                indices = torch.tensor(order[k * b:(k + 1) * b])
-                if hooks and hooks.select:  # the rows this rank trains on, from its own scoring forward
-                    rows = hooks.select(model, x.to(dtype), y, spec, step, rank)
-                    x, y, indices = x[rows], y[rows], indices[rows]
-                torch.manual_seed(vnode_seed(spec.seed, step, rank))
-                outputs = ddp(x.to(dtype))
-                per_sample = spec.loss(outputs, y)
-                if hooks and hooks.loss:
-                    per_sample = hooks.loss(per_sample, outputs, indices, step)
-                if record:
-                    seen.append((epoch, indices, per_sample.detach().clone()))
+                if spec.step_fn is not None:  # any batch: step_fn(model, batch) -> per-sample loss
+                    torch.manual_seed(vnode_seed(spec.seed, step, rank))
+                    with autocast():
+                        per_sample = spec.step_fn(ddp, _to_dtype(batch, dtype))
+                else:
+                    x, y = batch
+                    b = spec.vnode_batch_size
+                    indices = torch.tensor(order[k * b:(k + 1) * b])
+                    if hooks and hooks.select:  # the rows this rank trains on, from its own scoring forward
+                        rows = hooks.select(model, x.to(dtype), y, spec, step, rank)
+                        x, y, indices = x[rows], y[rows], indices[rows]
+                    torch.manual_seed(vnode_seed(spec.seed, step, rank))
+                    with autocast():
+                        outputs = ddp(x.to(dtype))
+                        per_sample = spec.loss(outputs, y)
+                    if hooks and hooks.loss:
+                        per_sample = hooks.loss(per_sample, outputs, indices, step)
+                    if record:
+                        seen.append((epoch, indices, per_sample.detach().clone()))
                 loss = per_sample.mean()
                 optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+                _backward_and_step(loss, ddp, optimizer, scaler, spec, grad_norms, skipped)
                 if scheduler:
                     scheduler.step()
                 if mean_policy:
@@ -90,7 +104,7 @@ def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out:
             if record and step % len(loader) == 0 and rank == 0:
                 evaluated.append(_evaluate(model, dataset, dtype))
             epoch += 1
-        result = {"model": model.state_dict(), "losses": losses}
+        result = {"model": model.state_dict(), "losses": losses, "grad_norms": grad_norms, "skipped": skipped}
         if record:
             every = [None] * world
             dist.all_gather_object(every, seen)
@@ -103,6 +117,42 @@ def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _to_dtype(batch, dtype):
+    """Floating tensors in the model's dtype, as vnodes moves a batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {k: _to_dtype(v, dtype) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_dtype(v, dtype) for v in batch)
+    return batch
+
+
+def _backward_and_step(loss, ddp, optimizer, scaler, spec, grad_norms, skipped) -> None:
+    """What a DDP user writes with a GradScaler and clip_grad_norm_: scale, backward (DDP averages),
+    unscale, clip (the norm recorded), step unless the scaler found an overflow, update."""
+    params = [p for p in ddp.parameters() if p.grad is not None or p.requires_grad]
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    grads = [p.grad for p in params if p.grad is not None]
+    if spec.clip_grad_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], spec.clip_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm(grads)
+    grad_norms.append(float(norm))
+    if scaler is not None:
+        before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        skipped.append(scaler.get_scale() < before)
+    else:
+        optimizer.step()
+        skipped.append(False)
 
 
 def _evaluate(model, dataset, dtype) -> dict:

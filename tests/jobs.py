@@ -88,3 +88,69 @@ class SlowReads(torch.utils.data.Dataset):
 def slow_det_spec() -> JobSpec:
     """``det_f32_spec`` whose reads take 2 ms a sample (about 64 ms a step on one worker)."""
     return dataclasses.replace(det_f32_spec(), dataset=functools.partial(SlowReads, 0.002))
+
+
+# ---- a Hugging Face-style model from torch.nn: dict batches, an attention mask, outputs with .logits ----
+
+@dataclasses.dataclass
+class ClassifierOutput:
+    logits: torch.Tensor
+
+
+class TinyTextClassifier(nn.Module):
+    """Embeddings, one self-attention block (masked), LayerNorm, Dropout, mean pooling over the
+    unmasked tokens, a linear head: called as ``model(input_ids=..., attention_mask=...)``."""
+
+    def __init__(self, vocab: int = 32, dim: int = 16, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True, dropout=0.0)
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids)
+        pad = attention_mask == 0
+        a, _ = self.attn(h, h, h, key_padding_mask=pad, need_weights=False)
+        h = self.norm(h + self.drop(a))
+        keep = attention_mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * keep).sum(1) / keep.sum(1).clamp(min=1)
+        return ClassifierOutput(logits=self.head(pooled))
+
+
+def token_dataset(n: int = 96, length: int = 8, vocab: int = 32, seed: int = 5) -> list:
+    """Sequences whose class is the most frequent of three token ranges, padded to ``length``."""
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(n):
+        size = int(torch.randint(3, length + 1, (1,), generator=g))
+        ids = torch.randint(1, vocab, (size,), generator=g)
+        label = int(torch.bucketize(ids, torch.tensor([11, 22])).bincount(minlength=3).argmax())
+        input_ids = torch.zeros(length, dtype=torch.int64)
+        input_ids[:size] = ids
+        mask = torch.zeros(length, dtype=torch.int64)
+        mask[:size] = 1
+        items.append({"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor(label)})
+    return items
+
+
+def text_step(model, batch):
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return F.cross_entropy(out.logits.float(), batch["labels"], reduction="none")
+
+
+def decay_groups(model, weight_decay: float = 0.1):
+    """Weight decay on weights only: not on biases, norms or embeddings (by parameter name)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith("bias") or "norm" in name or "embed" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def text_spec(**overrides) -> JobSpec:
+    kwargs = dict(model=TinyTextClassifier, dataset=token_dataset, step_fn=text_step,
+                  optimizer=functools.partial(torch.optim.AdamW, lr=3e-3), param_groups=decay_groups,
+                  virtual_nodes=4, vnode_batch_size=6, seed=11, device="cpu")
+    kwargs.update(overrides)
+    return JobSpec(**kwargs)

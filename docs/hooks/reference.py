@@ -228,6 +228,8 @@ def _changed_value(name: str, hint, default):
         return "cpu" if default is None else default + "-other"
     if origin in (typing.Callable, __import__("collections.abc").abc.Callable):
         return _f1
+    if origin is dict:
+        return {"init_scale": 1024.0}
     if name == "plugins":
         from vnodes.scheduler.plugins import DynamicsRecorder
 

@@ -1,0 +1,169 @@
+"""What a real training script needs, each against real DDP with the same setting: any batch through
+``step_fn`` (a Hugging Face-style model: dict batches, an attention mask, outputs with ``.logits``),
+bf16 autocast, fp16 with one global gradient scaler (a forced overflow skips the step everywhere),
+gradient clipping on the reduced gradient, parameter groups by name; and bitwise equality across
+worker counts in deterministic mode."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import pytest
+import torch
+
+from vnodes.runtime import InvalidJobSpec, JobSpec, train
+from vnodes.runtime.engine import StepEngine
+from vnodes.runtime.events import Callback
+
+from ddp_reference import run_ddp
+from jobs import cnn_spec, per_sample_ce, small_cnn, text_spec, text_step
+
+STEPS = 6
+
+
+class Record(Callback):
+    def __init__(self):
+        self.grad_norms, self.skipped, self.lrs = [], [], []
+
+    def on_step_end(self, state):
+        self.grad_norms.append(state.grad_norm)
+        self.skipped.append(state.skipped)
+        self.lrs.append(state.lr)
+
+
+def _vnodes(spec, steps=STEPS, **kw):
+    record = Record()
+    result = train(spec, steps=steps, callbacks=[record], **kw)
+    return result, record
+
+
+def _max_rel(a: dict, b: dict) -> float:
+    worst = 0.0
+    for k, v in a.items():
+        if v.is_floating_point():
+            worst = max(worst, float((v.double() - b[k].double()).abs().max() / (b[k].double().abs().max() + 1e-12)))
+    return worst
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_step_fn_bf16_clipping_and_param_groups_match_real_ddp():
+    """The text classifier through step_fn (dict batches, model(**inputs).logits), under bf16
+    autocast, AdamW with weight decay excluded from biases, norms and embeddings by name, the
+    reduced gradient clipped to 0.5: the losses, gradient norms and parameters of 4 virtual nodes
+    on one worker are those of 4-process DDP with the same autocast, groups and clip_grad_norm_."""
+    spec = text_spec(precision="bf16", clip_grad_norm=0.5)
+    ddp = run_ddp(spec, STEPS)
+    result, record = _vnodes(spec)
+    assert result.losses == pytest.approx(ddp["losses"], rel=1e-4)
+    assert record.grad_norms == pytest.approx(ddp["grad_norms"], rel=1e-4)
+    assert max(ddp["grad_norms"]) > 0.5  # the clip bit: a test where nothing is clipped could not fail
+    assert _max_rel(result.model_state_dict, ddp["model"]) < 1e-4
+    assert record.lrs == [3e-3] * STEPS and record.skipped == [False] * STEPS
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_fp16_overflow_skips_the_step_everywhere_as_ddp_with_gradscaler_does():
+    """An initial scale of 2**22 overflows fp16: the first steps are skipped (parameters unchanged,
+    the scale backs off) exactly where DDP with torch.amp.GradScaler on every rank skips them."""
+    spec = text_spec(precision="fp16", grad_scaler={"init_scale": 2.0 ** 22, "growth_interval": 3})
+    ddp = run_ddp(spec, STEPS)
+    result, record = _vnodes(spec)
+    assert record.skipped == ddp["skipped"]
+    assert 1 <= sum(record.skipped) < STEPS  # some overflowed, then training went on
+    assert all(not math.isfinite(n) if s else n is not None for n, s in zip(
+        [float("nan") if n is None else n for n in record.grad_norms], record.skipped))
+    assert result.losses == pytest.approx(ddp["losses"], rel=1e-3)
+    assert _max_rel(result.model_state_dict, ddp["model"]) < 1e-3
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_clipping_matches_ddp_in_float64_and_the_settings_are_bitwise_across_worker_counts(tmp_path):
+    """The CNN in float64 with SGD and clip_grad_norm=0.05: within 1e-9 of DDP with clip_grad_norm_;
+    then deterministic, on 1 and 2 worker processes, with fp16 and clipping: the same bits, the
+    scale included (it is part of the checkpoint)."""
+    spec = cnn_spec(clip_grad_norm=0.05)
+    ddp = run_ddp(spec, STEPS)
+    result, record = _vnodes(spec)
+    assert record.grad_norms == pytest.approx(ddp["grad_norms"], rel=1e-9)
+    assert min(ddp["grad_norms"]) > 0.05
+    assert _max_rel(result.model_state_dict, ddp["model"]) < 1e-9
+
+    det = text_spec(precision="fp16", clip_grad_norm=1.0, deterministic=True,
+                    grad_scaler={"init_scale": 2.0 ** 20, "growth_interval": 2})
+    one = train(det, steps=STEPS, checkpoint_dir=tmp_path / "one")
+    two = train(det, steps=STEPS, checkpoint_dir=tmp_path / "two", workers=2)
+    assert [k for k, v in one.model_state_dict.items() if not torch.equal(v, two.model_state_dict[k])] == []
+    assert one.losses == two.losses
+    from vnodes.runtime import load_checkpoint
+
+    scales = [load_checkpoint(tmp_path / d)["grad_scaler"] for d in ("one", "two")]
+    assert scales[0] == scales[1] and scales[0]["scale"] != 2.0 ** 20  # it moved, identically
+
+
+def test_param_groups_reach_the_optimizer_and_the_default_is_unchanged():
+    engine = StepEngine.build(text_spec())
+    groups = engine.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    names = {id(p): n for n, p in engine.model.named_parameters()}
+    assert sorted(names[id(p)] for p in groups[1]["params"]) == sorted(
+        n for n, _ in engine.model.named_parameters() if n.endswith("bias") or "norm" in n or "embed" in n)
+    plain = StepEngine.build(cnn_spec())
+    assert len(plain.optimizer.param_groups) == 1
+
+
+def test_the_new_fields_stay_out_of_the_fingerprint_at_their_defaults():
+    """So checkpoints written before these fields existed still resume."""
+    base = cnn_spec().fingerprint()
+    assert not set(base) & set(JobSpec.OPTIONAL_TRAJECTORY_FIELDS)
+    for change in ({"precision": "bf16"}, {"clip_grad_norm": 1.0}):
+        assert set(cnn_spec(**change).fingerprint()) - set(base) == set(change)
+
+
+@pytest.mark.parametrize("changes, field, message", [
+    ({"loss": None}, "loss", "is missing: pass loss="),
+    ({"step_fn": text_step}, "step_fn", "set one of loss and step_fn"),
+    ({"precision": "fp8"}, "precision", "must be one of"),
+    ({"grad_scaler": {"init_scale": 2.0}}, "grad_scaler", "precision='fp16'"),
+    ({"precision": "fp16", "grad_scaler": {"init": 2.0}}, "grad_scaler", "must be a dict of"),
+    ({"precision": "fp16", "grad_scaler": {"backoff_factor": 2.0}}, "grad_scaler", "out of range"),
+    ({"clip_grad_norm": 0.0}, "clip_grad_norm", "positive finite number"),
+    ({"clip_grad_norm": float("inf")}, "clip_grad_norm", "positive finite number"),
+    ({"param_groups": "decay"}, "param_groups", "must be a callable"),
+])
+def test_bad_settings_are_refused_naming_the_field(changes, field, message):
+    with pytest.raises(InvalidJobSpec, match=message) as info:
+        cnn_spec(**changes).validate()
+    assert info.value.field == field
+
+
+def test_step_fn_with_plugins_or_a_wrong_shape_is_refused():
+    from vnodes.scheduler.plugins import DynamicsRecorder
+
+    with pytest.raises(InvalidJobSpec, match="step_fn does not expose"):
+        text_spec(plugins=[DynamicsRecorder()]).validate()
+    bad = text_spec(step_fn=functools.partial(_summed, text_step))
+    with pytest.raises(InvalidJobSpec, match=r"step_fn: must return one loss per sample \(shape \[6\]\), got \[\]"):
+        train(bad, steps=1)
+
+
+def _summed(step_fn, model, batch):
+    return step_fn(model, batch).sum()
+
+
+def test_step_fn_runs_fused_where_the_modules_allow():
+    """A model without cross-sample modules fuses; fused equals sequential within float rounding."""
+    spec = cnn_spec(model=functools.partial(small_cnn, torch.float64), loss=None,
+                    step_fn=_pair_step, clip_grad_norm=1.0)
+    sequential = train(spec, steps=3)
+    fused = train(dataclasses.replace(spec, execution="fused"), steps=3)
+    assert _max_rel(fused.model_state_dict, sequential.model_state_dict) < 1e-9
+
+
+def _pair_step(model, batch):
+    x, y = batch
+    return per_sample_ce(model(x), y)
