@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	@echo "setting up $(VENV) (log: $(VENV)/install.log)"
 	@$(PYTHON) -m venv $(VENV)
 	@( $(PIP) install -q --upgrade pip && $(PIP) install -q "$(TORCH)" && \
-	   $(PIP) install -q -e ".[dev,docs,examples,archaeology,cluster,ray]" ) > $(VENV)/install.log 2>&1 \
+	   $(PIP) install -q -e ".[dev,docs,examples,archaeology,cluster,logging,ray]" ) > $(VENV)/install.log 2>&1 \
 	   || { cat $(VENV)/install.log; echo "install failed (log: $(VENV)/install.log)"; exit 1; }
 	@touch $@
 

@@ -98,6 +98,9 @@ class RunState:
     lr: Optional[float] = None  # the first parameter group's learning rate for the step
     skipped: bool = False  # precision="fp16": the step overflowed and the optimizer did not step
     skipped_steps: int = 0  # such steps so far in this run
+    samples_per_s: Optional[float] = None  # the global batch over the time between the last two commits
+    loss_spread: Optional[float] = None  # standard deviation of the virtual nodes' mean losses at the step
+    last_commit_s: Optional[float] = None  # the master's clock at the previous commit (for samples_per_s)
 
 
 class Callback:

@@ -149,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--num-cpus", type=float, default=1.0, help="CPUs each Ray worker asks for (CPU nodes)")
     run.add_argument("--no-progress", action="store_true", help="no live progress display")
     run.add_argument("--json", action="store_true", help="print the result summary as JSON on stdout")
+    run.add_argument("--log", action="append", default=[], choices=("tensorboard", "csv", "mlflow"),
+                     help="also log every step's metrics: tensorboard (RUN_DIR/tensorboard/), csv "
+                     "(RUN_DIR/metrics.csv) or mlflow (the active run); repeatable. RUN_DIR/metrics.jsonl "
+                     "is always written")
 
     master = commands.add_parser(
         "master", help="run only the master of a job (workers join with `vnodes worker`)",
@@ -240,6 +244,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.launcher == "ray":  # actors may run on other machines: they fetch the job file's folder
         code = pack_job_folder(args.job, args.run_dir)
     parse_overrides(args.overrides)  # a typo fails before the job file is imported
+    from vnodes.runtime.loggers import logger_named
+
+    loggers = [logger_named(name, args.run_dir) for name in dict.fromkeys(args.log)]  # before the slow part
     spec = apply_job_options(load_job(args.job), args)
     launch_options = {"master_port": args.master_port} if args.workers > 1 and args.launcher == "local" else None
     if args.devices is not None and args.launcher != "local":
@@ -256,7 +263,7 @@ def _run(args: argparse.Namespace) -> int:
         launch_options["code"] = code
     result = train(spec, steps=args.steps, checkpoint_dir=args.run_dir,
                    checkpoint_every=args.checkpoint_every, workers=args.workers, launcher=args.launcher,
-                   address=args.address, launch_options=launch_options,
+                   address=args.address, launch_options=launch_options, callbacks=loggers,
                    progress=False if args.no_progress else True)
     summary = {
         "steps": result.steps,

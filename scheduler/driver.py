@@ -19,6 +19,7 @@ the caller's thread, and the same ``Observer`` fires the callbacks after each of
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
@@ -95,6 +96,11 @@ def fire_commits(master: Master, seen: int, callbacks: Sequence[Callback], state
     """Fire ``on_step_end`` for every step committed since the first ``seen``; return the new count."""
     new, count = master.committed_since(seen)
     for c in new:
+        elapsed = c.committed_at_s - state.last_commit_s if state.last_commit_s is not None else c.step_time_s
+        state.last_commit_s = c.committed_at_s
+        state.samples_per_s = state.samples_per_step / elapsed if elapsed > 0 else None
+        losses = list(c.vnode_losses.values())
+        state.loss_spread = statistics.pstdev(losses) if len(losses) > 1 else 0.0
         state.step, state.loss, state.step_time_s = c.step + 1, c.loss, c.step_time_s
         state.grad_norm = None if math.isnan(c.grad_norm) else c.grad_norm
         state.lr = None if math.isnan(c.lr) else c.lr

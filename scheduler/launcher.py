@@ -36,6 +36,7 @@ from .code_package import CodePackage
 from .devices import assign_devices, visible_cuda_devices
 from .durable import DurableState
 from .master import JobState, Master
+from .metrics_stream import MetricsStream
 from .plugins.host import PluginHost
 from .driver import drive
 from .errors import WorkersGone
@@ -62,6 +63,8 @@ class MasterHandle:
     def stop(self) -> None:
         self._stopped.set()
         self.server.stop(grace=0.5)
+        if self.master.metrics is not None:
+            self.master.metrics.close()
 
     def wait_for_end(self, farewell_s: float = FAREWELL_S) -> None:
         """Block until the job is done (or failed) and every worker that may still run it has heard
@@ -159,7 +162,8 @@ def build_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
                   heartbeat_timeout_s=heartbeat_timeout_s, placement_policy=placement,
                   can_resume_from_checkpoint=on_disk, durable=state, restored=restored,
                   epoch_counter=epoch_counter, awaited=awaited, awaited_told=awaited_told,
-                  host=host, plugin_state_at=plugin_state_at)
+                  host=host, plugin_state_at=plugin_state_at,
+                  metrics=MetricsStream(run_dir, start, spec.global_batch_size))
 
 
 def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: int = 0,

@@ -189,7 +189,7 @@ class Master:
                  awaited: Optional[Sequence[str]] = None, awaited_told: Sequence[str] = (),
                  on_epoch_superseded: Callable[[int], None] = lambda epoch: None,
                  host=None, plugin_state_at: Callable[[int], Optional[dict]] = lambda step: None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, metrics=None):
         """``awaited``: the workers of a previous master of this run directory that may still run the
         job (its durable roster): they reconnect, and are waited for until the start grace period
         ends (``start_grace_s``), to resume with the state they hold and to hear the job's end;
@@ -220,6 +220,7 @@ class Master:
         self.membership: Optional[Membership] = None
         self.epoch_counter = epoch_counter
         self.durable = durable  # None: state in memory only
+        self.metrics = metrics  # metrics_stream.MetricsStream, or None
         self.host = host
         self._plugin_state_at = plugin_state_at
         self._plugin_snapshots: dict[int, dict] = {}  # step -> the plugins' state handed out for its checkpoint
@@ -633,6 +634,10 @@ class Master:
         self.committed.append(CommittedStep(self.step, first.loss, vnode_losses, max(r.step_time_s for r in reports),
                                             m.epoch, self.clock(), first.grad_norm, first.skipped, first.lr))
         self.losses.append(reports[0].loss)
+        if self.metrics is not None:
+            c = self.committed[-1]
+            self.metrics.step(c.step, c.loss, list(vnode_losses.values()), c.step_time_s, len(m.members), m.epoch,
+                              c.grad_norm, c.skipped, c.lr, time.time())
         self.step += 1
         self.reports = {}
         self._persist()
@@ -672,6 +677,8 @@ class Master:
         return True
 
     def _abort_current(self, reason: str) -> None:
+        if self.metrics is not None and self.membership is not None and self.step < self.steps:
+            self.metrics.event("aborted", self.step, membership_epoch=self.membership.epoch, reason=reason[:500])
         if self.membership is not None:
             self._decide((self.membership.epoch, self.step), Decision.ABORT)
         self.reports = {}
@@ -761,6 +768,8 @@ class Master:
             # The master died after recording a commit that no worker received: redo that step.
             self.step -= 1
             self.losses = self.losses[:self.step]
+            if self.metrics is not None:
+                self.metrics.rewind(self.step)
             holders = [r for r, w in enumerate(candidates) if w.held_step == self.step]
         self._restored = False
         if len(holders) == len(candidates):
@@ -779,6 +788,8 @@ class Master:
                 self.host.load_state_dict(state if state is not None else self._plugin_state_at(on_disk))
             self.step = on_disk
             self.losses = self.losses[:on_disk]
+            if self.metrics is not None:
+                self.metrics.rewind(on_disk)
             self.checkpoint_step = max(self.checkpoint_step, on_disk)  # it exists even if never reported
             self._persist()
             if self.state == JobState.FAILED:  # the run directory cannot be written
@@ -797,3 +808,6 @@ class Master:
             w.state = WorkerState.MEMBER
         self.reports = {}
         self.state = JobState.RUNNING
+        if self.metrics is not None:
+            self.metrics.event("membership", self.step, membership_epoch=self.epoch_counter, workers=len(candidates),
+                               vnodes=[len(v) for v in vnodes])

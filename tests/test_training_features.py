@@ -167,3 +167,88 @@ def test_step_fn_runs_fused_where_the_modules_allow():
 def _pair_step(model, batch):
     x, y = batch
     return per_sample_ce(model(x), y)
+
+
+# ---- the metrics stream and the loggers ----------------------------------------------------------------
+
+def test_the_metrics_stream_has_one_row_per_applied_step_and_the_loggers_write_the_same(tmp_path):
+    """One worker, then a resume on two: metrics.jsonl holds a row per step (the resumed run drops
+    nothing before its checkpoint and repeats nothing), with the membership changes; the CSV and
+    TensorBoard loggers get the same numbers from the driver."""
+    from vnodes.runtime.loggers import CSVLogger, TensorBoardLogger
+    from vnodes.scheduler.metrics_stream import read_metrics
+
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    spec = cnn_spec(clip_grad_norm=1.0)
+    first, record = _vnodes(spec, steps=3, checkpoint_dir=run,)
+    csv_logger, tb = CSVLogger(tmp_path / "m.csv"), TensorBoardLogger(tmp_path / "tb")
+    train(spec, steps=5, checkpoint_dir=run, callbacks=[csv_logger, tb])
+    rows = read_metrics(run)
+    steps = [r for r in rows if "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    assert [r["grad_norm"] for r in steps[:3]] == record.grad_norms
+    assert all(r["lr"] == 0.1 and r["skipped"] is False and r["samples_per_s"] > 0 and r["loss_spread"] >= 0
+               for r in steps)
+    assert [r["loss"] for r in steps] == pytest.approx(train(spec, steps=5).losses, rel=1e-12)
+    assert [(r["event"], r["step"], r["workers"]) for r in rows if "event" in r] == \
+        [("membership", 0, 1), ("membership", 3, 1)]
+
+    import csv
+
+    with open(tmp_path / "m.csv") as f:
+        logged = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in logged] == [4, 5]
+    assert [float(r["grad_norm"]) for r in logged] == pytest.approx([r["grad_norm"] for r in steps[3:]])
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == \
+        [(4, pytest.approx(steps[3]["loss"], rel=1e-6)), (5, pytest.approx(steps[4]["loss"], rel=1e-6))]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_vnodes_run_log_tensorboard_with_three_workers_logs_each_step_once(tmp_path):
+    """Three worker processes, one master: every step appears once in metrics.jsonl and once in
+    TensorBoard (the driver logs; workers never do)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vnodes.scheduler.metrics_stream import read_metrics
+
+    run = tmp_path / "run"
+    job = f"{Path(__file__).parent / 'jobs.py'}:cnn_spec"
+    out = subprocess.run([sys.executable, "-m", "vnodes.scheduler.cli", "run", job, "--steps", "6", "--workers", "3",
+                          "--run-dir", str(run), "--log", "tensorboard", "--log", "csv", "--no-progress"],
+                         capture_output=True, text=True, timeout=180,
+                         env={**__import__("os").environ, "PYTHONPATH": __import__("os").pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    steps = [r for r in read_metrics(run) if "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6] and {r["workers"] for r in steps} <= {1, 2, 3}
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/grad_norm")] == [1, 2, 3, 4, 5, 6]
+    assert [e.value for e in events.Scalars("train/grad_norm")] == pytest.approx([r["grad_norm"] for r in steps])
+    assert (run / "metrics.csv").read_text().count("\n") == 7  # a header and six rows
+
+
+def test_log_names_are_checked_before_training():
+    from vnodes.runtime.errors import VnodesError
+    from vnodes.runtime.loggers import logger_named
+
+    with pytest.raises(VnodesError, match="pass --run-dir D"):
+        logger_named("csv", None)
+    with pytest.raises(VnodesError, match="is not a logger"):
+        logger_named("wandb", "/tmp/x")
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        with pytest.raises(VnodesError, match="pip install mlflow"):
+            logger_named("mlflow", None)
