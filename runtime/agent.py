@@ -382,6 +382,10 @@ class WorkerAgent:
                 if plan.eval_epoch >= 0:  # the plugins' pass over this worker's shards, before the step
                     self._emit(Event.EVAL_START, step, len(vnodes))
                     eval_reports = engine.evaluate(step, vnodes)
+                evaluations = None
+                if plan.evaluate:  # the job's own evaluation (JobSpec.eval_dataset), with the weights of `step`
+                    self._emit(Event.EVAL_START, step, len(vnodes))
+                    evaluations = engine.evaluate_job(step, vnodes)
                 if plan.kind == "eval":  # the pass alone (after the last step): nothing to reduce or apply
                     partial = None
                 else:
@@ -408,7 +412,7 @@ class WorkerAgent:
                 decision, self._next_plan = client.commit(
                     plan.membership_epoch, step, ok, loss, partial.vnode_losses if partial else {}, compute_s,
                     reports=partial.reports if partial else None, eval_reports=eval_reports,
-                    metrics=metrics)  # SYNC: master decides
+                    metrics=metrics, evaluations=evaluations)  # SYNC: master decides
             except StaleEpoch:  # superseded and forgotten: the step did not commit here
                 decision, self._next_plan = "abort", None
             if decision == "commit":
@@ -461,6 +465,7 @@ class WorkerAgent:
                           fingerprint=engine.spec.fingerprint(), losses=list(plan.losses),
                           sampler={"steps_per_epoch": engine.sampler.steps_per_epoch, "position": held_step},
                           plugins=plan.plugin_state or {}, membership_epoch=membership_epoch or 0,
+                          evaluations=list(plan.evaluations),
                           **engine.state_dict())
         save_checkpoint(run_dir, ckpt, keep=getattr(self, "keep_checkpoints", 2),
                         on_staged=lambda: self._emit(Event.CHECKPOINT_STAGED, held_step - 1))

@@ -53,6 +53,7 @@ class Checkpoint:
     plugins: dict[str, Any] = dataclasses.field(default_factory=dict)
     membership_epoch: int = 0
     grad_scaler: Optional[dict[str, Any]] = None  # precision="fp16": the job's loss scale and its growth tracker
+    evaluations: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # {"step": s, metric: mean, ...}
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data._utils.collate import default_collate
 
 from .data import BatchKey, BatchLoader, move_batch, take_rows
 from .devices import choose_device
@@ -384,6 +385,69 @@ class StepEngine:
                     for name, _, half in self.halves:
                         parts[name].append(half.report([view]))
         return {name: SampleColumns.concat(p) for name, p in parts.items() if any(x is not None for x in p)}
+
+    def evaluate_job(self, step: int, vnodes: Iterable[int]) -> dict[int, tuple[int, dict[str, float]]]:
+        """The job's evaluation (``JobSpec.eval_dataset``) of these virtual nodes' shards with the
+        weights of ``step``: node ``v`` takes samples ``v, v + N, ...`` in batches of
+        ``vnode_batch_size``, in eval mode under ``no_grad``, with its own seeded stream (running
+        statistics and the training streams are left as they were). Returns, per node, its sample
+        count and the float64 sum of each metric over its samples: a function of the node and the
+        weights alone, which the master adds up in node order (the same value on any worker count).
+
+        Raises:
+            InvalidJobSpec: a metric is not one value per sample.
+            JobCodeError: the evaluation dataset's or metrics' code raised.
+        """
+        spec, n, b = self.spec, self.spec.virtual_nodes, self.spec.vnode_batch_size
+        dataset = self._evaluation_dataset()
+        collate = spec.collate_fn or default_collate
+        out: dict[int, tuple[int, dict[str, float]]] = {}
+        with self._evaluating():
+            for vnode_id in vnodes:
+                shard = list(range(vnode_id, len(dataset), n))
+                count, sums = 0, {}
+                for start in range(0, len(shard), b):
+                    indices = shard[start:start + b]
+                    seed_everything(vnode_seed(spec.seed, step, vnode_id, EVAL_STREAM), self.device)
+                    batch = collate([dataset[i] for i in indices])
+                    inputs, targets = self._split(move_batch(batch, self.device, self.float_dtype))
+                    for name, values in self._eval_metrics(inputs, targets).items():
+                        if not isinstance(values, torch.Tensor) or values.shape != (len(indices),):
+                            shape = list(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+                            raise InvalidJobSpec("eval_metrics", f"metric {name!r} must hold one value per sample "
+                                                 f"(shape [{len(indices)}]), got {shape}")
+                        sums[name] = sums.get(name, 0.0) + float(values.detach().double().sum())
+                    count += len(indices)
+                out[vnode_id] = (count, sums)
+        return out
+
+    def _eval_metrics(self, inputs: Any, targets: Any) -> dict[str, torch.Tensor]:
+        spec = self.spec
+        if spec.eval_metrics is None:
+            return {"loss": self._per_sample(inputs, targets)[1]}
+        with autocast(spec.precision, self.device):
+            if spec.step_fn is not None:
+                metrics = call_job_code("eval_metrics", spec.eval_metrics, self.model, inputs)
+            else:
+                metrics = call_job_code("eval_metrics", spec.eval_metrics, self.model(inputs), targets)
+        if not isinstance(metrics, dict) or not metrics:
+            raise InvalidJobSpec("eval_metrics", f"must return a dict of name -> per-sample values, got "
+                                 f"{type(metrics).__name__}")
+        return metrics
+
+    def _evaluation_dataset(self) -> Any:
+        if getattr(self, "_eval_dataset", None) is None:
+            dataset = call_job_code("eval_dataset builder", self.spec.eval_dataset)
+            try:
+                size = len(dataset)
+            except TypeError:
+                raise InvalidJobSpec("eval_dataset", f"must build a map-style dataset with __len__, got "
+                                     f"{type(dataset).__name__}") from None
+            if size < self.spec.virtual_nodes:
+                raise InvalidJobSpec("eval_dataset", f"holds {size} samples, fewer than the {self.spec.virtual_nodes} "
+                                     "virtual nodes it is shared among")
+            self._eval_dataset = dataset
+        return self._eval_dataset
 
     def _finish(self, step: int, vnode_losses: dict[int, torch.Tensor], buffer_sum: Optional[list[torch.Tensor]],
                 loss_sum: torch.Tensor, used: list[bool], reducer: TreeReducer) -> StepPartial:

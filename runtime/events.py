@@ -22,6 +22,7 @@ The loop, on all three sides (``[driver]``: the process that called ``train`` or
                       REDUCED                      # waits: the commit is sent; the master decides
     [master]        STEP_COMMITTED | STEP_ABORTED  # all members reported (plugins consume their reports)
     [worker]          STEP_COMMITTED -> apply      | STEP_ABORTED -> redo s in the next epoch
+    [driver]        EVALUATED (eval_every)         # the job's evaluation with the weights of step s (before it)
     [driver]        STEP_END                       # callbacks and the progress display see step s
     [worker]      on CHECKPOINT:
                       CHECKPOINT_START -> CHECKPOINT_STAGED (temporary file written) -> CHECKPOINT
@@ -61,6 +62,7 @@ class Event(str, Enum):
     CHECKPOINT_START = "checkpoint_start"
     CHECKPOINT_STAGED = "checkpoint_staged"
     CHECKPOINT = "checkpoint"
+    EVALUATED = "evaluated"
     FIT_END = "fit_end"
 
     @property
@@ -101,6 +103,8 @@ class RunState:
     samples_per_s: Optional[float] = None  # the global batch over the time between the last two commits
     loss_spread: Optional[float] = None  # standard deviation of the virtual nodes' mean losses at the step
     last_commit_s: Optional[float] = None  # the master's clock at the previous commit (for samples_per_s)
+    evaluation: Optional[dict[str, float]] = None  # the latest evaluation's metrics (JobSpec.eval_dataset)
+    evaluation_step: int = -1  # the steps applied to the weights it evaluated
 
 
 class Callback:
@@ -112,6 +116,8 @@ class Callback:
     def on_step_end(self, state: RunState) -> None: ...
 
     def on_checkpoint(self, state: RunState) -> None: ...
+
+    def on_evaluated(self, state: RunState) -> None: ...
 
     def on_fit_end(self, state: RunState) -> None: ...
 

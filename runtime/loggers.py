@@ -55,6 +55,12 @@ class TensorBoardLogger(Callback):
         for name, value in step_metrics(state).items():
             self.writer.add_scalar(f"train/{name}", value, state.step)
 
+    def on_evaluated(self, state: RunState) -> None:
+        if self.writer is None:
+            self.on_fit_start(state)
+        for name, value in (state.evaluation or {}).items():
+            self.writer.add_scalar(f"eval/{name}", value, state.evaluation_step)
+
     def on_fit_end(self, state: RunState) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -108,6 +114,9 @@ class MLflowLogger(Callback):
 
     def on_step_end(self, state: RunState) -> None:
         self.mlflow.log_metrics(step_metrics(state), step=state.step)
+
+    def on_evaluated(self, state: RunState) -> None:
+        self.mlflow.log_metrics({f"eval_{k}": v for k, v in (state.evaluation or {}).items()}, step=state.evaluation_step)
 
     def on_fit_end(self, state: RunState) -> None:
         if self._started:

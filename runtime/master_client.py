@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import queue
 import struct
@@ -112,6 +113,8 @@ class PlanView:
     eval_epoch: int = -1  # >= 0: run the plugins' evaluation pass for that data epoch first (RUN) or alone (EVAL)
     inputs: dict[str, SampleColumns] = dataclasses.field(default_factory=dict)  # mutators' per-sample inputs
     plugin_state: Optional[dict[str, Any]] = None  # CHECKPOINT: the master's plugin state, for the checkpoint
+    evaluate: bool = False  # run the job's evaluation of these nodes' shards first (RUN) or alone (EVAL)
+    evaluations: list[dict] = dataclasses.field(default_factory=list)  # CHECKPOINT: the job's evaluations so far
 
     def rank_of(self, worker_id: str) -> int:
         return [m[0] for m in self.members].index(worker_id)
@@ -242,13 +245,14 @@ class MasterClient:
         if reply.plugin_state:
             state = torch.load(io.BytesIO(reply.plugin_state), map_location="cpu", weights_only=True)
         return PlanView(kind, reply.membership_epoch, reply.step, members, reply.sync_source_rank,
-                        reply.stop_reason, list(reply.losses), reply.eval_epoch, inputs, state)
+                        reply.stop_reason, list(reply.losses), reply.eval_epoch, inputs, state, reply.evaluate,
+                        json.loads(reply.evaluations) if reply.evaluations else [])
 
     def commit(self, epoch: int, step: int, ok: bool, loss: float,
                vnode_losses: dict[int, float], step_time_s: float,
                timeout_s: Optional[float] = None, reports: Optional[dict[str, SampleColumns]] = None,
                eval_reports: Optional[dict[str, SampleColumns]] = None,
-               metrics=None) -> tuple[str, Optional[PlanView]]:
+               metrics=None, evaluations=None) -> tuple[str, Optional[PlanView]]:
         """Send a commit on the session stream (with the plugins' ``reports`` of the step and
         ``eval_reports`` of an evaluation pass) and wait for its decision.
 
@@ -268,6 +272,8 @@ class MasterClient:
         packed = struct.pack(f"<{len(vnodes)}d", *(vnode_losses[v] for v in vnodes))
         request = pb.CommitRequest(membership_epoch=epoch, step=step, ok=ok, loss=loss, vnodes=vnodes,
                                    vnode_losses=packed, step_time_s=step_time_s)
+        for vnode, (count, sums) in sorted((evaluations or {}).items()):  # engine.evaluate_job's, per node
+            request.evaluations.add(vnode=vnode, count=count, names=list(sums), sums=list(sums.values()))
         if metrics is not None:  # engine.StepMetrics of the reduced gradient
             request.metrics.grad_norm, request.metrics.skipped, request.metrics.lr = \
                 metrics.grad_norm, metrics.skipped, metrics.lr
@@ -355,6 +361,7 @@ class MasterClient:
         return {
             "step": reply.step, "epoch": reply.epoch, "membership_epoch": reply.membership_epoch,
             "steps": reply.steps, "state": reply.state,
+            "evaluation": json.loads(reply.evaluation) if reply.evaluation else None,
             "loss": reply.losses[-1] if reply.losses else None,
             "workers": [{"id": w.id, "pid": w.pid, "host": w.host, "device": w.device, "vnodes": list(w.vnodes),
                          "step_time_s": w.step_time_s, "state": w.state} for w in reply.workers],

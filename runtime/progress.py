@@ -1,4 +1,4 @@
-"""A live progress display: step, loss, samples/s and ETA (rich, on standard error)."""
+"""A live progress display: step, loss, the latest evaluation, samples/s and ETA (rich, on standard error)."""
 
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ class ProgressDisplay(Callback):
     def on_fit_start(self, state: RunState) -> None:
         self._progress = Progress(
             TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} samples/s"),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[evaluation]}"),
+            TextColumn("{task.fields[rate]} samples/s"),
             TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=False,
         )
         self._progress.start()
         self._task = self._progress.add_task("train", total=state.steps, completed=state.start_step,
-                                             loss="-", rate="-")
+                                             loss="-", rate="-", evaluation="")
         self._t0 = time.perf_counter()
 
     def on_step_end(self, state: RunState) -> None:
@@ -35,6 +36,12 @@ class ProgressDisplay(Callback):
         elapsed = time.perf_counter() - self._t0
         rate = done * state.samples_per_step / elapsed if elapsed > 0 else 0.0
         self._progress.update(self._task, completed=state.step, loss=f"{state.loss:.4f}", rate=f"{rate:,.0f}")
+
+    def on_evaluated(self, state: RunState) -> None:
+        if self._progress is None or not state.evaluation:
+            return
+        shown = ", ".join(f"{name} {value:.4g}" for name, value in list(state.evaluation.items())[:3])
+        self._progress.update(self._task, evaluation=f"eval@{state.evaluation_step}: {shown}")
 
     def on_fit_end(self, state: RunState) -> None:
         if self._progress is not None:

@@ -80,6 +80,16 @@ class JobSpec:
         param_groups: ``(model) -> list`` of parameter groups (dicts with ``"params"`` and their
             own settings), passed to ``optimizer`` instead of ``model.parameters()``, e.g. to exclude
             biases and norms from weight decay by name (``model.named_parameters()``).
+        eval_dataset: ``() -> Dataset``, evaluated every ``eval_every`` steps and after the last
+            step: sharded over the virtual nodes (node ``v`` takes samples ``v, v + N, ...``), in eval
+            mode under ``no_grad``; running statistics and random streams are untouched, and the
+            result is the same on any number of workers. Never part of the trajectory.
+        eval_every: evaluate before every step that is a multiple of this (and after the last);
+            None: after the last step only.
+        eval_metrics: per-sample metrics of an evaluation batch, a dict of name -> ``Tensor[b]``:
+            called as ``eval_metrics(outputs, targets)`` with ``loss``, ``eval_metrics(model, batch)``
+            with ``step_fn``. Each is averaged over the whole evaluation set. None: ``{"loss": ...}``,
+            the job's own per-sample loss.
     """
 
     model: Callable[[], Any]
@@ -105,6 +115,9 @@ class JobSpec:
     grad_scaler: Optional[dict] = None
     clip_grad_norm: Optional[float] = None
     param_groups: Optional[Callable[[Any], Any]] = None
+    eval_dataset: Optional[Callable[[], Any]] = None
+    eval_every: Optional[int] = None
+    eval_metrics: Optional[Callable[..., Any]] = None
 
     @property
     def global_batch_size(self) -> int:
@@ -140,6 +153,16 @@ class JobSpec:
             if value is not None and not callable(value):
                 raise InvalidJobSpec(name, f"must be a callable or None, got {value!r}")
         self._validate_precision()
+        for name in ("eval_dataset", "eval_metrics"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise InvalidJobSpec(name, f"must be a callable or None, got {value!r}")
+        if self.eval_every is not None and (isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int)
+                                            or self.eval_every < 1):
+            raise InvalidJobSpec("eval_every", f"must be None or an integer >= 1, got {self.eval_every!r}")
+        if self.eval_dataset is None and (self.eval_every is not None or self.eval_metrics is not None):
+            which = "eval_every" if self.eval_every is not None else "eval_metrics"
+            raise InvalidJobSpec(which, "applies to the evaluation: set eval_dataset=build_eval_dataset too")
         import torch
 
         if isinstance(self.model, torch.nn.Module):

@@ -27,6 +27,7 @@ class TrainResult:
     checkpoint_dir: Optional[str] = None
     wall_time_s: float = 0.0  # this call only
     samples_per_s: float = 0.0  # this call only
+    evaluations: list[dict] = dataclasses.field(default_factory=list)  # {"step": s, metric: mean} (JobSpec.eval_dataset)
 
 
 @contextlib.contextmanager

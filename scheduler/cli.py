@@ -235,6 +235,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="CA certificate of a master started with --tls-cert (env VNODES_TLS_CA)")
     status.add_argument("--json", action="store_true",
                         help="print JSON instead of a table: step, steps, epoch, membership_epoch, state, loss, "
+                             "evaluation ({step, metric: mean} or null), "
                              "workers[{id, pid, host, device, vnodes, step_time_s, state}]")
     return parser
 
@@ -529,9 +530,12 @@ def _status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     loss = "-" if status["loss"] is None else f"{status['loss']:.4f}"
+    evaluation = status.get("evaluation")
+    shown = "" if not evaluation else ", evaluation at step {}: {}".format(
+        evaluation["step"], ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items() if k != "step"))
     table = Table(title=f"{args.master}: {status['state']}, step {status['step']}/{status['steps']}, "
-                        f"data epoch {status['epoch']}, membership epoch {status['membership_epoch']}, loss {loss}",
-                  title_justify="left")
+                        f"data epoch {status['epoch']}, membership epoch {status['membership_epoch']}, loss {loss}"
+                        + shown, title_justify="left")
     for column in ("worker", "state", "host", "pid", "device", "virtual nodes", "step time"):
         table.add_column(column, justify="right" if column in ("pid", "step time") else "left")
     for w in status["workers"]:

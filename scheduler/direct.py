@@ -60,8 +60,9 @@ class DirectClient:
 
     def commit(self, epoch: int, step: int, ok: bool, loss: float, vnode_losses: dict[int, float],
                step_time_s: float, timeout_s: Optional[float] = None, reports=None,
-               eval_reports=None, metrics=None) -> tuple[str, Optional[PlanView]]:
-        report = Report(ok, loss, dict(vnode_losses), step_time_s, reports or {}, eval_reports or {})
+               eval_reports=None, metrics=None, evaluations=None) -> tuple[str, Optional[PlanView]]:
+        report = Report(ok, loss, dict(vnode_losses), step_time_s, reports or {}, eval_reports or {},
+                        evaluations=dict(evaluations or {}))
         if metrics is not None:
             report.grad_norm, report.skipped, report.lr = metrics.grad_norm, metrics.skipped, metrics.lr
         self.master.submit(self.worker_id, epoch, step, report, on_decided=_nothing)  # the only member: decided
@@ -84,7 +85,9 @@ class DirectClient:
         losses = list(self.master.losses[:plan.step]) if plan.kind == PlanKind.CHECKPOINT else []
         return PlanView(plan.kind, m.epoch if m is not None else 0, plan.step, members,
                         m.sync_source_rank if m is not None else -1, plan.stop_reason, losses, plan.eval_epoch,
-                        plan.inputs, plan.plugin_state)
+                        plan.inputs, plan.plugin_state, plan.evaluate,
+                        [e for e in self.master.evaluations if e["step"] <= plan.step]
+                        if plan.kind == PlanKind.CHECKPOINT else [])
 
 
 def _nothing() -> None:
@@ -119,6 +122,8 @@ def train_in_process(spec: JobSpec, steps: int, checkpoint_dir: Optional[Path], 
             fire(observer.callbacks, Event.FIT_END, state)
             if master.host is not None:
                 master.host.on_fit_end()
+            if master.metrics is not None:
+                master.metrics.close()
         wall = time.perf_counter() - t0
         if agent.fatal is not None:
             raise agent.fatal
@@ -129,5 +134,6 @@ def train_in_process(spec: JobSpec, steps: int, checkpoint_dir: Optional[Path], 
             model_state = dict(ckpt.model) if ckpt is not None else {}
         done = max(0, steps - start)
         return TrainResult(model_state_dict=model_state, losses=list(master.losses), steps=max(start, steps),
+                           evaluations=list(master.evaluations),
                            checkpoint_dir=str(run_dir) if checkpoint_dir is not None else None, wall_time_s=wall,
                            samples_per_s=done * spec.global_batch_size / wall if wall > 0 else 0.0)

@@ -85,6 +85,7 @@ class Observer:
             self.seen, self.checkpoint_step = self.master.committed_count, self.master.checkpoint_step
             return
         self.seen = fire_commits(self.master, self.seen, self.callbacks, self.state)
+        fire_evaluations(self.master, self.callbacks, self.state, self.master.step)
         if self.master.checkpoint_step > self.checkpoint_step:
             self.checkpoint_step = self.master.checkpoint_step
             if self.run_dir is not None:
@@ -92,10 +93,21 @@ class Observer:
             fire(self.callbacks, Event.CHECKPOINT, self.state)
 
 
+def fire_evaluations(master: Master, callbacks: Sequence[Callback], state: RunState, up_to: int) -> None:
+    """Fire ``on_evaluated`` for each evaluation of the weights after ``up_to`` steps or fewer not
+    seen yet, in step order (an evaluation of step s comes before step s's STEP_END)."""
+    for evaluation in list(master.evaluations):
+        if state.evaluation_step < evaluation["step"] <= up_to:
+            state.evaluation_step = evaluation["step"]
+            state.evaluation = {k: v for k, v in evaluation.items() if k != "step"}
+            fire(list(callbacks), Event.EVALUATED, state)
+
+
 def fire_commits(master: Master, seen: int, callbacks: Sequence[Callback], state: RunState) -> int:
     """Fire ``on_step_end`` for every step committed since the first ``seen``; return the new count."""
     new, count = master.committed_since(seen)
     for c in new:
+        fire_evaluations(master, callbacks, state, c.step)
         elapsed = c.committed_at_s - state.last_commit_s if state.last_commit_s is not None else c.step_time_s
         state.last_commit_s = c.committed_at_s
         state.samples_per_s = state.samples_per_step / elapsed if elapsed > 0 else None

@@ -33,6 +33,7 @@ class MasterRecord:
     fingerprint: dict[str, str]
     workers: Optional[list[str]] = None  # the roster; None: not recorded (an older version wrote the file)
     told: list[str] = dataclasses.field(default_factory=list)  # those of the roster told STOP
+    evaluations: list[dict] = dataclasses.field(default_factory=list)  # the job's evaluations so far
 
 
 class DurableState:
@@ -64,11 +65,12 @@ class DurableState:
         workers, told = data.get("workers"), data.get("told")
         roster = [str(w) for w in workers] if isinstance(workers, list) else None
         told = [str(w) for w in told] if isinstance(told, list) else []
+        evaluations = [e for e in data.get("evaluations", []) if isinstance(e, dict) and "step" in e]
         return MasterRecord(data["step"], data["epoch_counter"], data["checkpoint_step"], losses,
-                            data.get("fingerprint", {}), roster, told)
+                            data.get("fingerprint", {}), roster, told, evaluations)
 
     def save(self, step: int, epoch_counter: int, checkpoint_step: int, losses: list[float],
-             workers: Sequence[str] = (), told: Sequence[str] = ()) -> None:
+             workers: Sequence[str] = (), told: Sequence[str] = (), evaluations: Sequence[dict] = ()) -> None:
         """Append new losses, then atomically replace ``master.json`` (tmp, fsync, rename).
 
         Raises:
@@ -76,7 +78,7 @@ class DurableState:
         """
         tmp = self.path.with_suffix(".json.tmp")
         try:
-            self._save(tmp, step, epoch_counter, checkpoint_step, losses, workers, told)
+            self._save(tmp, step, epoch_counter, checkpoint_step, losses, workers, told, evaluations)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
@@ -84,7 +86,7 @@ class DurableState:
                                              self.path.parent, exc) from exc
 
     def _save(self, tmp: Path, step: int, epoch_counter: int, checkpoint_step: int, losses: list[float],
-              workers: Sequence[str], told: Sequence[str]) -> None:
+              workers: Sequence[str], told: Sequence[str], evaluations: Sequence[dict] = ()) -> None:
         if len(losses) < self._written_losses:  # rolled back (e.g. to a checkpoint)
             with open(self.losses_path, "ab") as f:
                 f.truncate(8 * len(losses))
@@ -102,7 +104,8 @@ class DurableState:
             self._written_losses = len(losses)
         with open(tmp, "w") as f:
             json.dump({"step": step, "epoch_counter": epoch_counter, "checkpoint_step": checkpoint_step,
-                       "fingerprint": self.fingerprint, "workers": list(workers), "told": list(told)}, f)
+                       "fingerprint": self.fingerprint, "workers": list(workers), "told": list(told),
+                       "evaluations": list(evaluations)}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)

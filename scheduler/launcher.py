@@ -140,10 +140,12 @@ def build_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
     # Workers of the previous master may still run the job: they reconnect (and must hear its end).
     awaited = (record.workers if record is not None else []) if await_holders else []
     awaited_told = record.told if record is not None and await_holders else []
+    evaluations = list(ckpt.evaluations) if ckpt is not None else []
     if record is not None and record.step >= start:
         epoch_counter = record.epoch_counter + 1
         if host is None:
             start, losses = record.step, record.losses
+            evaluations = record.evaluations or evaluations
 
     def on_disk() -> Optional[int]:
         # The same verified answer as ``latest_checkpoint`` above and in the workers that load it: a
@@ -163,7 +165,8 @@ def build_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
                   can_resume_from_checkpoint=on_disk, durable=state, restored=restored,
                   epoch_counter=epoch_counter, awaited=awaited, awaited_told=awaited_told,
                   host=host, plugin_state_at=plugin_state_at,
-                  metrics=MetricsStream(run_dir, start, spec.global_batch_size))
+                  metrics=MetricsStream(run_dir, start, spec.global_batch_size),
+                  eval_every=-1 if spec.eval_dataset is None else (spec.eval_every or 0), evaluations=evaluations)
 
 
 def start_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: int = 0,
@@ -237,6 +240,7 @@ def job_result(master: Master, spec: JobSpec, run_dir: Path, keep_dir: bool, sta
     wall = time.perf_counter() - t0
     ckpt = latest_checkpoint(run_dir)
     return TrainResult(model_state_dict=ckpt.model if ckpt is not None else {}, losses=list(master.losses),
+                       evaluations=list(master.evaluations),
                        steps=max(start, steps), checkpoint_dir=str(run_dir) if keep_dir else None,
                        wall_time_s=wall, samples_per_s=max(0, steps - start) * spec.global_batch_size / wall)
 

@@ -147,6 +147,7 @@ class Plan:
     eval_epoch: int = -1  # >= 0: the plugins' evaluation pass of that data epoch runs first (RUN) or alone (EVAL)
     inputs: dict[str, SampleColumns] = dataclasses.field(default_factory=dict)  # mutators' inputs for this worker
     plugin_state: Optional[dict] = None  # CHECKPOINT: the plugins' state at ``step``, for the checkpoint
+    evaluate: bool = False  # the job's evaluation (JobSpec.eval_dataset) runs first (RUN) or alone (EVAL)
 
 
 @dataclasses.dataclass
@@ -160,6 +161,7 @@ class Report:
     grad_norm: float = math.nan  # of the reduced gradient (StepEngine.prepare); nan: not reported
     skipped: bool = False  # fp16 overflow: the step commits without an optimizer step
     lr: float = math.nan
+    evaluations: dict[int, tuple[int, dict[str, float]]] = dataclasses.field(default_factory=dict)  # vnode -> (count, sums)
 
 
 @dataclasses.dataclass
@@ -175,6 +177,7 @@ class CommittedStep:
     grad_norm: float = math.nan
     skipped: bool = False
     lr: float = math.nan
+    evaluation: Optional[dict] = None  # {"step": s, metric: mean, ...} when the job's evaluation ran with this step
 
 
 class Master:
@@ -189,7 +192,8 @@ class Master:
                  awaited: Optional[Sequence[str]] = None, awaited_told: Sequence[str] = (),
                  on_epoch_superseded: Callable[[int], None] = lambda epoch: None,
                  host=None, plugin_state_at: Callable[[int], Optional[dict]] = lambda step: None,
-                 clock: Callable[[], float] = time.monotonic, metrics=None):
+                 clock: Callable[[], float] = time.monotonic, metrics=None, eval_every: int = -1,
+                 evaluations: Optional[list[dict]] = None):
         """``awaited``: the workers of a previous master of this run directory that may still run the
         job (its durable roster): they reconnect, and are waited for until the start grace period
         ends (``start_grace_s``), to resume with the state they hold and to hear the job's end;
@@ -221,6 +225,9 @@ class Master:
         self.epoch_counter = epoch_counter
         self.durable = durable  # None: state in memory only
         self.metrics = metrics  # metrics_stream.MetricsStream, or None
+        # The job's evaluation: every eval_every steps and after the last (-1: never); the results.
+        self.eval_every = eval_every
+        self.evaluations: list[dict] = [e for e in (evaluations or []) if e["step"] <= start_step]
         self.host = host
         self._plugin_state_at = plugin_state_at
         self._plugin_snapshots: dict[int, dict] = {}  # step -> the plugins' state handed out for its checkpoint
@@ -606,7 +613,8 @@ class Master:
         try:
             roster = self._roster()
             self.durable.save(self.step, self.epoch_counter, self.checkpoint_step, self.losses,
-                              workers=list(roster), told=[w for w, told in roster.items() if told])
+                              workers=list(roster), told=[w for w, told in roster.items() if told],
+                              evaluations=self.evaluations)
         except StorageError as exc:
             self.fail("", str(exc), type(exc).__name__)
 
@@ -619,11 +627,19 @@ class Master:
     def _commit_current(self) -> None:
         m = self.membership
         reports = [self.reports[w] for w in m.members]
-        if self.host is not None and not self._feed_plugins(m, reports):
+        if self.host is not None and (self.step < self.steps or self.host.eval_due(self.step) >= 0) \
+                and not self._feed_plugins(m, reports):
+            return
+        try:
+            evaluation = self._record_evaluation(m, reports)
+        except BadRequest as exc:
+            self.fail("", str(exc), "BadRequest")
             return
         if self.step >= self.steps:  # the last evaluation pass alone (an EVAL plan): no step to apply
             self._decide((m.epoch, self.step), Decision.COMMIT)
             self.reports = {}
+            if evaluation is not None:
+                self._persist()
             return
         vnode_losses: dict[int, float] = {}
         for r in reports:
@@ -632,7 +648,8 @@ class Master:
         self.committed_count += 1
         first = reports[0]
         self.committed.append(CommittedStep(self.step, first.loss, vnode_losses, max(r.step_time_s for r in reports),
-                                            m.epoch, self.clock(), first.grad_norm, first.skipped, first.lr))
+                                            m.epoch, self.clock(), first.grad_norm, first.skipped, first.lr,
+                                            evaluation))
         self.losses.append(reports[0].loss)
         if self.metrics is not None:
             c = self.committed[-1]
@@ -702,11 +719,13 @@ class Master:
             return Plan(PlanKind.WAIT)
         rank = m.rank_of(info.worker_id)
         eval_epoch = self.host.eval_due(self.step) if self.host is not None else -1
-        if eval_epoch >= 0 and self.step >= self.steps:  # the last epoch's evaluation pass, before the last checkpoint
+        evaluate = self._evaluation_due(self.step)
+        if (eval_epoch >= 0 or evaluate) and self.step >= self.steps:
+            # the last evaluation passes (the plugins' last epoch, the job's own), before the last checkpoint
             if (m.epoch, self.step) in self.decisions:
                 return Plan(PlanKind.WAIT)
             self._in_flight = (m.epoch, self.step)
-            return Plan(PlanKind.EVAL, m, self.step, eval_epoch=eval_epoch)
+            return Plan(PlanKind.EVAL, m, self.step, eval_epoch=eval_epoch, evaluate=evaluate)
         checkpoint_due = self.step > max(self.checkpoint_step, 0) and (
             self.step >= self.steps or (self.checkpoint_every and self.step % self.checkpoint_every == 0))
         if checkpoint_due:
@@ -721,7 +740,36 @@ class Master:
         self._in_flight = (m.epoch, self.step)
         # Event.PLAN: the plugins' inputs for this member's nodes (a function of the committed steps).
         inputs = self.host.inputs_for(self.step, m.vnodes[rank]) if self.host is not None else {}
-        return Plan(PlanKind.RUN, m, self.step, eval_epoch=eval_epoch, inputs=inputs)
+        return Plan(PlanKind.RUN, m, self.step, eval_epoch=eval_epoch, inputs=inputs, evaluate=evaluate)
+
+    def _evaluation_due(self, step: int) -> bool:
+        """Whether the job's evaluation runs with the weights of ``step`` (not done yet): every
+        ``eval_every`` steps, and after the last step."""
+        if self.eval_every < 0 or step > self.steps or (self.evaluations and self.evaluations[-1]["step"] >= step):
+            return False
+        return step == self.steps or (self.eval_every > 0 and step > 0 and step % self.eval_every == 0)
+
+    def _record_evaluation(self, m: Membership, reports: list[Report]) -> Optional[dict]:
+        """The job's evaluation carried by this step's reports: each metric's sum over every virtual
+        node, added in node order, over the sample count (the same value on any worker count)."""
+        if not self._evaluation_due(self.step):
+            return None
+        nodes: dict[int, tuple[int, dict[str, float]]] = {}
+        for r in reports:
+            nodes.update(r.evaluations)
+        if sorted(nodes) != list(range(self.virtual_nodes)):
+            raise BadRequest(f"the evaluation of step {self.step} covers virtual nodes {sorted(nodes)[:8]}..., "
+                             f"not all {self.virtual_nodes}")
+        count = sum(c for c, _ in nodes.values())
+        totals: dict[str, float] = {}
+        for v in range(self.virtual_nodes):
+            for name, value in nodes[v][1].items():
+                totals[name] = totals.get(name, 0.0) + value
+        evaluation = {"step": self.step, **{name: total / count for name, total in totals.items()}}
+        self.evaluations.append(evaluation)
+        if self.metrics is not None:
+            self.metrics.event("evaluation", self.step, samples=count, metrics=evaluation)
+        return evaluation
 
     def _plugin_snapshot(self, step: int) -> Optional[dict]:
         """The plugins' state at ``step`` (every step before it consumed), taken once per step."""
@@ -768,6 +816,7 @@ class Master:
             # The master died after recording a commit that no worker received: redo that step.
             self.step -= 1
             self.losses = self.losses[:self.step]
+            self.evaluations = [e for e in self.evaluations if e["step"] <= self.step]
             if self.metrics is not None:
                 self.metrics.rewind(self.step)
             holders = [r for r, w in enumerate(candidates) if w.held_step == self.step]
@@ -788,6 +837,7 @@ class Master:
                 self.host.load_state_dict(state if state is not None else self._plugin_state_at(on_disk))
             self.step = on_disk
             self.losses = self.losses[:on_disk]
+            self.evaluations = [e for e in self.evaluations if e["step"] <= on_disk]
             if self.metrics is not None:
                 self.metrics.rewind(on_disk)
             self.checkpoint_step = max(self.checkpoint_step, on_disk)  # it exists even if never reported

@@ -8,6 +8,7 @@ Rows, in the order things happen::
      "membership_epoch": 2, "time": 1796300000.1}
     {"event": "membership", "step": 40, "membership_epoch": 3, "workers": 2, "vnodes": [8, 8]}
     {"event": "aborted", "step": 41, "membership_epoch": 3, "reason": "worker w-2 lost: ..."}
+    {"event": "evaluation", "step": 50, "samples": 10000, "metrics": {"step": 50, "loss": 0.38, ...}}
 
 ``step`` counts from 1 (the number of steps applied, as ``RunState.step``); ``loss_spread`` is the
 standard deviation of the virtual nodes' mean losses; ``grad_norm`` is the reduced gradient's
@@ -42,11 +43,11 @@ class MetricsStream:
         self.samples_per_step = samples_per_step
         self._last_commit_s: Optional[float] = None
         self._file = None
+        self._broken = False
         try:
             self._truncate_after(start_step)
-            self._file = open(self.path, "a", buffering=1)
         except OSError as exc:
-            log.warning("no metrics stream: cannot write %s (%s)", self.path, exc.strerror)
+            self._stop(exc)
 
     def _truncate_after(self, start_step: int) -> None:
         if not self.path.exists():
@@ -57,20 +58,22 @@ class MetricsStream:
                 row = json.loads(line)
             except ValueError:
                 continue  # a line cut short by a kill
-            if row.get("step", 0) <= start_step if "event" not in row else row.get("step", 0) < start_step:
+            step = row.get("step", 0)
+            # a step row counts applied steps; an evaluation is of the weights at its step (kept at
+            # the resume point); other events happen before their step (redone from it)
+            if step <= start_step if row.get("event") in (None, "evaluation") else step < start_step:
                 kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def rewind(self, step: int) -> None:
         """The job went back to ``step`` (a checkpoint): drop the rows past it."""
-        if self._file is None:
+        if self._broken:
             return
         self.close()
         try:
             self._truncate_after(step)
-            self._file = open(self.path, "a", buffering=1)
         except OSError as exc:
-            log.warning("metrics stream stopped: cannot rewrite %s (%s)", self.path, exc.strerror)
+            self._stop(exc)
         self._last_commit_s = None
 
     def step(self, step: int, loss: float, vnode_losses: Sequence[float], step_time_s: float, workers: int,
@@ -90,13 +93,24 @@ class MetricsStream:
         self._write({"event": kind, "step": step, **fields, "time": round(time.time(), 3)})
 
     def _write(self, row: dict) -> None:
-        if self._file is None:
+        if self._broken:
             return
+        created = False
         try:
+            if self._file is None:  # opened at the first row: a job that fails first leaves no file
+                created = not self.path.exists()
+                self._file = open(self.path, "a", buffering=1)
             self._file.write(json.dumps(row) + "\n")
         except OSError as exc:
-            log.warning("metrics stream stopped: cannot write %s (%s)", self.path, exc.strerror)
             self.close()
+            if created:  # e.g. a full disk: leave nothing behind
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+            self._stop(exc)
+
+    def _stop(self, exc: OSError) -> None:
+        log.warning("no metrics stream: cannot write %s (%s); training goes on", self.path, exc.strerror)
+        self._broken = True
 
     def close(self) -> None:
         if self._file is not None:

@@ -27,6 +27,7 @@ import asyncio
 import functools
 import hmac
 import io
+import json
 import logging
 import math
 import re
@@ -67,7 +68,7 @@ COMMIT_WAIT_S = 120.0
 # Requests are small (the largest is a commit with plugin reports: ``protos.MAX_REQUEST_BYTES``);
 # replies may be large (a checkpoint plan carries the loss history and the plugins' state), so only
 # what the master receives is capped this low.
-MAX_TEXT = {"host": 255, "device": 64, "device_kind": 255, "worker_id": 64}
+MAX_TEXT = {"host": 255, "device": 64, "device_kind": 255, "worker_id": 64, "evaluation metric": 128}
 MAX_STEP = 2**53  # beyond this a step number is not a count but garbage (and floats lose it)
 STORE_WAIT_CAP_S = 10.0  # a store GET/WAIT is answered within this; the worker asks again
 MAX_STORE_KEY = 1024
@@ -359,6 +360,9 @@ class MasterServicer:
             if plan.plugin_state is not None:
                 reply.plugin_state = self._plugin_state_bytes(plan.step, plan.plugin_state)
         reply.eval_epoch = plan.eval_epoch
+        reply.evaluate = plan.evaluate
+        if plan.kind == PlanKind.CHECKPOINT and self.master.evaluations:
+            reply.evaluations = json.dumps([e for e in self.master.evaluations if e["step"] <= plan.step])
         for name, cols in plan.inputs.items():
             pack_samples(reply.plugin_inputs.add(), name, cols.indices, cols.columns)
         return reply
@@ -385,6 +389,12 @@ class MasterServicer:
         if request.ok:
             _check_number("loss", request.loss, -math.inf, math.inf)
             _check(all(math.isfinite(v) for v in values), "vnode_losses holds a NaN or infinite loss")
+        evaluations = {}
+        for node in request.evaluations:
+            _check(len(node.names) == len(node.sums) and node.count >= 0, "an evaluation's names and sums differ in length")
+            for name in node.names:
+                _check_text("evaluation metric", name)
+            evaluations[node.vnode] = (node.count, dict(zip(node.names, node.sums)))
         metrics = request.metrics if request.HasField("metrics") else None
         if metrics is not None:
             _check(not math.isnan(metrics.lr), "metrics.lr is NaN")
@@ -393,7 +403,7 @@ class MasterServicer:
                         eval_reports=_samples(request.eval_reports),
                         grad_norm=metrics.grad_norm if metrics is not None else math.nan,
                         skipped=metrics.skipped if metrics is not None else False,
-                        lr=metrics.lr if metrics is not None else math.nan)
+                        lr=metrics.lr if metrics is not None else math.nan, evaluations=evaluations)
         epoch, step = request.membership_epoch, request.step
         decided = self._decision_future((epoch, step))
         try:
@@ -534,7 +544,8 @@ class MasterServicer:
         m = self.master
         with m._cond:
             reply = pb.StatusReply(step=m.step, membership_epoch=m.membership.epoch if m.membership else 0,
-                                   steps=m.steps, state=m.state.value, losses=m.losses[-1:])
+                                   steps=m.steps, state=m.state.value, losses=m.losses[-1:],
+                                   evaluation=json.dumps(m.evaluations[-1]) if m.evaluations else "")
             reply.epoch = m.data_epoch(m.step)
             vnodes = dict(zip(m.membership.members, m.membership.vnodes)) if m.membership else {}
             for w in sorted(m.workers.values(), key=lambda w: w.joined_order):

@@ -79,7 +79,7 @@ def test_saved_file_is_complete_when_it_appears(tmp_path):
     """Every visible step-*.pt loads: the name appears only after the data is on disk."""
     train(cnn_spec(), steps=4, checkpoint_dir=tmp_path, checkpoint_every=1, keep_checkpoints=10)
     names = sorted(os.listdir(tmp_path))
-    assert names == [f"step-{s:08d}.pt" for s in range(1, 5)]
+    assert names == ["metrics.jsonl"] + [f"step-{s:08d}.pt" for s in range(1, 5)]  # no temporary file left
     for _, path in list_checkpoints(tmp_path):
         torch.load(path, weights_only=True)
 
@@ -133,7 +133,8 @@ def test_flipped_bytes_in_a_tensor_record_are_caught_and_the_run_resumes_from_th
     assert "step-00000004.pt" in out.stderr and "damaged" in out.stderr and "CRC-32" in out.stderr
     assert "Traceback" not in out.stderr
     # The evidence is kept under a name no reader picks up; the run redid steps 2 and 3.
-    assert sorted(os.listdir(tmp_path)) == ["step-00000004.pt", "step-00000004.pt.corrupt", "step-00000006.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "step-00000004.pt", "step-00000004.pt.corrupt",
+                                            "step-00000006.pt"]
     assert (tmp_path / "step-00000004.pt.corrupt").read_bytes() == damaged
     expected = train(spec, steps=6)
     final = load_checkpoint(tmp_path)
@@ -155,13 +156,14 @@ def test_every_reader_agrees_on_the_newest_checkpoint_that_verifies(tmp_path):
 
 
 def test_a_damaged_index_that_no_checksum_covers_is_set_aside_by_every_reader(tmp_path):
-    """One bit of the zip's central directory (the first entry's compressed size): the CRCs still
-    match, but the file does not load. Found by review: the master resumed at its step while the
-    workers, which load, fell back to the one before."""
+    """The zip's central directory says the first entry is one byte longer than it is: the CRCs
+    still match (zipfile reads the entry's own size), but the file does not load. Found by review:
+    the master resumed at its step while the workers, which load, fell back to the one before."""
     train(cnn_spec(), steps=3, checkpoint_dir=tmp_path, checkpoint_every=1, keep_checkpoints=3)
     newest = tmp_path / "step-00000003.pt"
     data = bytearray(newest.read_bytes())
-    data[data.find(b"PK\x01\x02") + 20] ^= 0x01
+    at = data.find(b"PK\x01\x02") + 20  # the first entry's compressed size
+    data[at:at + 4] = (int.from_bytes(data[at:at + 4], "little") + 1).to_bytes(4, "little")
     newest.write_bytes(bytes(data))
     with zipfile.ZipFile(newest) as archive:
         assert archive.testzip() is None  # no checksum sees it

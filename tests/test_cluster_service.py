@@ -253,6 +253,15 @@ class Service:
     def registry(self) -> Registry:
         return StateDir(self.state_dir).load()
 
+    def diagnosis(self) -> str:
+        """What a timed-out test shows: the jobs, the service's log, each job's master log."""
+        parts = [f"jobs: {self.jobs() if self.process.poll() is None else 'service exited'}"]
+        for path in [self.state_dir.parent / "service.log", *sorted(self.state_dir.glob("jobs/*/*.log"))]:
+            lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+            parts.append(f"--- {path.name if path.parent == self.state_dir.parent else path.relative_to(self.state_dir)}"
+                         + "\n" + "\n".join(lines[-15:]))
+        return "\n".join(parts)
+
     def kill(self):
         self.process.kill()
         self.process.wait()
@@ -270,14 +279,14 @@ class Service:
             signal_process(record, signal.SIGKILL)
 
 
-def _wait(predicate, timeout_s, what):
+def _wait(predicate, timeout_s, what, svc=None):
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError(what)
+            raise TimeoutError(f"{what}\n{svc.diagnosis() if svc is not None else ''}")
         time.sleep(0.25)
 
 
@@ -315,11 +324,11 @@ def test_three_jobs_resized_live_each_bitwise_equal_to_its_solo_run(tmp_path):
         ids = [svc.submit(tmp_path / "j1", plan["j1"][1], plan["j1"][2], seed=plan["j1"][0])]
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        _wait(lambda: svc.jobs()["j1"]["step"] >= 10, 90, "j1 running")
+        _wait(lambda: svc.jobs()["j1"]["step"] >= 10, 120, "j1 running", svc)
         ids.append(svc.submit(tmp_path / "j2", plan["j2"][1], plan["j2"][2], seed=plan["j2"][0]))
         ids.append(svc.submit(tmp_path / "j3", plan["j3"][1], plan["j3"][2], seed=plan["j3"][0]))
         assert ids == ["j1", "j2", "j3"]
-        _wait(lambda: all(j["state"] == "done" for j in svc.jobs().values()), 240, "every job done")
+        _wait(lambda: all(j["state"] == "done" for j in svc.jobs().values()), 400, "every job done", svc)
         stop.set()
         watcher.join()
         jobs = svc.jobs()
@@ -343,12 +352,12 @@ def test_a_killed_service_and_master_restart_and_the_job_ends_bitwise(tmp_path):
     svc = Service(tmp_path / "svc", workers=2, policy="vnodes").start()
     try:
         job_id = svc.submit_here(tmp_path / "run", steps)
-        _wait(lambda: svc.jobs()[job_id]["step"] >= 20, 90, "the job running")
+        _wait(lambda: svc.jobs()[job_id]["step"] >= 20, 120, "the job running", svc)
         svc.kill()
         record = svc.registry().job(job_id)
         os.kill(record.master.pid, signal.SIGKILL)
         svc.start()  # the same state directory and port
-        _wait(lambda: svc.jobs()[job_id]["state"] == "done", 180, "the job done after the restart")
+        _wait(lambda: svc.jobs()[job_id]["state"] == "done", 300, "the job done after the restart", svc)
         record = svc.registry().job(job_id)
     finally:
         svc.stop_everything()

@@ -252,3 +252,89 @@ def test_log_names_are_checked_before_training():
     except ImportError:
         with pytest.raises(VnodesError, match="pip install mlflow"):
             logger_named("mlflow", None)
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------
+
+def _accuracy(outputs, targets):
+    return {"loss": per_sample_ce(outputs, targets), "accuracy": (outputs.argmax(1) == targets).double()}
+
+
+def _eval_spec(**changes):
+    from jobs import synthetic_images
+
+    return cnn_spec(eval_dataset=functools.partial(synthetic_images, 50, 99), eval_every=2, deterministic=True,
+                    eval_metrics=_accuracy, **changes)
+
+
+def _reference_evaluation(model_state: dict, step: int) -> dict:
+    """The evaluation written by hand: the trained weights, eval mode, every sample once."""
+    from jobs import synthetic_images
+
+    model = small_cnn()
+    model.load_state_dict(model_state)
+    model.eval()
+    data = synthetic_images(50, 99)
+    x, y = data.tensors
+    with torch.no_grad():
+        metrics = _accuracy(model(x.double()), y)
+    return {"step": step, **{k: float(v.mean()) for k, v in metrics.items()}}
+
+
+def test_evaluation_is_what_a_hand_written_one_computes_and_changes_no_training_bit(tmp_path):
+    """Every 2 steps and after the last: sharded over the virtual nodes in eval mode, it equals
+    evaluating the trained weights by hand; the training run is bitwise the run without evaluation
+    (running statistics and random streams untouched)."""
+    spec = _eval_spec()
+    seen = []
+
+    class Seen(Callback):
+        def on_evaluated(self, state):
+            seen.append((state.evaluation_step, state.step, dict(state.evaluation)))
+
+    result = train(spec, steps=5, callbacks=[Seen()])
+    plain = dataclasses.replace(spec, eval_dataset=None, eval_every=None, eval_metrics=None)
+    assert [e["step"] for e in result.evaluations] == [2, 4, 5]
+    for step, evaluation in zip((2, 4, 5), result.evaluations):
+        at_step = train(plain, steps=step).model_state_dict
+        assert evaluation == pytest.approx(_reference_evaluation(at_step, step), rel=1e-12)
+    without = train(plain, steps=5)
+    assert [k for k, v in without.model_state_dict.items() if not torch.equal(v, result.model_state_dict[k])] == []
+    assert without.losses == result.losses
+    # callbacks hear each evaluation once, before the step that follows it
+    assert [(s, applied) for s, applied, _ in seen] == [(2, 2), (4, 4), (5, 5)]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_evaluations_are_exact_on_two_workers_through_a_resume_and_in_the_stream(tmp_path):
+    from vnodes.runtime import load_checkpoint
+    from vnodes.scheduler.metrics_stream import read_metrics
+
+    spec = _eval_spec()
+    one = train(spec, steps=5)  # evaluations at 2, 4 and 5
+    ended_at_3 = train(spec, steps=3).evaluations[-1]  # a run of 3 steps evaluates after its last
+    run = tmp_path / "run"
+    train(spec, steps=3, checkpoint_dir=run, workers=2)
+    resumed = train(spec, steps=5, checkpoint_dir=run, workers=2)
+    expected = [one.evaluations[0], ended_at_3, *one.evaluations[1:]]
+    assert resumed.evaluations == expected  # exactly, not approximately
+    assert load_checkpoint(run)["evaluations"] == expected
+    rows = [r for r in read_metrics(run) if r.get("event") == "evaluation"]
+    assert [r["metrics"] for r in rows] == expected and {r["samples"] for r in rows} == {50}
+
+
+def test_bad_evaluation_settings_are_refused():
+    from jobs import synthetic_images
+
+    with pytest.raises(InvalidJobSpec, match="set eval_dataset=build_eval_dataset too"):
+        cnn_spec(eval_every=3).validate()
+    with pytest.raises(InvalidJobSpec, match="eval_every: must be None or an integer >= 1"):
+        cnn_spec(eval_dataset=synthetic_images, eval_every=0).validate()
+    bad = cnn_spec(eval_dataset=functools.partial(synthetic_images, 50, 99), eval_metrics=_not_per_sample)
+    with pytest.raises(InvalidJobSpec, match=r"metric 'loss' must hold one value per sample"):
+        train(bad, steps=1)
+
+
+def _not_per_sample(outputs, targets):
+    return {"loss": per_sample_ce(outputs, targets).mean()}

@@ -28,6 +28,8 @@ from .registry import ProcessRecord, SlotRecord
 
 log = logging.getLogger(__name__)
 
+WORKER_CONNECT_TIMEOUT_S = 120.0  # a worker may start before its job's master is up (a loaded machine: tens of seconds)
+
 
 def _same_process(record: ProcessRecord) -> Optional[psutil.Process]:
     """The running process ``record`` names, or None (gone, a zombie, or the pid reused since)."""
@@ -76,7 +78,8 @@ class LocalPool:
     def spawn(self, slot: int, address: str, token: str, log_path: Path) -> Optional[ProcessRecord]:
         with open(log_path, "ab") as out:
             process = subprocess.Popen([sys.executable, "-m", "vnodes.runtime.agent", "--master", address,
-                                        "--device", self.devices[slot], "--launch-index", str(slot)],
+                                        "--device", self.devices[slot], "--launch-index", str(slot),
+                                        "--connect-timeout", str(WORKER_CONNECT_TIMEOUT_S)],
                                        env=child_env(token), stdout=out, stderr=subprocess.STDOUT,
                                        start_new_session=True)  # a Ctrl-C to the service is not theirs
         self._children[slot] = process
