@@ -409,9 +409,17 @@ class StepEngine:
                 for start in range(0, len(shard), b):
                     indices = shard[start:start + b]
                     seed_everything(vnode_seed(spec.seed, step, vnode_id, EVAL_STREAM), self.device)
-                    batch = collate([dataset[i] for i in indices])
-                    inputs, targets = self._split(move_batch(batch, self.device, self.float_dtype))
+                    items = [call_job_code("eval_dataset's __getitem__", dataset.__getitem__, i) for i in indices]
+                    batch = call_job_code("collate_fn (evaluation)", collate, items)
+                    try:
+                        inputs, targets = self._split(move_batch(batch, self.device, self.float_dtype))
+                    except (TypeError, ValueError):
+                        raise InvalidJobSpec("eval_dataset", "items must be (input, target) pairs (as the training "
+                                             "set's), or pass step_fn for batches of any shape") from None
                     for name, values in self._eval_metrics(inputs, targets).items():
+                        if name == "step":
+                            raise InvalidJobSpec("eval_metrics", "'step' names the evaluated step; call the metric "
+                                                 "something else")
                         if not isinstance(values, torch.Tensor) or values.shape != (len(indices),):
                             shape = list(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
                             raise InvalidJobSpec("eval_metrics", f"metric {name!r} must hold one value per sample "

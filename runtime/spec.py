@@ -67,7 +67,10 @@ class JobSpec:
         step_fn: ``(model, batch) -> Tensor[b]``, instead of ``loss``: the per-sample loss of a
             collated batch of any shape (dicts of tensors, several inputs, ``model(**batch)``, an
             output object with ``.logits``...). Batches are whatever ``collate_fn`` makes of the
-            dataset's items. Plugins need ``loss`` (they read outputs and targets).
+            dataset's items. Plugins need ``loss`` (they read outputs and targets). Each row's loss
+            must depend on that row alone (no in-batch negatives, no loss normalised over the
+            batch): a virtual node's batch is its own only in sequential execution, and fused
+            execution passes several nodes' rows at once.
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: each forward and loss runs under
             ``torch.autocast`` with that dtype; parameters, gradients and the optimizer keep the
             model's dtype. ``"fp16"`` scales the loss with one scaler for the whole job: an overflow

@@ -79,6 +79,8 @@ class Observer:
         self.master, self.callbacks, self.state, self.run_dir = master, list(callbacks), state, run_dir
         self.seen = master.committed_count
         self.checkpoint_step = master.checkpoint_step
+        # evaluations restored from a checkpoint were reported by the run that made them
+        state.evaluation_step = max([state.evaluation_step, *(e["step"] for e in master.evaluations)])
 
     def poll(self) -> None:
         if not self.callbacks:

@@ -165,7 +165,7 @@ def build_master(spec: JobSpec, steps: int, run_dir: Path, *, checkpoint_every: 
                   can_resume_from_checkpoint=on_disk, durable=state, restored=restored,
                   epoch_counter=epoch_counter, awaited=awaited, awaited_told=awaited_told,
                   host=host, plugin_state_at=plugin_state_at,
-                  metrics=MetricsStream(run_dir, start, spec.global_batch_size),
+                  metrics=MetricsStream(run_dir, start, spec.global_batch_size, [e["step"] for e in evaluations]),
                   eval_every=-1 if spec.eval_dataset is None else (spec.eval_every or 0), evaluations=evaluations)
 
 

@@ -761,6 +761,8 @@ class Master:
             raise BadRequest(f"the evaluation of step {self.step} covers virtual nodes {sorted(nodes)[:8]}..., "
                              f"not all {self.virtual_nodes}")
         count = sum(c for c, _ in nodes.values())
+        if count <= 0:
+            raise BadRequest(f"the evaluation of step {self.step} reports no sample")
         totals: dict[str, float] = {}
         for v in range(self.virtual_nodes):
             for name, value in nodes[v][1].items():
@@ -818,7 +820,7 @@ class Master:
             self.losses = self.losses[:self.step]
             self.evaluations = [e for e in self.evaluations if e["step"] <= self.step]
             if self.metrics is not None:
-                self.metrics.rewind(self.step)
+                self.metrics.rewind(self.step, [e["step"] for e in self.evaluations])
             holders = [r for r, w in enumerate(candidates) if w.held_step == self.step]
         self._restored = False
         if len(holders) == len(candidates):
@@ -839,7 +841,7 @@ class Master:
             self.losses = self.losses[:on_disk]
             self.evaluations = [e for e in self.evaluations if e["step"] <= on_disk]
             if self.metrics is not None:
-                self.metrics.rewind(on_disk)
+                self.metrics.rewind(on_disk, [e["step"] for e in self.evaluations])
             self.checkpoint_step = max(self.checkpoint_step, on_disk)  # it exists even if never reported
             self._persist()
             if self.state == JobState.FAILED:  # the run directory cannot be written

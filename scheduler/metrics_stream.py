@@ -35,21 +35,22 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsStream:
-    def __init__(self, run_dir: Path, start_step: int, samples_per_step: int):
+    def __init__(self, run_dir: Path, start_step: int, samples_per_step: int, evaluated: Sequence[int] = ()):
         """Open ``run_dir/metrics.jsonl`` for appending, keeping only what precedes ``start_step``
-        (the step the job resumes at). A stream that cannot be written is logged once and skipped:
-        metrics never stop a job."""
+        (the step the job resumes at; of the evaluations there, those in ``evaluated``, which the
+        job keeps). A stream that cannot be written is logged once and skipped: metrics never stop
+        a job."""
         self.path = Path(run_dir) / METRICS_FILE
         self.samples_per_step = samples_per_step
         self._last_commit_s: Optional[float] = None
         self._file = None
         self._broken = False
         try:
-            self._truncate_after(start_step)
+            self._truncate_after(start_step, evaluated)
         except OSError as exc:
             self._stop(exc)
 
-    def _truncate_after(self, start_step: int) -> None:
+    def _truncate_after(self, start_step: int, evaluated: Sequence[int] = ()) -> None:
         if not self.path.exists():
             return
         kept = []
@@ -58,20 +59,27 @@ class MetricsStream:
                 row = json.loads(line)
             except ValueError:
                 continue  # a line cut short by a kill
-            step = row.get("step", 0)
+            step, event = row.get("step", 0), row.get("event")
             # a step row counts applied steps; an evaluation is of the weights at its step (kept at
-            # the resume point); other events happen before their step (redone from it)
-            if step <= start_step if row.get("event") in (None, "evaluation") else step < start_step:
+            # the resume point if the job keeps it, else it is redone); other events happen before
+            # their step (redone from it)
+            if event is None:
+                keep = step <= start_step
+            elif event == "evaluation":
+                keep = step < start_step or step in evaluated
+            else:
+                keep = step < start_step
+            if keep:
                 kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
 
-    def rewind(self, step: int) -> None:
+    def rewind(self, step: int, evaluated: Sequence[int] = ()) -> None:
         """The job went back to ``step`` (a checkpoint): drop the rows past it."""
         if self._broken:
             return
         self.close()
         try:
-            self._truncate_after(step)
+            self._truncate_after(step, evaluated)
         except OSError as exc:
             self._stop(exc)
         self._last_commit_s = None

@@ -36,11 +36,11 @@ SLOW_JOB = f"{TESTS / 'jobs.py'}:slow_det_spec"
 
 # ---- decisions, table-driven ---------------------------------------------------------------------
 
-def job(job_id, state=ClusterJobState.QUEUED, vnodes=4, requested=4, cancel=False, rates=None, priority=1):
+def job(job_id, state=ClusterJobState.QUEUED, vnodes=4, requested=4, cancel=False, rates=None, priority=1, step=0):
     return JobRecord(id=job_id, name=job_id, job="j.py", steps=10, priority=priority, run_dir=f"/r/{job_id}",
                      deterministic=True, overrides=[], virtual_nodes=vnodes, requested_workers=requested,
                      checkpoint_every=0, submitted_at=float(job_id[1:]), state=state, cancel_requested=cancel,
-                     rates=dict(rates or {}))
+                     rates=dict(rates or {}), step=step)
 
 
 def slot(k, job_id, draining=False):
@@ -61,8 +61,10 @@ def slot(k, job_id, draining=False):
     ([job("j1", cancel=True)], [slot(0, "j1")], {}, {"j1"}, [Drain("j1", 0)]),
     ([job("j1", cancel=True)], [slot(0, "j1", draining=True)], {}, {"j1"}, []),
     ([job("j1", cancel=True)], [], {}, {"j1"}, [StopMaster("j1")]),
-    # a finished job is left alone (its workers exit by themselves)
-    ([job("j1", state=ClusterJobState.DONE)], [slot(0, "j1")], {}, set(), []),
+    # a job at its last step keeps its workers until they hear the end; it gets no new one
+    ([job("j1", state=ClusterJobState.RUNNING, step=10)], [slot(0, "j1")], {}, {"j1"}, []),
+    # a final job's workers still running are stranded: they go
+    ([job("j1", state=ClusterJobState.DONE)], [slot(0, "j1")], {}, set(), [Drain("j1", 0)]),
     # more wanted than the pool has free: the first job in order fills first
     ([job("j1"), job("j2")], [slot(0, "j3")], {"j1": 1, "j2": 2}, {"j1", "j2"}, [Spawn("j1", 1), Spawn("j2", 2)]),
 ])
@@ -90,9 +92,9 @@ def test_a_job_not_measured_yet_is_guessed_at_the_others_typical_rate():
     assert throughput_curve({}, 2, per_worker=5.0) == (5.0, 10.0)
 
 
-def test_snapshot_caps_requests_by_the_pool_and_leaves_out_final_and_cancelled_jobs():
+def test_snapshot_caps_requests_by_the_pool_and_leaves_out_final_finishing_and_cancelled_jobs():
     jobs = [job("j1", vnodes=8, requested=8), job("j2", vnodes=2, requested=4),
-            job("j3", state=ClusterJobState.DONE), job("j4", cancel=True)]
+            job("j3", state=ClusterJobState.DONE), job("j4", cancel=True), job("j5", step=10)]
     snap = snapshot(jobs, [slot(0, "j1"), slot(1, "j1", draining=True)], now_s=5.0, pool_size=3)
     assert [(v.name, v.requested_gpus, v.max_gpus, v.gpus) for v in snap.jobs] == [("j1", 3, 3, 1), ("j2", 2, 2, 0)]
     assert snap.total_gpus == 3

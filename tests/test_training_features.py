@@ -338,3 +338,21 @@ def test_bad_evaluation_settings_are_refused():
 
 def _not_per_sample(outputs, targets):
     return {"loss": per_sample_ce(outputs, targets).mean()}
+
+
+def test_a_resumed_run_reports_only_its_own_evaluations_and_keeps_the_earlier_ones(tmp_path):
+    """Callbacks hear an evaluation once: the resumed run does not fire the checkpoint's again."""
+    from vnodes.scheduler.metrics_stream import read_metrics
+
+    spec = _eval_spec()
+    heard = []
+
+    class Heard(Callback):
+        def on_evaluated(self, state):
+            heard.append(state.evaluation_step)
+
+    train(spec, steps=3, checkpoint_dir=tmp_path, callbacks=[Heard()])
+    result = train(spec, steps=5, checkpoint_dir=tmp_path, callbacks=[Heard()])
+    assert heard == [2, 3, 4, 5]
+    assert [e["step"] for e in result.evaluations] == [2, 3, 4, 5]
+    assert [r["step"] for r in read_metrics(tmp_path) if r.get("event") == "evaluation"] == [2, 3, 4, 5]

@@ -129,7 +129,8 @@ class PoolWorkerActor:
 
         device = "cuda:0" if ray.get_gpu_ids() else None  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
         self.agent = WorkerAgent(master, device=device, token=token, launch_index=slot,
-                                 reconnect_timeout_s=master_timeout_from_env(), hang_timeout_s=hang_timeout_from_env())
+                                 reconnect_timeout_s=master_timeout_from_env(), hang_timeout_s=hang_timeout_from_env(),
+                                 connect_timeout_s=WORKER_CONNECT_TIMEOUT_S)
         if self.drain_requested:
             self.agent.drain()
         return self.agent.run()

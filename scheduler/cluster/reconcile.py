@@ -96,7 +96,7 @@ def snapshot(jobs: Sequence[JobRecord], slots: Sequence[SlotRecord], now_s: floa
     asks for more workers than the pool has or than it has virtual nodes."""
     views, guess = [], typical_rate(jobs)
     for job in jobs:
-        if job.state.final or job.cancel_requested:
+        if job.state.final or job.cancel_requested or job.step >= job.steps:  # finishing: no more workers
             continue
         most = max(1, min(job.virtual_nodes, pool_size))
         views.append(JobView(name=job.id, arrival_s=job.submitted_at, priority=job.priority,
@@ -113,7 +113,9 @@ def reconcile(jobs: Sequence[JobRecord], slots: Sequence[SlotRecord], allocation
     """The actions that move the pool toward ``allocation`` (job id -> workers; a job it leaves
     out gets none), in the order to apply them:
 
-    1. drains: a job holding more live workers than allocated gives up its highest slots;
+    1. drains: a job holding more live workers than allocated gives up its highest slots; a job
+       whose last step is committed keeps its workers (they hear the end from its master); a
+       final job's workers still running are stranded and go (the service kills them);
     2. masters: a job allocated workers whose master is not up gets one started; a cancelled job
        with no worker left (draining ones included) gets its master stopped;
     3. spawns: jobs in ``jobs`` order fill their shortfall from the free slots, lowest first. A slot
@@ -123,7 +125,7 @@ def reconcile(jobs: Sequence[JobRecord], slots: Sequence[SlotRecord], allocation
     for job in jobs:
         want = 0 if job.state.final or job.cancel_requested else allocation.get(job.id, 0)
         held = live_slots(slots, job.id)
-        if not job.state.final:
+        if job.state.final or job.step < job.steps:  # a finishing job's workers hear the end from its master
             actions += [Drain(job.id, s.slot) for s in held[want:][::-1]]
     for job in jobs:
         if job.state.final:

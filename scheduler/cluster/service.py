@@ -39,7 +39,7 @@ from typing import Optional
 
 from vnodes.runtime.errors import VnodesError
 
-from ..durable import read_outcome
+from ..durable import clear_outcome, read_outcome
 from ..errors import BadRequest
 from ..job_options import MAX_STEPS, parse_overrides
 from ..servicer import host_port
@@ -107,6 +107,7 @@ class ClusterService:
         self._clients: dict[str, object] = {}  # job id -> MasterClient (status polls)
         self._observed: dict[str, tuple[float, int, int]] = {}  # job id -> (time, step, workers) last seen
         self._last_tick: Optional[float] = None
+        self._reserved: set[Path] = set()  # run directories of submissions being unpacked
         self._adopt()
 
     # ---- requests (any thread) -------------------------------------------------------------
@@ -123,10 +124,18 @@ class ClusterService:
                 if not other.state.final and Path(other.run_dir) == Path(sub.run_dir):
                     raise BadRequest(f"run_dir {sub.run_dir} is in use by job {other.id} ({other.name}, "
                                      f"{other.state.value}); pass another --run-dir, or cancel {other.id} first")
+            if Path(sub.run_dir) in self._reserved:
+                raise BadRequest(f"run_dir {sub.run_dir} is in use by a job being submitted; pass another --run-dir")
+            self._reserved.add(Path(sub.run_dir))  # until the job is queued: two submits cannot both pass
             job_id = f"j{self.registry.next_id}"
             self.registry.next_id += 1
-        folder = self.state_dir.job_dir(job_id)
-        self._unpack(sub, folder)
+        try:
+            folder = self.state_dir.job_dir(job_id)
+            self._unpack(sub, folder)
+        except BaseException:
+            with self.lock:
+                self._reserved.discard(Path(sub.run_dir))
+            raise
         record = JobRecord(id=job_id, name=sub.name, job=sub.job, steps=sub.steps, priority=sub.priority,
                            run_dir=sub.run_dir, deterministic=sub.deterministic, overrides=list(sub.overrides),
                            virtual_nodes=sub.virtual_nodes,
@@ -134,6 +143,7 @@ class ClusterService:
                            checkpoint_every=sub.checkpoint_every, submitted_at=time.time())
         with self.lock:
             self.registry.jobs.append(record)
+            self._reserved.discard(Path(sub.run_dir))
             self._save()
         log.info("job %s (%s) submitted: %d steps, priority %d, %d virtual nodes", job_id, sub.name, sub.steps,
                  sub.priority, sub.virtual_nodes)
@@ -212,7 +222,10 @@ class ClusterService:
         if isinstance(action, Drain):
             slot = next(s for s in registry.slots if s.slot == action.slot)
             slot.draining = True
-            self.pool.drain(slot)
+            if registry.job(action.job_id).state.final:  # its master is gone: nothing to drain from
+                self.pool.kill(slot)
+            else:
+                self.pool.drain(slot)
             log.info("job %s: worker %d leaves at the step boundary", action.job_id, action.slot)
         elif isinstance(action, StartMaster):
             self._start_master(registry.job(action.job_id))
@@ -225,6 +238,7 @@ class ClusterService:
             log_path = self.state_dir.job_dir(job.id) / f"worker-{action.slot}.log"
             process = self.pool.spawn(action.slot, self._address(job), self.token, log_path)
             registry.slots.append(SlotRecord(action.slot, job.id, process))
+            self._save()
             log.info("job %s: worker %d joins", job.id, action.slot)
 
     def _address(self, job: JobRecord) -> str:
@@ -242,12 +256,14 @@ class ClusterService:
             command.append("--deterministic")
         for item in job.overrides:
             command += ["--set", item]
+        clear_outcome(Path(job.run_dir))  # a previous run's outcome there must not end this job
         with open(folder / "master.log", "ab") as out:
             process = subprocess.Popen(command, env=child_env(self.token), stdout=out, stderr=subprocess.STDOUT,
                                        start_new_session=True)
         self._masters[job.id] = process
         job.master = process_record(process.pid)
         job.master_starts += 1
+        self._save()  # recorded at once: a service killed now adopts it rather than start a second one
         self._clients.pop(job.id, None)
         log.info("job %s: master started on %s (start %d)", job.id, self._address(job), job.master_starts)
 
@@ -315,6 +331,8 @@ class ClusterService:
                 except KeyError:
                     continue
                 job.step = max(job.step, min(step, job.steps))
+                if status.get("state") == "done":  # saying goodbye to its workers: it needs no more
+                    job.step = job.steps
                 seen = self._observed.get(job_id)
                 self._observed[job_id] = (now, step, workers)
                 if seen is not None and seen[2] == workers and workers and step > seen[1] and now > seen[0]:
