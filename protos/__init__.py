@@ -11,8 +11,9 @@ import enum
 # numbers and field meanings change between versions (2: CommitReply.Decision starts at UNSPECIFIED;
 # 3: per-registration session keys, errors as fields, the code package, the rendezvous store on
 # the master's channel; 4: plugin reports on commits, plugin inputs and state on plans, EVAL plans;
-# 5: step metrics (gradient norm, fp16 skip, learning rate) on commits).
-PROTOCOL_VERSION = 5
+# 5: step metrics (gradient norm, fp16 skip, learning rate) on commits; 6: the step's evaluation on
+# commit replies).
+PROTOCOL_VERSION = 6
 
 # Both ends of the wire: a checkpoint plan carries the job's whole loss history, 8 bytes a step;
 # gRPC's default 4 MiB would end a job at about 500,000 steps, 512 MiB at 64 million. (The master

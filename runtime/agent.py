@@ -409,17 +409,19 @@ class WorkerAgent:
                     ok = False
             self._emit(Event.REDUCED, step)
             try:
-                decision, self._next_plan = client.commit(
+                decision, self._next_plan, evaluation = client.commit(
                     plan.membership_epoch, step, ok, loss, partial.vnode_losses if partial else {}, compute_s,
                     reports=partial.reports if partial else None, eval_reports=eval_reports,
                     metrics=metrics, evaluations=evaluations)  # SYNC: master decides
             except StaleEpoch:  # superseded and forgotten: the step did not commit here
-                decision, self._next_plan = "abort", None
+                decision, self._next_plan, evaluation = "abort", None, None
             if decision == "commit":
                 self._emit(Event.STEP_COMMITTED, step)
                 if partial is not None:
-                    engine.apply(total, used, metrics)
+                    engine.apply(total, used, metrics, evaluation)
                     self.held_step = step + 1
+                elif evaluation is not None:  # the evaluation after the last step (an EVAL plan)
+                    engine.evaluated(evaluation)
             else:
                 self._emit(Event.STEP_ABORTED, step)
 
@@ -449,7 +451,8 @@ class WorkerAgent:
                 raise VnodesError(f"the master resumes at step {plan.step} but {run_dir} holds "
                                   f"{'no checkpoint' if ckpt is None else f'step {ckpt.step}'}")
             engine.load_state_dict({"model": ckpt.model, "optimizer": ckpt.optimizer,
-                                    "lr_scheduler": ckpt.lr_scheduler, "grad_scaler": ckpt.grad_scaler})
+                                    "lr_scheduler": ckpt.lr_scheduler, "grad_scaler": ckpt.grad_scaler,
+                                    "scheduler_evaluated": ckpt.scheduler_evaluated})
             return plan.step
         return held_step
 

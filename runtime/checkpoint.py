@@ -54,6 +54,7 @@ class Checkpoint:
     membership_epoch: int = 0
     grad_scaler: Optional[dict[str, Any]] = None  # precision="fp16": the job's loss scale and its growth tracker
     evaluations: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # {"step": s, metric: mean, ...}
+    scheduler_evaluated: int = -1  # lr_scheduler_metric: the step of the last evaluation the scheduler stepped on
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -158,6 +158,7 @@ class StepEngine:
         self.float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                                 torch.get_default_dtype())
         self._loss_checked = False
+        self.scheduler_evaluated = -1  # lr_scheduler_metric: the step of the last evaluation it stepped on
         self.scaler = GlobalGradScaler(device, spec.grad_scaler) if spec.precision == "fp16" else None
         self._chosen_count: Optional[int] = None  # rows a selecting plugin chose per node in this step
         self.fusion: Optional[FusionContext] = None
@@ -181,6 +182,10 @@ class StepEngine:
             else:
                 self.fusion = FusionContext()
                 patch_model(model, self.fusion)
+        if spec.compile_options() is not None:
+            # In place: __call__ runs the compiled forward (and its backward); parameters, state_dict
+            # and the fused patches above stay the module's own. Compiled lazily, at the first batch.
+            model.compile(**spec.compile_options())
         if spec.cuda_graphs:
             reason = unsupported_reason(model, device)
             if reason is not None:
@@ -217,6 +222,10 @@ class StepEngine:
                 "optimizer", f"must build a torch.optim.Optimizer from parameters, got {type(optimizer).__name__}"
             )
         lr_scheduler = call_job_code("lr_scheduler builder", spec.lr_scheduler, optimizer) if spec.lr_scheduler else None
+        if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and spec.lr_scheduler_metric is None:
+            raise InvalidJobSpec("lr_scheduler_metric", "is needed: ReduceLROnPlateau steps on a metric; name the "
+                                 "evaluation metric it watches, e.g. lr_scheduler_metric='loss' (with eval_dataset "
+                                 "and eval_every set)")
         loader = BatchLoader(dataset, sampler, spec.seed, spec.collate_fn, spec.loader_workers,
                              pin_memory=device.type == "cuda")
         return cls(spec, model, optimizer, lr_scheduler, sampler, loader, device)
@@ -395,7 +404,7 @@ class StepEngine:
         weights alone, which the master adds up in node order (the same value on any worker count).
 
         Raises:
-            InvalidJobSpec: a metric is not one value per sample.
+            InvalidJobSpec: a metric is not one value per sample, or ``lr_scheduler_metric`` is none of them.
             JobCodeError: the evaluation dataset's or metrics' code raised.
         """
         spec, n, b = self.spec, self.spec.virtual_nodes, self.spec.vnode_batch_size
@@ -426,6 +435,10 @@ class StepEngine:
                                                  f"(shape [{len(indices)}]), got {shape}")
                         sums[name] = sums.get(name, 0.0) + float(values.detach().double().sum())
                     count += len(indices)
+                watched = spec.lr_scheduler_metric
+                if watched is not None and sums and watched not in sums:
+                    raise InvalidJobSpec("lr_scheduler_metric", f"{watched!r} is not an evaluation metric; the "
+                                         f"evaluation computes {sorted(sums)}")
                 out[vnode_id] = (count, sums)
         return out
 
@@ -639,13 +652,18 @@ class StepEngine:
         return StepMetrics(grad_norm=float(norm), skipped=skipped, lr=float(self.optimizer.param_groups[0]["lr"]),
                            norm=norm)
 
-    def apply(self, total: Payload, used: list[bool], metrics: Optional[StepMetrics] = None) -> float:
+    def apply(self, total: Payload, used: list[bool], metrics: Optional[StepMetrics] = None,
+              evaluation: Optional[dict] = None) -> float:
         """Install the reduced gradients and running stats, then, as DDP with the job's settings
         would: clip the gradient to ``clip_grad_norm``, step the optimizer (not on an fp16
-        overflow), update the loss scale, step the scheduler. Returns the step's loss.
-        ``metrics``: what ``prepare`` said of ``total`` (prepared here when None)."""
+        overflow), update the loss scale, step the scheduler. ``evaluation``: the job's evaluation
+        this step carried (of the weights it started from), which a scheduler stepping on a metric
+        (``lr_scheduler_metric``) steps on first. Returns the step's loss. ``metrics``: what
+        ``prepare`` said of ``total`` (prepared here when None)."""
         if metrics is None:
             metrics = self.prepare(total, used)
+        if evaluation is not None:
+            self.evaluated(evaluation)
         n_params, n_bufs = len(self.params), len(self.stats.float_buffers)
         for p, grad, was_used in zip(self.params, total[:n_params], used):
             p.grad = grad if was_used else None  # unused everywhere: the optimizer skips it, as in DDP
@@ -658,10 +676,21 @@ class StepEngine:
             self.optimizer.step()
         if self.scaler is not None:
             self.scaler.update()
-        if self.lr_scheduler is not None:
+        if self.lr_scheduler is not None and self.spec.lr_scheduler_metric is None:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(total[-1].item())
+
+    def evaluated(self, evaluation: dict) -> None:
+        """The job's evaluation of the current weights is known (the master's, the same on every
+        worker): a scheduler that steps on one of its metrics (``lr_scheduler_metric``) steps now,
+        before the next optimizer step, as ``scheduler.step(evaluate())`` at the top of a DDP loop.
+        ``apply`` calls it for a step's evaluation; the agent, for the one after the last step."""
+        if self.lr_scheduler is None or self.spec.lr_scheduler_metric is None:
+            return
+        if evaluation["step"] > self.scheduler_evaluated:  # once per evaluation, also across a resume
+            self.lr_scheduler.step(evaluation[self.spec.lr_scheduler_metric])
+            self.scheduler_evaluated = evaluation["step"]
 
     def _split(self, batch: Any) -> tuple[Any, Any]:
         """``(inputs, targets)`` of a moved batch; with ``step_fn`` the whole batch is the input."""
@@ -723,6 +752,7 @@ class StepEngine:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "scheduler_evaluated": self.scheduler_evaluated,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -732,6 +762,7 @@ class StepEngine:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.scaler is not None and state.get("grad_scaler") is not None:
             self.scaler.load_state_dict(state["grad_scaler"])
+        self.scheduler_evaluated = state.get("scheduler_evaluated", -1)
 
 
 def _no_subscriber(event: Event, step: int, work: int = 1) -> None:

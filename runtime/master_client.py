@@ -252,11 +252,12 @@ class MasterClient:
                vnode_losses: dict[int, float], step_time_s: float,
                timeout_s: Optional[float] = None, reports: Optional[dict[str, SampleColumns]] = None,
                eval_reports: Optional[dict[str, SampleColumns]] = None,
-               metrics=None, evaluations=None) -> tuple[str, Optional[PlanView]]:
+               metrics=None, evaluations=None) -> tuple[str, Optional[PlanView], Optional[dict]]:
         """Send a commit on the session stream (with the plugins' ``reports`` of the step and
         ``eval_reports`` of an evaluation pass) and wait for its decision.
 
-        Returns ``(Decision.COMMIT | Decision.ABORT, the next plan if the master already knows it)``.
+        Returns ``(Decision.COMMIT | Decision.ABORT, the next plan if the master already knows it,
+        the job's evaluation the step carried if any)``.
 
         Raises:
             MasterUnavailable: the session broke or no decision came within ``timeout_s`` (default:
@@ -307,7 +308,8 @@ class MasterClient:
         except (KeyError, ValueError):
             raise VnodesError(f"the master answered step {step} with decision {reply.decision}, which this "
                               "worker does not know: upgrade the worker to the master's vnodes version") from None
-        return decision, self._plan_view(reply.next) if reply.HasField("next") else None
+        return (decision, self._plan_view(reply.next) if reply.HasField("next") else None,
+                json.loads(reply.evaluation) if reply.evaluation else None)
 
     def leave(self) -> None:
         self._call(self.stub.Leave, self.pb.LeaveRequest(worker_id=self.worker_id, session_key=self.session_key))

@@ -13,12 +13,13 @@ import hashlib
 import inspect
 import pickle
 import types
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from .errors import InvalidJobSpec
 
 RUNNING_STATS_POLICIES = ("mean", "vnode0")
 EXECUTION_MODES = ("sequential", "fused")
+COMPILE_OPTIONS = ("backend", "mode", "fullgraph", "dynamic", "options")  # JobSpec.compile: torch.compile's
 SEEDING_SCHEME = "blake2b-v1"  # see runtime/seeding.py; change it whenever vnode_seed changes
 
 
@@ -93,6 +94,15 @@ class JobSpec:
             called as ``eval_metrics(outputs, targets)`` with ``loss``, ``eval_metrics(model, batch)``
             with ``step_fn``. Each is averaged over the whole evaluation set. None: ``{"loss": ...}``,
             the job's own per-sample loss.
+        lr_scheduler_metric: the evaluation metric (a name in ``eval_metrics``, e.g. ``"loss"``)
+            that ``lr_scheduler`` steps on, for schedulers whose ``step`` takes a metric such as
+            ``ReduceLROnPlateau``: the scheduler then steps once per evaluation, with the metric's
+            exact mean over the evaluation set, before the optimizer step of the step it preceded
+            (as ``scheduler.step(evaluate())`` at the top of a DDP loop). None: it steps once per step.
+        compile: run the model's forward and backward through ``torch.compile``: True, or a dict
+            of its settings (``backend``, ``mode``, ``fullgraph``, ``dynamic``, ``options``). The
+            model is compiled in place (``nn.Module.compile``), so its ``state_dict`` and
+            checkpoints are those of the plain model. See the training guide for where it helps.
     """
 
     model: Callable[[], Any]
@@ -121,6 +131,8 @@ class JobSpec:
     eval_dataset: Optional[Callable[[], Any]] = None
     eval_every: Optional[int] = None
     eval_metrics: Optional[Callable[..., Any]] = None
+    lr_scheduler_metric: Optional[str] = None
+    compile: Union[bool, dict] = False
 
     @property
     def global_batch_size(self) -> int:
@@ -166,6 +178,8 @@ class JobSpec:
         if self.eval_dataset is None and (self.eval_every is not None or self.eval_metrics is not None):
             which = "eval_every" if self.eval_every is not None else "eval_metrics"
             raise InvalidJobSpec(which, "applies to the evaluation: set eval_dataset=build_eval_dataset too")
+        self._validate_scheduler_metric()
+        self._validate_compile()
         import torch
 
         if isinstance(self.model, torch.nn.Module):
@@ -244,6 +258,47 @@ class JobSpec:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise InvalidJobSpec("clip_grad_norm", f"must be None or a positive finite number, got {value!r}")
 
+    def _validate_scheduler_metric(self) -> None:
+        metric = self.lr_scheduler_metric
+        if metric is None:
+            return
+        if not isinstance(metric, str) or not metric:
+            raise InvalidJobSpec("lr_scheduler_metric", f"must be None or the name of an evaluation metric, "
+                                 f"got {metric!r}")
+        if self.lr_scheduler is None:
+            raise InvalidJobSpec("lr_scheduler_metric", f"names the metric lr_scheduler steps on, but there is "
+                                 "no lr_scheduler: set lr_scheduler=functools.partial("
+                                 "torch.optim.lr_scheduler.ReduceLROnPlateau, ...) or lr_scheduler_metric=None")
+        if self.eval_dataset is None:
+            raise InvalidJobSpec("lr_scheduler_metric", f"{metric!r} is an evaluation metric, but the job does "
+                                 "not evaluate: set eval_dataset=build_eval_dataset (and eval_every=K)")
+
+    def _validate_compile(self) -> None:
+        value = self.compile
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(COMPILE_OPTIONS), key=str)
+            if unknown:
+                raise InvalidJobSpec("compile", f"{unknown} {'is' if len(unknown) == 1 else 'are'} not "
+                                     f"torch.compile settings here; use any of {list(COMPILE_OPTIONS)}")
+        elif not isinstance(value, bool):
+            raise InvalidJobSpec("compile", f"must be True, False or a dict of torch.compile settings, got {value!r}")
+        if value is not False and self.cuda_graphs:
+            raise InvalidJobSpec("compile", "and cuda_graphs both capture the step; keep one (torch.compile's own "
+                                 "CUDA graphs: compile={'mode': 'reduce-overhead'})")
+
+    def compile_options(self) -> Optional[dict]:
+        """The ``torch.compile`` settings of the job, or None when it runs eagerly."""
+        if self.compile is False:
+            return None
+        # Static shapes unless asked otherwise: every virtual node's batch has the same shape, and the
+        # fused patches branch on shapes in Python (a shape seen anew compiles once more).
+        options = {"dynamic": False, **({} if self.compile is True else self.compile)}
+        if options.get("backend", "inductor") == "inductor" and "mode" not in options:
+            # Random ops (Dropout) draw from torch's generators as in eager mode, so a compiled job
+            # keeps the eager trajectory within float rounding (inductor's own generator would not).
+            options["options"] = {"fallback_random": True, **options.get("options", {})}
+        return options
+
     def _validate_plugins(self) -> None:
         from .plugins import Plugin
 
@@ -316,6 +371,8 @@ class JobSpec:
         out["seeding"] = _digest(SEEDING_SCHEME)
         if self.plugins:  # absent when there are none: checkpoints written before plugins existed still resume
             out["plugins"] = _digest("; ".join(p.describe() for p in self.plugins))
+        if self.deterministic and self.compile is not False:  # compiled kernels round otherwise than eager ones
+            out["compile"] = _digest(describe(self.compile))
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name in self.OPTIONAL_TRAJECTORY_FIELDS:  # likewise absent at their defaults
             if getattr(self, name) != defaults[name]:
@@ -323,7 +380,8 @@ class JobSpec:
         return out
 
     #: trajectory fields added later: in the fingerprint only when set, so older checkpoints resume
-    OPTIONAL_TRAJECTORY_FIELDS = ("step_fn", "precision", "grad_scaler", "clip_grad_norm", "param_groups")
+    OPTIONAL_TRAJECTORY_FIELDS = ("step_fn", "precision", "grad_scaler", "clip_grad_norm", "param_groups",
+                                  "lr_scheduler_metric")
 
 
 def _plugin_class(name: str) -> str:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from vnodes.protos import Decision
 from vnodes.runtime.agent import WorkerAgent
 from vnodes.runtime.checkpoint import latest_checkpoint
 from vnodes.runtime.events import Callback, Event, RunState, fire
@@ -60,7 +61,7 @@ class DirectClient:
 
     def commit(self, epoch: int, step: int, ok: bool, loss: float, vnode_losses: dict[int, float],
                step_time_s: float, timeout_s: Optional[float] = None, reports=None,
-               eval_reports=None, metrics=None, evaluations=None) -> tuple[str, Optional[PlanView]]:
+               eval_reports=None, metrics=None, evaluations=None) -> tuple[str, Optional[PlanView], Optional[dict]]:
         report = Report(ok, loss, dict(vnode_losses), step_time_s, reports or {}, eval_reports or {},
                         evaluations=dict(evaluations or {}))
         if metrics is not None:
@@ -68,7 +69,8 @@ class DirectClient:
         self.master.submit(self.worker_id, epoch, step, report, on_decided=_nothing)  # the only member: decided
         decision, next_plan = self.master.outcome(self.worker_id, epoch, step, want_next=True)
         self.observer.poll()
-        return decision, self._view(next_plan) if next_plan is not None else None
+        evaluation = self.master.evaluation_of(step) if decision == Decision.COMMIT else None
+        return decision, self._view(next_plan) if next_plan is not None else None, evaluation
 
     def leave(self) -> None:
         self.master.leave(self.worker_id)

@@ -465,6 +465,13 @@ class Master:
         if on_decided is not None:  # decided before this report arrived
             on_decided()
 
+    def evaluation_of(self, step: int) -> Optional[dict]:
+        """The job's evaluation of the weights of ``step`` (None if there is none), sent with the
+        decision on ``step``: a scheduler that steps on it steps once, wherever the state came from
+        (``StepEngine.evaluated``), also when the evaluation was recorded before a resume."""
+        with self._cond:
+            return next((e for e in reversed(self.evaluations) if e["step"] == step), None)
+
     def outcome(self, worker_id: str, epoch: int, step: int, want_next: bool) -> tuple[Decision, Optional[Plan]]:
         """The decision of a decided step, and (with ``want_next``, on COMMIT) the worker's next plan."""
         with self._cond:

@@ -40,7 +40,8 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from vnodes.protos import (MAX_REQUEST_BYTES, MESSAGE_LIMITS, PROTOCOL_VERSION, TOKEN_METADATA_KEY, PlanKind, decision_to_wire,
+from vnodes.protos import (MAX_REQUEST_BYTES, MESSAGE_LIMITS, PROTOCOL_VERSION, TOKEN_METADATA_KEY, Decision, PlanKind,
+                           decision_to_wire,
                            epoch_store_prefix, pack_samples, plan_kind_to_wire, unpack_samples)
 from vnodes.runtime.plugins import SampleColumns
 from vnodes.protos import vnodes_pb2 as pb
@@ -421,6 +422,9 @@ class MasterServicer:
         decision, next_plan = self.master.outcome(worker_id, epoch, step, want_next=True)
         reply = pb.CommitReply(decision=decision_to_wire(decision),
                                membership_epoch=epoch, step=step)
+        evaluation = self.master.evaluation_of(step) if decision == Decision.COMMIT else None
+        if evaluation is not None:
+            reply.evaluation = json.dumps(evaluation)
         if next_plan is not None:
             reply.next.CopyFrom(self._plan_message(next_plan, known_epoch=epoch))
             if next_plan.membership.epoch == epoch and not next_plan.inputs:  # the same for every member: share it

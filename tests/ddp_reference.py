@@ -60,7 +60,7 @@ def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out:
         dtype = next(model.parameters()).dtype
         running = [b for m in model.modules() if isinstance(m, _NormBase)
                    for b in m.buffers(recurse=False) if b.is_floating_point()]
-        step, epoch, losses, grad_norms, skipped = 0, 0, [], [], []
+        step, epoch, losses, grad_norms, skipped, lrs = 0, 0, [], [], [], []
         seen = []  # record: (epoch, dataset indices, per-sample losses) of this rank's batches
         evaluated = []  # record: per epoch, rank 0's evaluation of every sample (loss, true prob, margin)
         while step < steps:
@@ -69,6 +69,10 @@ def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out:
             for k, batch in enumerate(loader):
                 if step == steps:
                     break
+                if spec.lr_scheduler_metric and step > 0 and step % spec.eval_every == 0:
+                    # ReduceLROnPlateau: scheduler.step(evaluate()) at the top of the loop
+                    scheduler.step(_evaluate_metric(model, spec, dtype, autocast))
+                lrs.append(optimizer.param_groups[0]["lr"])
                 if spec.step_fn is not None:  # any batch: step_fn(model, batch) -> per-sample loss
                     torch.manual_seed(vnode_seed(spec.seed, step, rank))
                     with autocast():
@@ -91,7 +95,7 @@ def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out:
                 loss = per_sample.mean()
                 optimizer.zero_grad()
                 _backward_and_step(loss, ddp, optimizer, scaler, spec, grad_norms, skipped)
-                if scheduler:
+                if scheduler and not spec.lr_scheduler_metric:
                     scheduler.step()
                 if mean_policy:
                     for b in running:
@@ -104,7 +108,8 @@ def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out:
             if record and step % len(loader) == 0 and rank == 0:
                 evaluated.append(_evaluate(model, dataset, dtype))
             epoch += 1
-        result = {"model": model.state_dict(), "losses": losses, "grad_norms": grad_norms, "skipped": skipped}
+        result = {"model": model.state_dict(), "losses": losses, "grad_norms": grad_norms, "skipped": skipped,
+                  "lrs": lrs}
         if record:
             every = [None] * world
             dist.all_gather_object(every, seen)
@@ -117,6 +122,21 @@ def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _evaluate_metric(model, spec: JobSpec, dtype, autocast) -> float:
+    """The mean of ``spec.lr_scheduler_metric`` over the whole evaluation set, in eval mode under
+    ``no_grad``, in float64 (every rank computes the same value)."""
+    was_training = model.training
+    model.eval()
+    data = spec.eval_dataset()
+    x = torch.stack([data[i][0] for i in range(len(data))]).to(dtype)
+    y = torch.tensor([int(data[i][1]) for i in range(len(data))])
+    with torch.no_grad(), autocast():
+        outputs = model(x)
+        metrics = spec.eval_metrics(outputs, y) if spec.eval_metrics else {"loss": spec.loss(outputs, y)}
+    model.train(was_training)
+    return float(metrics[spec.lr_scheduler_metric].double().mean())
 
 
 def _to_dtype(batch, dtype):

@@ -40,6 +40,12 @@ def small_cnn(dtype: torch.dtype = torch.float64) -> nn.Module:
     return SmallCNN().to(dtype)
 
 
+def small_mlp(dtype: torch.dtype = torch.float64) -> nn.Module:
+    """BatchNorm and Dropout in few layers: quick to compile."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2),
+                         nn.Linear(16, 4)).to(dtype)
+
+
 def per_sample_ce(outputs, targets):
     return F.cross_entropy(outputs, targets, reduction="none")
 
