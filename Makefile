@@ -24,12 +24,13 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) examples/digits_cnn.py
 
+# Two test processes (pytest-xdist), a file each at a time: most tests wait on processes and sockets.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 	$(MKDOCS) build --strict --site-dir site
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 # The documentation site (docs/, mkdocs.yml) on http://127.0.0.1:8000; `make test` builds it with --strict.
 docs: setup

@@ -718,6 +718,12 @@ class Master:
         if info.state == WorkerState.LEFT:
             return Plan(PlanKind.STOP, stop_reason="left the job")
         if self._needs_reform:
+            keeper = self._handoff()
+            if keeper is not None:  # the state goes to disk before the last worker holding it leaves
+                if info is keeper:
+                    return Plan(PlanKind.CHECKPOINT, self.membership, self.step,
+                                plugin_state=self._plugin_snapshot(self.step))
+                return Plan(PlanKind.WAIT)
             self._reform()
         m = self.membership
         if m is None or info.worker_id not in m:
@@ -789,6 +795,22 @@ class Master:
             for old in sorted(self._plugin_snapshots)[:-4]:
                 del self._plugin_snapshots[old]
         return self._plugin_snapshots[step]
+
+    def _handoff(self) -> Optional[WorkerInfo]:
+        """The leaving worker (a drain: SIGTERM, a service moving it) that must write a checkpoint
+        before it goes, because no staying worker holds the job's state: None if one does, if the
+        checkpoint on disk is the state's, or if there is no run directory. A SIGKILL cannot hand
+        the state over; a drain does, so that moving a job's every worker never loses it."""
+        if self.durable is None or self.membership is None or self.step == 0 or self.checkpoint_step >= self.step:
+            return None
+        if self._in_flight is not None and self._in_flight not in self.decisions:
+            return None  # a step is in flight: the boundary comes first
+        if any(w.state in (WorkerState.READY, WorkerState.MEMBER) and w.held_step == self.step
+               for w in self.workers.values()):
+            return None
+        leaving = [w for w in self.workers.values() if w.state == WorkerState.LEAVING and w.held_step == self.step
+                   and w.worker_id in self.membership.members]
+        return min(leaving, key=lambda w: w.joined_order) if leaving else None
 
     def _reform(self) -> None:
         """The one place the membership changes. Only called at a step boundary."""

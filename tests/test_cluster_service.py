@@ -236,12 +236,13 @@ class Service:
         assert out.returncode == 0, out.stderr
         return out.stdout.strip()
 
-    def submit_here(self, run_dir: Path, steps: int) -> str:
+    def submit_here(self, run_dir: Path, steps: int, priority: int = 1, seed: int = 7) -> str:
         """As ``vnodes submit`` sends it, from this process (no start-up to wait for)."""
         client = ClusterClient(self.address)
         try:
             return client.submit(**_submission(run_dir.parent, name="slow", job="jobs.py:slow_det_spec",
-                                               steps=steps, run_dir=str(run_dir)))
+                                               steps=steps, run_dir=str(run_dir), priority=priority,
+                                               overrides=[f"seed={seed}"]))
         finally:
             client.close()
 
@@ -307,9 +308,11 @@ def _assert_bitwise(run_dir: Path, reference: dict, steps: int) -> None:
 def test_three_jobs_resized_live_each_bitwise_equal_to_its_solo_run(tmp_path):
     """wfs on a pool of 4: j1 starts alone on 4 workers; j2 arrives (and would take half), then
     j3, five times the priority, gets 2 while j1 and j2 shrink to 1. Workers move at step
-    boundaries; every job ends with the parameters of its one-worker run."""
+    boundaries; every job ends with the parameters of its one-worker run. j1 comes through
+    ``vnodes submit``; j2 and j3 are sent from here, so that they arrive while j1 runs however
+    loaded the machine is."""
     svc = Service(tmp_path / "svc", workers=4, policy="wfs").start()
-    plan = {"j1": (7, 220, 1), "j2": (3, 80, 1), "j3": (5, 60, 5)}  # seed, steps, priority
+    plan = {"j1": (7, 260, 1), "j2": (3, 80, 1), "j3": (5, 60, 5)}  # seed, steps, priority
     seen: dict[str, set[int]] = {j: set() for j in plan}
     shares: list[dict[str, int]] = []
     stop = threading.Event()
@@ -327,10 +330,10 @@ def test_three_jobs_resized_live_each_bitwise_equal_to_its_solo_run(tmp_path):
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         _wait(lambda: svc.jobs()["j1"]["step"] >= 10, 120, "j1 running", svc)
-        ids.append(svc.submit(tmp_path / "j2", plan["j2"][1], plan["j2"][2], seed=plan["j2"][0]))
-        ids.append(svc.submit(tmp_path / "j3", plan["j3"][1], plan["j3"][2], seed=plan["j3"][0]))
+        ids.append(svc.submit_here(tmp_path / "j2", plan["j2"][1], plan["j2"][2], seed=plan["j2"][0]))
+        ids.append(svc.submit_here(tmp_path / "j3", plan["j3"][1], plan["j3"][2], seed=plan["j3"][0]))
         assert ids == ["j1", "j2", "j3"]
-        _wait(lambda: all(j["state"] == "done" for j in svc.jobs().values()), 400, "every job done", svc)
+        _wait(lambda: all(j["state"] == "done" for j in svc.jobs().values()), 240, "every job done", svc)
         stop.set()
         watcher.join()
         jobs = svc.jobs()
@@ -374,7 +377,7 @@ def test_cancel_a_running_and_a_queued_job(tmp_path):
     try:
         running = svc.submit_here(tmp_path / "a", 100_000)
         queued = svc.submit_here(tmp_path / "b", 10)  # fifo on one worker: waits behind the first
-        _wait(lambda: svc.jobs()[running]["step"] >= 5, 90, "the first job running")
+        _wait(lambda: svc.jobs()[running]["step"] >= 5, 90, "the first job running", svc)
         assert svc.jobs()[queued]["state"] == "queued"
         out = subprocess.run([sys.executable, "-m", "vnodes.scheduler.cli", "cancel", queued, "--cluster",
                               svc.address], capture_output=True, text=True, timeout=60, env=_env())
@@ -382,7 +385,7 @@ def test_cancel_a_running_and_a_queued_job(tmp_path):
         client = ClusterClient(svc.address)
         assert client.cancel(running) == "running"  # its worker leaves at the step boundary first
         client.close()
-        _wait(lambda: svc.jobs()[running]["state"] == "cancelled", 60, "the running job cancelled")
+        _wait(lambda: svc.jobs()[running]["state"] == "cancelled", 60, "the running job cancelled", svc)
         listing = subprocess.run([sys.executable, "-m", "vnodes.scheduler.cli", "jobs", "--cluster", svc.address,
                                   "--json"], capture_output=True, text=True, timeout=60, env=_env())
         record = svc.registry()

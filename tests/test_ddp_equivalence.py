@@ -26,13 +26,23 @@ def _max_rel_err(a: dict, b: dict, keys) -> tuple[float, str]:
     return worst, where
 
 
+def _spec(**changes):
+    return cnn_spec(lr_scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=10, gamma=0.5),
+                    **changes)
+
+
+@functools.lru_cache(maxsize=None)
+def _ddp_reference(running_stats: str) -> dict:
+    """One DDP run per policy, shared by the tests below (vnodes' settings do not change DDP's)."""
+    return run_ddp(_spec(running_stats=running_stats), STEPS)
+
+
 @pytest.mark.parametrize("running_stats", ["mean", "vnode0"])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_matches_real_ddp_float64(running_stats, deterministic):
-    spec = cnn_spec(running_stats=running_stats, deterministic=deterministic,
-                    lr_scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=10, gamma=0.5))
+    spec = _spec(running_stats=running_stats, deterministic=deterministic)
     assert len(synthetic_images()) // spec.virtual_nodes // spec.vnode_batch_size * 3 < STEPS
-    ref = run_ddp(spec, STEPS)
+    ref = _ddp_reference(running_stats)
     ours = train(spec, steps=STEPS)
 
     params = [k for k in ref["model"] if "running" not in k and "num_batches" not in k]
@@ -51,11 +61,6 @@ def test_matches_real_ddp_float64(running_stats, deterministic):
     assert _max_rel_err(ours.model_state_dict, {k: v for k, v in init.items()}, params)[0] > 1e-3
 
 
-@functools.lru_cache(maxsize=None)
-def _ddp_reference(running_stats: str) -> dict:
-    return run_ddp(cnn_spec(running_stats=running_stats), STEPS)
-
-
 @pytest.mark.parametrize("running_stats", ["mean", "vnode0"])
 @pytest.mark.parametrize("fused_group_size", [None, 3])  # all 4 nodes in one group; groups of 3 and 1
 def test_fused_execution_matches_real_ddp_float64(running_stats, fused_group_size):
@@ -64,7 +69,7 @@ def test_fused_execution_matches_real_ddp_float64(running_stats, fused_group_siz
     ref = _ddp_reference(running_stats)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback to sequential execution warns: it must not happen here
-        ours = train(cnn_spec(running_stats=running_stats, execution="fused", fused_group_size=fused_group_size),
+        ours = train(_spec(running_stats=running_stats, execution="fused", fused_group_size=fused_group_size),
                      steps=STEPS)
     err, where = _max_rel_err(ours.model_state_dict, ref["model"],
                               [k for k in ref["model"] if "num_batches" not in k])
@@ -74,9 +79,9 @@ def test_fused_execution_matches_real_ddp_float64(running_stats, fused_group_siz
 
 def test_reference_distinguishes_policies_and_order():
     """The comparison above has teeth: a different running-stats policy or seed is far from DDP."""
-    ref = run_ddp(cnn_spec(running_stats="mean"), 8)
-    other_policy = train(cnn_spec(running_stats="vnode0"), steps=8).model_state_dict
-    other_seed = train(cnn_spec(seed=8), steps=8).model_state_dict
+    ref = _ddp_reference("mean")
+    other_policy = train(_spec(running_stats="vnode0"), steps=STEPS).model_state_dict
+    other_seed = train(_spec(running_stats="mean", seed=8), steps=STEPS).model_state_dict
     buffers = [k for k in ref["model"] if "running_mean" in k]
     params = [k for k in ref["model"] if "weight" in k]
     assert _max_rel_err(other_policy, ref["model"], buffers)[0] > 1e-6
