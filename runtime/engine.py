@@ -122,6 +122,7 @@ class StepMetrics:
     grad_norm: float  # total 2-norm of the global gradient (unscaled; inf or NaN on an fp16 overflow)
     skipped: bool  # fp16 overflow: the optimizer does not step (everywhere)
     lr: float  # the learning rate of the first parameter group for this step
+    values: dict[str, float] = dataclasses.field(default_factory=dict)  # step_fn's metrics, each a mean over every node
     norm: Optional[torch.Tensor] = dataclasses.field(default=None, compare=False, repr=False)  # grad_norm, in the grads' dtype
 
 
@@ -159,6 +160,9 @@ class StepEngine:
                                 torch.get_default_dtype())
         self._loss_checked = False
         self.scheduler_evaluated = -1  # lr_scheduler_metric: the step of the last evaluation it stepped on
+        self.metric_names: Optional[tuple[str, ...]] = None  # step_fn's per-sample metrics, once it returned some
+        self._metrics: Optional[dict[str, torch.Tensor]] = None  # those of the last forward
+        self._metric_sum: Optional[torch.Tensor] = None  # this step's: sum over this worker's nodes of mean / N
         self.scaler = GlobalGradScaler(device, spec.grad_scaler) if spec.precision == "fp16" else None
         self._chosen_count: Optional[int] = None  # rows a selecting plugin chose per node in this step
         self.fusion: Optional[FusionContext] = None
@@ -252,6 +256,7 @@ class StepEngine:
         for p in self.params:  # a step is computed from scratch, also when it is redone
             p.grad = None
         self._chosen_count = None
+        self._metric_sum = None
         self.stats.begin_step()
 
         for position, ((batch_step, vnode_id), batch) in enumerate(batches):
@@ -276,15 +281,20 @@ class StepEngine:
             self.emit(Event.BACKWARD_DONE, step)
 
             vnode_losses[vnode_id] = vnode_loss.detach()
+            metric_share = self._metric_share(1)
             if deterministic:
                 # This node's gradient alone, taken off the parameters, becomes a leaf of the tree.
                 grads = self._take_grads(used)
                 loss_share = (vnode_loss.detach().to(torch.float64) / n).reshape(1)
-                reducer.push(Block(vnode_id, 1, grads + self.stats.contribution(vnode_id) + [loss_share]))
-            elif buffer_sum is None:
-                buffer_sum = self.stats.contribution(vnode_id)
+                reducer.push(Block(vnode_id, 1, grads + self.stats.contribution(vnode_id) +
+                                   ([metric_share] if metric_share is not None else []) + [loss_share]))
             else:
-                self.stats.accumulate(buffer_sum, vnode_id)
+                if metric_share is not None:
+                    self._metric_sum = metric_share if self._metric_sum is None else self._metric_sum + metric_share
+                if buffer_sum is None:
+                    buffer_sum = self.stats.contribution(vnode_id)
+                else:
+                    self.stats.accumulate(buffer_sum, vnode_id)
 
         if not deterministic and vnode_losses:  # fast mode: the loss share of all nodes in one go
             loss_sum = (torch.stack(list(vnode_losses.values())).to(torch.float64) / n).sum().reshape(1)
@@ -487,7 +497,8 @@ class StepEngine:
         for i, p in enumerate(self.params):
             used[i] = p.grad is not None
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        return StepPartial(step, grads + (buffer_sum or []) + [loss_sum], [], vnode_losses_f, used)
+        metrics = [self._metric_sum] if self._metric_sum is not None else []
+        return StepPartial(step, grads + (buffer_sum or []) + metrics + [loss_sum], [], vnode_losses_f, used)
 
     def _compute_fused(self, step: int, batches: list[tuple[BatchKey, Any]],
                        inputs: Optional[dict[str, SampleColumns]] = None) -> StepPartial:
@@ -546,6 +557,7 @@ class StepEngine:
         for p in self.params:
             p.grad = None
         self._chosen_count = None
+        self._metric_sum = None
         self.stats.begin_step()
         for start in range(0, len(batches), size):
             group = batches[start:start + size]
@@ -634,6 +646,9 @@ class StepEngine:
         if see is not None:
             per_sample = see(per_sample, outputs, targets)
         means = segment_means(per_sample, groups)  # each node's mean loss (rows are interleaved)
+        metric_share = self._metric_share(groups)
+        if metric_share is not None:
+            self._metric_sum = metric_share if self._metric_sum is None else self._metric_sum + metric_share
         self.fusion.in_backward = True  # a patched module running now is recomputed (checkpointing)
         try:
             self._backward(means.sum() / self.spec.virtual_nodes)
@@ -649,8 +664,9 @@ class StepEngine:
         grads = [g for g, was_used in zip(total[:len(self.params)], used) if was_used]
         skipped = self.scaler.unscale_(grads, self.spec.virtual_nodes) if self.scaler is not None else False
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        values = dict(zip(self.metric_names, total[-2].tolist())) if self.metric_names else {}
         return StepMetrics(grad_norm=float(norm), skipped=skipped, lr=float(self.optimizer.param_groups[0]["lr"]),
-                           norm=norm)
+                           values=values, norm=norm)
 
     def apply(self, total: Payload, used: list[bool], metrics: Optional[StepMetrics] = None,
               evaluation: Optional[dict] = None) -> float:
@@ -704,9 +720,55 @@ class StepEngine:
         and ``loss(outputs, targets)``, or (None, ``step_fn(model, batch)``)."""
         with autocast(self.spec.precision, self.device):
             if self.spec.step_fn is not None:
-                return None, self.spec.step_fn(self.model, inputs)
+                return None, self._step_output(self.spec.step_fn(self.model, inputs))
             outputs = self.model(inputs)
             return outputs, self.spec.loss(outputs, targets)
+
+    def _step_output(self, result: Any) -> Any:
+        """``step_fn``'s per-sample loss. It may also return per-sample metrics, ``(loss, {name:
+        Tensor[b]})``: kept for ``_metric_share``, with the same names at every call.
+
+        Raises:
+            InvalidJobSpec: a tuple that is not ``(loss, dict)``, other names than before, or a
+                metric that is not one value per sample.
+        """
+        if not isinstance(result, tuple):
+            if self.metric_names:
+                raise InvalidJobSpec("step_fn", f"returned no metrics after returning {list(self.metric_names)}; "
+                                     "return the same metrics at every call")
+            self._metrics = None
+            return result
+        if len(result) != 2 or not isinstance(result[1], dict) or not result[1]:
+            raise InvalidJobSpec("step_fn", "must return the per-sample loss, or (loss, metrics) with metrics a "
+                                 "non-empty dict of name -> per-sample values")
+        loss, metrics = result
+        names = tuple(sorted(metrics))
+        if self.metric_names is not None and names != self.metric_names:
+            raise InvalidJobSpec("step_fn", f"returned metrics {list(names)} after {list(self.metric_names)}; "
+                                 "return the same metrics at every call")
+        rows = loss.shape if isinstance(loss, torch.Tensor) else None
+        for name in names:
+            value = metrics[name]
+            if not isinstance(name, str) or not isinstance(value, torch.Tensor) or value.shape != rows:
+                shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise InvalidJobSpec("step_fn", f"metric {name!r} must hold one value per sample, as the loss "
+                                     f"(shape {list(rows) if rows is not None else '?'}), got {shape}")
+        self.metric_names, self._metrics = names, metrics
+        return loss
+
+    def _metric_share(self, groups: int) -> Optional[torch.Tensor]:
+        """The last forward's ``step_fn`` metrics as this node's (or fused group's ``groups``
+        nodes') share of their step means: each node's mean over its samples, over N, in float64;
+        one value per metric name. None without metrics."""
+        if self._metrics is None:
+            return None
+        n = self.spec.virtual_nodes
+        if groups == 1:
+            means = [self._metrics[k].detach().to(torch.float64).mean() for k in self.metric_names]
+        else:  # interleaved rows: segment_means gives each node's mean
+            means = [segment_means(self._metrics[k].detach().to(torch.float64), groups).sum()
+                     for k in self.metric_names]
+        return torch.stack(means) / n
 
     def _backward(self, share: torch.Tensor) -> None:
         """Backward of a node's (or a fused group's) share of the global loss (its mean loss over N).

@@ -105,6 +105,7 @@ class RunState:
     last_commit_s: Optional[float] = None  # the master's clock at the previous commit (for samples_per_s)
     evaluation: Optional[dict[str, float]] = None  # the latest evaluation's metrics (JobSpec.eval_dataset)
     evaluation_step: int = -1  # the steps applied to the weights it evaluated
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # step_fn's metrics at the step (node means)
 
 
 class Callback:

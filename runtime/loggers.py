@@ -30,6 +30,7 @@ def step_metrics(state: RunState) -> dict[str, float]:
     values = {"loss": state.loss, "lr": state.lr, "grad_norm": state.grad_norm,
               "samples_per_s": state.samples_per_s, "loss_spread": state.loss_spread,
               "step_time_s": state.step_time_s, "skipped": float(state.skipped)}
+    values.update({name: value for name, value in state.metrics.items() if name not in values})
     return {k: float(v) for k, v in values.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
 
 
@@ -68,7 +69,8 @@ class TensorBoardLogger(Callback):
 
 
 class CSVLogger(Callback):
-    """One row per step in ``path`` (appended to, with a header when the file is new)."""
+    """One row per step in ``path``: ``FIELDS``, then ``step_fn``'s metrics by name (appended to,
+    with a header when the file is new; an existing file keeps its columns)."""
 
     FIELDS = ("step", "loss", "lr", "grad_norm", "samples_per_s", "loss_spread", "step_time_s", "skipped")
 
@@ -77,17 +79,22 @@ class CSVLogger(Callback):
         self._file = None
         self._writer = None
 
-    def on_fit_start(self, state: RunState) -> None:
+    def _open(self, state: RunState) -> None:
+        """At the first step, when the metrics' names are known."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        fields = list(self.FIELDS) + sorted(name for name in state.metrics if name not in self.FIELDS)
         new = not self.path.exists() or self.path.stat().st_size == 0
+        if not new:
+            with open(self.path, newline="") as existing:
+                fields = next(csv.reader(existing), None) or fields
         self._file = open(self.path, "a", newline="", buffering=1)
-        self._writer = csv.DictWriter(self._file, fieldnames=self.FIELDS, extrasaction="ignore")
+        self._writer = csv.DictWriter(self._file, fieldnames=fields, extrasaction="ignore")
         if new:
             self._writer.writeheader()
 
     def on_step_end(self, state: RunState) -> None:
         if self._writer is None:
-            self.on_fit_start(state)
+            self._open(state)
         self._writer.writerow({"step": state.step, **step_metrics(state)})
 
     def on_fit_end(self, state: RunState) -> None:

@@ -278,6 +278,8 @@ class MasterClient:
         if metrics is not None:  # engine.StepMetrics of the reduced gradient
             request.metrics.grad_norm, request.metrics.skipped, request.metrics.lr = \
                 metrics.grad_norm, metrics.skipped, metrics.lr
+            request.metrics.names.extend(metrics.values)
+            request.metrics.values.extend(metrics.values.values())
         for field, plugin_reports in ((request.plugin_reports, reports), (request.eval_reports, eval_reports)):
             for name, cols in (plugin_reports or {}).items():
                 pack_samples(field.add(), name, cols.indices, cols.columns)

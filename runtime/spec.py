@@ -71,7 +71,9 @@ class JobSpec:
             dataset's items. Plugins need ``loss`` (they read outputs and targets). Each row's loss
             must depend on that row alone (no in-batch negatives, no loss normalised over the
             batch): a virtual node's batch is its own only in sequential execution, and fused
-            execution passes several nodes' rows at once.
+            execution passes several nodes' rows at once. It may return ``(loss, {name: Tensor[b]})``:
+            per-sample training metrics, averaged over the nodes as the loss is (``RunState.metrics``,
+            the metrics stream, the loggers).
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: each forward and loss runs under
             ``torch.autocast`` with that dtype; parameters, gradients and the optimizer keep the
             model's dtype. ``"fp16"`` scales the loss with one scaler for the whole job: an overflow

@@ -66,6 +66,7 @@ class DirectClient:
                         evaluations=dict(evaluations or {}))
         if metrics is not None:
             report.grad_norm, report.skipped, report.lr = metrics.grad_norm, metrics.skipped, metrics.lr
+            report.train_metrics = dict(metrics.values)
         self.master.submit(self.worker_id, epoch, step, report, on_decided=_nothing)  # the only member: decided
         decision, next_plan = self.master.outcome(self.worker_id, epoch, step, want_next=True)
         self.observer.poll()

@@ -120,5 +120,6 @@ def fire_commits(master: Master, seen: int, callbacks: Sequence[Callback], state
         state.lr = None if math.isnan(c.lr) else c.lr
         state.skipped = c.skipped
         state.skipped_steps += int(c.skipped)
+        state.metrics = dict(c.metrics)
         fire(list(callbacks), Event.STEP_END, state)
     return count

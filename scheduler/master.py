@@ -162,6 +162,7 @@ class Report:
     skipped: bool = False  # fp16 overflow: the step commits without an optimizer step
     lr: float = math.nan
     evaluations: dict[int, tuple[int, dict[str, float]]] = dataclasses.field(default_factory=dict)  # vnode -> (count, sums)
+    train_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # step_fn's metrics, means over the nodes
 
 
 @dataclasses.dataclass
@@ -178,6 +179,7 @@ class CommittedStep:
     skipped: bool = False
     lr: float = math.nan
     evaluation: Optional[dict] = None  # {"step": s, metric: mean, ...} when the job's evaluation ran with this step
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # step_fn's metrics (Report.train_metrics)
 
 
 class Master:
@@ -656,12 +658,12 @@ class Master:
         first = reports[0]
         self.committed.append(CommittedStep(self.step, first.loss, vnode_losses, max(r.step_time_s for r in reports),
                                             m.epoch, self.clock(), first.grad_norm, first.skipped, first.lr,
-                                            evaluation))
+                                            evaluation, dict(first.train_metrics)))
         self.losses.append(reports[0].loss)
         if self.metrics is not None:
             c = self.committed[-1]
             self.metrics.step(c.step, c.loss, list(vnode_losses.values()), c.step_time_s, len(m.members), m.epoch,
-                              c.grad_norm, c.skipped, c.lr, time.time())
+                              c.grad_norm, c.skipped, c.lr, time.time(), c.metrics)
         self.step += 1
         self.reports = {}
         self._persist()

@@ -85,8 +85,9 @@ class MetricsStream:
         self._last_commit_s = None
 
     def step(self, step: int, loss: float, vnode_losses: Sequence[float], step_time_s: float, workers: int,
-             membership_epoch: int, grad_norm: float, skipped: bool, lr: float, committed_at_s: float) -> None:
-        """A committed step (``step``: its 0-based index)."""
+             membership_epoch: int, grad_norm: float, skipped: bool, lr: float, committed_at_s: float,
+             metrics: Optional[dict[str, float]] = None) -> None:
+        """A committed step (``step``: its 0-based index; ``metrics``: ``step_fn``'s, if it returns some)."""
         elapsed = committed_at_s - self._last_commit_s if self._last_commit_s is not None else step_time_s
         self._last_commit_s = committed_at_s
         self._write({"step": step + 1, "loss": loss, "lr": _number(lr), "grad_norm": _number(grad_norm),
@@ -94,7 +95,9 @@ class MetricsStream:
                      "samples_per_s": round(self.samples_per_step / elapsed, 3) if elapsed > 0 else None,
                      "step_time_s": round(step_time_s, 6),
                      "loss_spread": statistics.pstdev(vnode_losses) if len(vnode_losses) > 1 else 0.0,
-                     "workers": workers, "membership_epoch": membership_epoch, "time": round(time.time(), 3)})
+                     "workers": workers, "membership_epoch": membership_epoch,
+                     **({"metrics": {k: _number(v) for k, v in metrics.items()}} if metrics else {}),
+                     "time": round(time.time(), 3)})
 
     def event(self, kind: str, step: int, **fields: Any) -> None:
         """A membership change or an aborted step (``step``: the step it concerns, 0-based)."""

@@ -69,7 +69,8 @@ COMMIT_WAIT_S = 120.0
 # Requests are small (the largest is a commit with plugin reports: ``protos.MAX_REQUEST_BYTES``);
 # replies may be large (a checkpoint plan carries the loss history and the plugins' state), so only
 # what the master receives is capped this low.
-MAX_TEXT = {"host": 255, "device": 64, "device_kind": 255, "worker_id": 64, "evaluation metric": 128}
+MAX_TEXT = {"host": 255, "device": 64, "device_kind": 255, "worker_id": 64, "evaluation metric": 128,
+            "step metric": 128}
 MAX_STEP = 2**53  # beyond this a step number is not a count but garbage (and floats lose it)
 STORE_WAIT_CAP_S = 10.0  # a store GET/WAIT is answered within this; the worker asks again
 MAX_STORE_KEY = 1024
@@ -399,12 +400,17 @@ class MasterServicer:
         metrics = request.metrics if request.HasField("metrics") else None
         if metrics is not None:
             _check(not math.isnan(metrics.lr), "metrics.lr is NaN")
+            _check(len(metrics.names) == len(metrics.values) <= 64, "metrics.names and metrics.values differ in "
+                   "length, or hold more than 64 metrics")
+            for name in metrics.names:
+                _check_text("step metric", name)
         report = Report(ok=request.ok, loss=request.loss, vnode_losses=dict(zip(request.vnodes, values)),
                         step_time_s=request.step_time_s, reports=_samples(request.plugin_reports),
                         eval_reports=_samples(request.eval_reports),
                         grad_norm=metrics.grad_norm if metrics is not None else math.nan,
                         skipped=metrics.skipped if metrics is not None else False,
-                        lr=metrics.lr if metrics is not None else math.nan, evaluations=evaluations)
+                        lr=metrics.lr if metrics is not None else math.nan, evaluations=evaluations,
+                        train_metrics=dict(zip(metrics.names, metrics.values)) if metrics is not None else {})
         epoch, step = request.membership_epoch, request.step
         decided = self._decision_future((epoch, step))
         try:

@@ -60,7 +60,7 @@ def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out:
         dtype = next(model.parameters()).dtype
         running = [b for m in model.modules() if isinstance(m, _NormBase)
                    for b in m.buffers(recurse=False) if b.is_floating_point()]
-        step, epoch, losses, grad_norms, skipped, lrs = 0, 0, [], [], [], []
+        step, epoch, losses, grad_norms, skipped, lrs, metrics = 0, 0, [], [], [], [], []
         seen = []  # record: (epoch, dataset indices, per-sample losses) of this rank's batches
         evaluated = []  # record: per epoch, rank 0's evaluation of every sample (loss, true prob, margin)
         while step < steps:
@@ -77,6 +77,11 @@ def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out:
                     torch.manual_seed(vnode_seed(spec.seed, step, rank))
                     with autocast():
                         per_sample = spec.step_fn(ddp, _to_dtype(batch, dtype))
+                    if isinstance(per_sample, tuple):  # (loss, per-sample metrics): each rank's mean, averaged
+                        per_sample, values = per_sample
+                        means = torch.stack([values[k].detach().double().mean() for k in sorted(values)])
+                        dist.all_reduce(means)
+                        metrics.append(dict(zip(sorted(values), (means / world).tolist())))
                 else:
                     x, y = batch
                     b = spec.vnode_batch_size
@@ -109,7 +114,7 @@ def _rank_main(rank: int, world: int, port: int, spec: JobSpec, steps: int, out:
                 evaluated.append(_evaluate(model, dataset, dtype))
             epoch += 1
         result = {"model": model.state_dict(), "losses": losses, "grad_norms": grad_norms, "skipped": skipped,
-                  "lrs": lrs}
+                  "lrs": lrs, "metrics": metrics}
         if record:
             every = [None] * world
             dist.all_gather_object(every, seen)

@@ -146,6 +146,15 @@ def text_step(model, batch):
     return F.cross_entropy(out.logits.float(), batch["labels"], reduction="none")
 
 
+def text_step_with_metrics(model, batch):
+    """``text_step`` with per-sample metrics beside the loss: accuracy and the true class's probability."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits.float()
+    loss = F.cross_entropy(logits, batch["labels"], reduction="none")
+    return loss, {"accuracy": (logits.argmax(1) == batch["labels"]).float(),
+                  "true_prob": logits.softmax(1).gather(1, batch["labels"][:, None])[:, 0].detach()}
+
+
 def decay_groups(model, weight_decay: float = 0.1):
     """Weight decay on weights only: not on biases, norms or embeddings (by parameter name)."""
     decay, no_decay = [], []

@@ -18,7 +18,7 @@ from vnodes.runtime.engine import StepEngine
 from vnodes.runtime.events import Callback
 
 from ddp_reference import run_ddp
-from jobs import cnn_spec, per_sample_ce, small_cnn, small_mlp, text_spec, text_step
+from jobs import cnn_spec, per_sample_ce, small_cnn, small_mlp, text_spec, text_step, text_step_with_metrics
 
 STEPS = 6
 
@@ -28,9 +28,10 @@ _plateau = functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, mode="m
 
 class Record(Callback):
     def __init__(self):
-        self.grad_norms, self.skipped, self.lrs = [], [], []
+        self.grad_norms, self.skipped, self.lrs, self.metrics = [], [], [], []
 
     def on_step_end(self, state):
+        self.metrics.append(dict(state.metrics))
         self.grad_norms.append(state.grad_norm)
         self.skipped.append(state.skipped)
         self.lrs.append(state.lr)
@@ -56,10 +57,14 @@ def test_step_fn_bf16_clipping_and_param_groups_match_real_ddp():
     """The text classifier through step_fn (dict batches, model(**inputs).logits), under bf16
     autocast, AdamW with weight decay excluded from biases, norms and embeddings by name, the
     reduced gradient clipped to 0.5: the losses, gradient norms and parameters of 4 virtual nodes
-    on one worker are those of 4-process DDP with the same autocast, groups and clip_grad_norm_."""
-    spec = text_spec(precision="bf16", clip_grad_norm=0.5)
+    on one worker are those of 4-process DDP with the same autocast, groups and clip_grad_norm_;
+    step_fn's per-sample metrics are the ranks' means averaged, as an all_reduce gives them."""
+    spec = text_spec(precision="bf16", clip_grad_norm=0.5, step_fn=text_step_with_metrics)
     ddp = run_ddp(spec, STEPS)
     result, record = _vnodes(spec)
+    assert [set(m) for m in record.metrics] == [{"accuracy", "true_prob"}] * STEPS
+    for ours, theirs in zip(record.metrics, ddp["metrics"]):
+        assert ours == pytest.approx(theirs, rel=1e-4)
     assert result.losses == pytest.approx(ddp["losses"], rel=1e-4)
     assert record.grad_norms == pytest.approx(ddp["grad_norms"], rel=1e-4)
     assert max(ddp["grad_norms"]) > 0.5  # the clip bit: a test where nothing is clipped could not fail
@@ -96,7 +101,7 @@ def test_clipping_matches_ddp_in_float64_and_the_settings_are_bitwise_across_wor
     assert min(ddp["grad_norms"]) > 0.05
     assert _max_rel(result.model_state_dict, ddp["model"]) < 1e-9
 
-    det = text_spec(precision="fp16", clip_grad_norm=1.0, deterministic=True,
+    det = text_spec(precision="fp16", clip_grad_norm=1.0, deterministic=True, step_fn=text_step_with_metrics,
                     grad_scaler={"init_scale": 2.0 ** 20, "growth_interval": 2})
     one = train(det, steps=STEPS, checkpoint_dir=tmp_path / "one")
     two = train(det, steps=STEPS, checkpoint_dir=tmp_path / "two", workers=2)
@@ -106,6 +111,10 @@ def test_clipping_matches_ddp_in_float64_and_the_settings_are_bitwise_across_wor
 
     scales = [load_checkpoint(tmp_path / d)["grad_scaler"] for d in ("one", "two")]
     assert scales[0] == scales[1] and scales[0]["scale"] != 2.0 ** 20  # it moved, identically
+    from vnodes.scheduler.metrics_stream import read_metrics
+
+    streams = [[r["metrics"] for r in read_metrics(tmp_path / d) if "event" not in r] for d in ("one", "two")]
+    assert len(streams[0]) == STEPS and streams[0] == streams[1]  # step_fn's metrics: the same bits
 
 
 def test_param_groups_reach_the_optimizer_and_the_default_is_unchanged():
@@ -168,14 +177,31 @@ def test_step_fn_runs_fused_where_the_modules_allow():
     """A model without cross-sample modules fuses; fused equals sequential within float rounding."""
     spec = cnn_spec(model=functools.partial(small_cnn, torch.float64), loss=None,
                     step_fn=_pair_step, clip_grad_norm=1.0)
-    sequential = train(spec, steps=3)
-    fused = train(dataclasses.replace(spec, execution="fused"), steps=3)
+    sequential, seq_record = _vnodes(spec, steps=3)
+    fused, fused_record = _vnodes(dataclasses.replace(spec, execution="fused"), steps=3)
     assert _max_rel(fused.model_state_dict, sequential.model_state_dict) < 1e-9
+    assert [set(m) for m in seq_record.metrics] == [{"margin"}] * 3
+    for a, b in zip(fused_record.metrics, seq_record.metrics):  # each node's mean, from interleaved rows
+        assert a == pytest.approx(b, rel=1e-9)
 
 
 def _pair_step(model, batch):
     x, y = batch
-    return per_sample_ce(model(x), y)
+    logits = model(x)
+    top2 = logits.topk(2, dim=1).values
+    return per_sample_ce(logits, y), {"margin": (top2[:, 0] - top2[:, 1]).detach()}
+
+
+def _bad_metrics(model, batch):
+    loss, metrics = _pair_step(model, batch)
+    return loss, {"margin": metrics["margin"].mean()}
+
+
+def test_step_fn_metrics_that_are_not_per_sample_are_refused():
+    bad = cnn_spec(loss=None, step_fn=_bad_metrics)
+    with pytest.raises(InvalidJobSpec, match=r"metric 'margin' must hold one value per sample, as the loss "
+                                             r"\(shape \[8\]\), got \[\]"):
+        train(bad, steps=1)
 
 
 # ---- the metrics stream and the loggers ----------------------------------------------------------------
