@@ -214,7 +214,7 @@ def _changed_value(name: str, hint, default):
     """A value of field ``name`` other than ``default``; raises ``TypeError`` if none is known."""
     if typing.get_origin(hint) is typing.Union:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        hint = args[0] if len(args) == 1 else hint
+        hint = args[0] if len(args) == 1 else bool if bool in args else hint
     if default is dataclasses.MISSING:
         default = None
     origin = typing.get_origin(hint) or hint
