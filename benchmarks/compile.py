@@ -12,7 +12,6 @@ cache this machine has; a fresh machine's first run takes longer). Interleaved r
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import sys
 import time
@@ -24,28 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fused  # noqa: E402
 from machine import header  # noqa: E402
-from throughput import per_sample_loss  # noqa: E402
-
-from vnodes.runtime import JobSpec  # noqa: E402
-from vnodes.runtime.engine import StepEngine  # noqa: E402
-
-
-class Engine:
-    """vnodes' engine on one worker: every virtual node of a step, then the update."""
-
-    def __init__(self, n: int, b: int, execution: str, compile: bool, device: str, width: int):
-        spec = JobSpec(model=fused.model_fn(width), dataset=fused.dataset_fn(n * b * 2),
-                       optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9), loss=per_sample_loss,
-                       virtual_nodes=n, vnode_batch_size=b, seed=0, device=device, execution=execution,
-                       compile=compile)
-        self.engine, self.n, self.step = StepEngine.build(spec), n, 0
-        self.batches = [batch for _, batch in self.engine.loader.iterate((0, v) for v in range(n))]
-
-    def run(self) -> None:
-        e = self.engine
-        partial = e.compute(self.step, (((self.step, v), batch) for v, batch in enumerate(self.batches)))
-        e.apply(partial.payload, partial.used)
-        self.step += 1
 
 
 class Plain(fused.PlainBatch):
@@ -63,7 +40,7 @@ def measure(n: int, b: int, device: str, width: int, repeats: int) -> tuple[dict
         tag = "compiled" if compile else "eager"
         sides[f"plain {tag}"] = Plain(n, b, compile, device, width)
         for execution in ("sequential", "fused"):
-            sides[f"{execution} {tag}"] = Engine(n, b, execution, compile, device, width)
+            sides[f"{execution} {tag}"] = fused.EngineSide(n, b, execution, device, width, compile)
     first = {k: fused.time_it(side, device) for k, side in sides.items()}  # the compile, for compiled sides
     for side in sides.values():
         side.run()

@@ -68,15 +68,17 @@ def dataset_fn(n: int):
     return functools.partial(token_dataset if MODEL == "transformer" else build_dataset, n)
 
 
-def spec(n: int, b: int, execution: str, device: str, width: int) -> JobSpec:
+def spec(n: int, b: int, execution: str, device: str, width: int, compile: bool = False) -> JobSpec:
     return JobSpec(model=model_fn(width), dataset=dataset_fn(n * b * 2),
                    optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9), loss=per_sample_loss,
-                   virtual_nodes=n, vnode_batch_size=b, seed=0, device=device, execution=execution)
+                   virtual_nodes=n, vnode_batch_size=b, seed=0, device=device, execution=execution, compile=compile)
 
 
 class EngineSide:
-    def __init__(self, n, b, execution, device, width):
-        self.engine = StepEngine.build(spec(n, b, execution, device, width))
+    """vnodes' engine on one worker: every virtual node of a step, then the update."""
+
+    def __init__(self, n, b, execution, device, width, compile=False):
+        self.engine = StepEngine.build(spec(n, b, execution, device, width, compile))
         self.n, self.step = n, 0
         self.batches = [b for _, b in self.engine.loader.iterate((0, v) for v in range(n))]
 
