@@ -397,22 +397,23 @@ class WorkerAgent:
                 time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
             compute_s = time.perf_counter() - t0
             ok, loss, total, used, metrics = True, 0.0, None, None, None
+            error = ""
             if partial is not None:
-                self._emit(Event.REDUCE, step)
                 try:
+                    self._emit(Event.REDUCE, step)
                     total, used = group.reduce(partial, deterministic)  # SYNC: every member of the epoch
                     loss = float(total[-1].item())
                     metrics = engine.prepare(total, used)  # the same on every member: they hold the same total
                 except RuntimeError as exc:
                     log.warning("step %d: reduction failed (%s); reporting it", step, exc)
                     group.destroy()
-                    ok = False
+                    ok, error = False, f"{type(exc).__name__}: {exc}"[:2000]
             self._emit(Event.REDUCED, step)
             try:
                 decision, self._next_plan, evaluation = client.commit(
                     plan.membership_epoch, step, ok, loss, partial.vnode_losses if partial else {}, compute_s,
                     reports=partial.reports if partial else None, eval_reports=eval_reports,
-                    metrics=metrics, evaluations=evaluations)  # SYNC: master decides
+                    metrics=metrics, evaluations=evaluations, error=error)  # SYNC: master decides
             except StaleEpoch:  # superseded and forgotten: the step did not commit here
                 decision, self._next_plan, evaluation = "abort", None, None
             if decision == "commit":

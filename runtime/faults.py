@@ -1,4 +1,4 @@
-"""Deterministic fault injection for tests: SIGKILL (or hang, or stop) this process at a chosen
+"""Deterministic fault injection for tests: SIGKILL (or hang, stop, raise in) this process at a chosen
 event of a chosen step.
 
 Set ``VNODES_FAULT="event:step"`` in a process's environment, the event being a worker ``Event``
@@ -7,7 +7,8 @@ value (``events.WORKER_EVENTS``: ``batch_loaded``, ``loss_computed``, ``backward
 ``event:step:index`` targets the worker whose ``VNODES_LAUNCH_INDEX`` is ``index``, and a trailing
 ``:hang`` makes the main thread block forever instead of dying (its other threads, such as
 heartbeats, go on: a hung worker), and ``:stop`` SIGSTOPs the whole process (a frozen machine: its
-sockets stay open, nothing answers). A checkpoint's events count as those of the step just applied
+sockets stay open, nothing answers); ``:raise`` raises a ``RuntimeError`` at that event at every
+attempt of the step (a deterministic bug; at ``reduce``, a reduction that always fails). A checkpoint's events count as those of the step just applied
 (``step - 1`` of the checkpoint). Unset (the normal case), nothing subscribes: it costs nothing.
 """
 
@@ -27,9 +28,9 @@ def _parse(text: str) -> dict[tuple[Event, int, Optional[int]], str]:
     faults = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         parts = item.split(":")
-        action = parts.pop() if parts[-1] in ("kill", "hang", "stop") else "kill"
+        action = parts.pop() if parts[-1] in ("kill", "hang", "stop", "raise") else "kill"
         if len(parts) not in (2, 3) or parts[0] not in PHASES:
-            raise ValueError(f"VNODES_FAULT item {item!r}: expected event:step[:worker][:kill|hang|stop] "
+            raise ValueError(f"VNODES_FAULT item {item!r}: expected event:step[:worker][:kill|hang|stop|raise] "
                              f"with event in {PHASES}")
         faults[(Event(parts[0]), int(parts[1]), int(parts[2]) if len(parts) == 3 else None)] = action
     return faults
@@ -55,3 +56,5 @@ class FaultInjector:
             threading.Event().wait()
         elif action == "stop":
             os.kill(os.getpid(), signal.SIGSTOP)
+        elif action == "raise":  # at every attempt of the step: a deterministic bug, as torch would raise it
+            raise RuntimeError(f"VNODES_FAULT: injected failure at {event.value} of step {step}")

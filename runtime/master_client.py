@@ -252,7 +252,7 @@ class MasterClient:
                vnode_losses: dict[int, float], step_time_s: float,
                timeout_s: Optional[float] = None, reports: Optional[dict[str, SampleColumns]] = None,
                eval_reports: Optional[dict[str, SampleColumns]] = None,
-               metrics=None, evaluations=None) -> tuple[str, Optional[PlanView], Optional[dict]]:
+               metrics=None, evaluations=None, error: str = "") -> tuple[str, Optional[PlanView], Optional[dict]]:
         """Send a commit on the session stream (with the plugins' ``reports`` of the step and
         ``eval_reports`` of an evaluation pass) and wait for its decision.
 
@@ -272,7 +272,7 @@ class MasterClient:
         vnodes = sorted(vnode_losses)
         packed = struct.pack(f"<{len(vnodes)}d", *(vnode_losses[v] for v in vnodes))
         request = pb.CommitRequest(membership_epoch=epoch, step=step, ok=ok, loss=loss, vnodes=vnodes,
-                                   vnode_losses=packed, step_time_s=step_time_s)
+                                   vnode_losses=packed, step_time_s=step_time_s, error=error)
         for vnode, (count, sums) in sorted((evaluations or {}).items()):  # engine.evaluate_job's, per node
             request.evaluations.add(vnode=vnode, count=count, names=list(sums), sums=list(sums.values()))
         if metrics is not None:  # engine.StepMetrics of the reduced gradient

@@ -61,9 +61,10 @@ class DirectClient:
 
     def commit(self, epoch: int, step: int, ok: bool, loss: float, vnode_losses: dict[int, float],
                step_time_s: float, timeout_s: Optional[float] = None, reports=None,
-               eval_reports=None, metrics=None, evaluations=None) -> tuple[str, Optional[PlanView], Optional[dict]]:
+               eval_reports=None, metrics=None, evaluations=None,
+               error: str = "") -> tuple[str, Optional[PlanView], Optional[dict]]:
         report = Report(ok, loss, dict(vnode_losses), step_time_s, reports or {}, eval_reports or {},
-                        evaluations=dict(evaluations or {}))
+                        evaluations=dict(evaluations or {}), error=error)
         if metrics is not None:
             report.grad_norm, report.skipped, report.lr = metrics.grad_norm, metrics.skipped, metrics.lr
             report.train_metrics = dict(metrics.values)

@@ -40,13 +40,14 @@ import enum
 import functools
 import hmac
 import math
+import os
 import secrets
 import threading
 import time
 import uuid
 from typing import Callable, Optional, Sequence
 
-from vnodes.runtime.errors import StorageError
+from vnodes.runtime.errors import StorageError, VnodesError
 from vnodes.runtime.plugins import SampleColumns
 
 from vnodes.protos import SYNC_FROM_CHECKPOINT, SYNC_NONE, Decision, PlanKind
@@ -58,6 +59,27 @@ from .errors import BadRequest, DuplicateRegistration, NotYourRegistration, Stal
 COMMITTED_KEPT = 4096  # committed steps kept for observers that poll (progress, callbacks)
 MAX_LIVE_WORKERS = 4096  # registrations not yet dead or left; more are refused (a bounded table)
 DEPARTED_KEPT = 256  # dead or left registrations remembered (for Status and re-registration)
+MAX_STEP_ATTEMPTS_ENV = "VNODES_MAX_STEP_ATTEMPTS"
+DEFAULT_MAX_STEP_ATTEMPTS = 20  # aborts of one step in a row before the job fails
+
+
+def max_step_attempts_from_env() -> int:
+    """``VNODES_MAX_STEP_ATTEMPTS``, else ``DEFAULT_MAX_STEP_ATTEMPTS``.
+
+    Raises:
+        VnodesError: the variable is not an integer >= 1.
+    """
+    text = os.environ.get(MAX_STEP_ATTEMPTS_ENV, "")
+    if not text:
+        return DEFAULT_MAX_STEP_ATTEMPTS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise VnodesError(f"{MAX_STEP_ATTEMPTS_ENV}={text!r} must be an integer >= 1 (aborts of one step in a "
+                          f"row before the job fails; default {DEFAULT_MAX_STEP_ATTEMPTS})")
+    return value
 
 
 class WorkerState(str, enum.Enum):
@@ -163,6 +185,7 @@ class Report:
     lr: float = math.nan
     evaluations: dict[int, tuple[int, dict[str, float]]] = dataclasses.field(default_factory=dict)  # vnode -> (count, sums)
     train_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # step_fn's metrics, means over the nodes
+    error: str = ""  # ok=False: why the worker's reduction failed
 
 
 @dataclasses.dataclass
@@ -195,7 +218,7 @@ class Master:
                  on_epoch_superseded: Callable[[int], None] = lambda epoch: None,
                  host=None, plugin_state_at: Callable[[int], Optional[dict]] = lambda step: None,
                  clock: Callable[[], float] = time.monotonic, metrics=None, eval_every: int = -1,
-                 evaluations: Optional[list[dict]] = None):
+                 evaluations: Optional[list[dict]] = None, max_step_attempts: Optional[int] = None):
         """``awaited``: the workers of a previous master of this run directory that may still run the
         job (its durable roster): they reconnect, and are waited for until the start grace period
         ends (``start_grace_s``), to resume with the state they hold and to hear the job's end;
@@ -216,6 +239,8 @@ class Master:
         self.checkpoint_step = checkpoint_step  # step of the newest checkpoint written for this job
         self.expected_workers = expected_workers
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.max_step_attempts = max_step_attempts if max_step_attempts is not None else max_step_attempts_from_env()
+        self._aborts: tuple[int, int] = (-1, 0)  # (step, its aborted attempts in a row)
         self.placement_policy = placement_policy
         self._checkpoint_step_on_disk = can_resume_from_checkpoint
         self.clock = clock
@@ -461,7 +486,8 @@ class Master:
                 self._callbacks.setdefault(key, []).append(on_decided)
                 on_decided = None
                 if not report.ok:
-                    self._abort_current(f"worker {worker_id} could not reduce step {step}")
+                    self._abort_current(f"worker {worker_id} could not reduce step {step}"
+                                        + (f": {report.error}" if report.error else ""))
                 elif len(self.reports) == len(self.membership.members):
                     self._commit_current()
         if on_decided is not None:  # decided before this report arrived
@@ -655,6 +681,7 @@ class Master:
             vnode_losses.update(r.vnode_losses)
         self._decide((m.epoch, self.step), Decision.COMMIT)
         self.committed_count += 1
+        self._aborts = (-1, 0)
         first = reports[0]
         self.committed.append(CommittedStep(self.step, first.loss, vnode_losses, max(r.step_time_s for r in reports),
                                             m.epoch, self.clock(), first.grad_norm, first.skipped, first.lr,
@@ -703,12 +730,20 @@ class Master:
         return True
 
     def _abort_current(self, reason: str) -> None:
+        """Abort the step in flight: its members redo it in a new epoch. The ``max_step_attempts``-th
+        abort of one step in a row fails the job with the last reason: a failure that recurs at
+        every attempt (a bug that raises each time) must not loop for ever."""
         if self.metrics is not None and self.membership is not None and self.step < self.steps:
             self.metrics.event("aborted", self.step, membership_epoch=self.membership.epoch, reason=reason[:500])
         if self.membership is not None:
             self._decide((self.membership.epoch, self.step), Decision.ABORT)
         self.reports = {}
         self._needs_reform = True
+        self._aborts = (self.step, self._aborts[1] + 1 if self._aborts[0] == self.step else 1)
+        if self._aborts[1] >= self.max_step_attempts:
+            self.fail("", f"step {self.step} was aborted {self._aborts[1]} times in a row (max_step_attempts="
+                      f"{self.max_step_attempts}, env {MAX_STEP_ATTEMPTS_ENV}); the last attempt: {reason}",
+                      "StepAttemptsExceeded")
 
     def _speed(self, w: WorkerInfo) -> float:
         """Virtual nodes per second: measured if known, else declared samples/s over the VN batch."""

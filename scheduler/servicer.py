@@ -410,7 +410,8 @@ class MasterServicer:
                         grad_norm=metrics.grad_norm if metrics is not None else math.nan,
                         skipped=metrics.skipped if metrics is not None else False,
                         lr=metrics.lr if metrics is not None else math.nan, evaluations=evaluations,
-                        train_metrics=dict(zip(metrics.names, metrics.values)) if metrics is not None else {})
+                        train_metrics=dict(zip(metrics.names, metrics.values)) if metrics is not None else {},
+                        error=request.error[:2000])
         epoch, step = request.membership_epoch, request.step
         decided = self._decision_future((epoch, step))
         try:

@@ -18,7 +18,7 @@ from vnodes.runtime import load_checkpoint, train
 from vnodes.runtime.checkpoint import check_checkpoint_dir
 from vnodes.scheduler.launcher import spawn_worker, start_master
 
-from jobs import cnn_spec, small_cnn
+from jobs import cnn_spec, det_f32_spec, small_cnn
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -272,3 +272,16 @@ def test_sigkill_at_a_random_time(tmp_path, reference):
     finally:
         stop_all(procs, handle)
     assert_bitwise(load_checkpoint(tmp_path)["model"], reference.model_state_dict)
+
+
+def test_a_reduction_that_fails_at_every_attempt_fails_the_job_at_the_cap(monkeypatch, tmp_path):
+    """A bug that raises inside the reduction at every attempt of step 2 (``VNODES_FAULT=reduce:2:raise``
+    in both worker processes): each attempt is aborted and redone, and the third ends the job with the
+    worker's error named, instead of looping for ever."""
+    from vnodes.runtime import VnodesError
+
+    monkeypatch.setenv("VNODES_FAULT", "reduce:2:raise")
+    monkeypatch.setenv("VNODES_MAX_STEP_ATTEMPTS", "3")
+    with pytest.raises(VnodesError, match=r"step 2 was aborted 3 times in a row .*could not reduce step 2: "
+                                          r"RuntimeError: VNODES_FAULT: injected failure at reduce of step 2"):
+        train(det_f32_spec(), steps=5, checkpoint_dir=tmp_path, workers=2)

@@ -332,3 +332,38 @@ def test_a_restarted_master_stops_waiting_for_holders_once_every_previous_worker
     plan = m.plan("b", 4, timeout_s=0)
     assert clock.t == 0 and plan.kind == PlanKind.RUN and plan.step == 4  # redo the step no one got
     assert plan.membership.members == ("a", "b") and plan.membership.sync_source_rank == -1
+
+
+def test_a_step_aborted_at_every_attempt_fails_the_job_at_the_cap_naming_the_last_error():
+    m, (a,), clock = make(n_vnodes=4, steps=10, workers=1, max_step_attempts=3)
+    failed = Report(ok=False, loss=0.0, vnode_losses={}, step_time_s=0.1, error="RuntimeError: the same bug")
+    epoch = m.plan(a, 0, timeout_s=0).membership.epoch
+    commit_all(m, [a], epoch, 0)
+    for attempt in range(3):
+        plan = m.plan(a, 1, timeout_s=0)
+        assert plan.kind == PlanKind.RUN and plan.step == 1, attempt
+        assert commit(m, a, plan.membership.epoch, 1, failed)[0] == Decision.ABORT
+    assert m.state == JobState.FAILED and m.plan(a, 1, timeout_s=0).kind == PlanKind.STOP
+    assert "step 1 was aborted 3 times in a row" in m.failure.message
+    assert "could not reduce step 1: RuntimeError: the same bug" in m.failure.message
+
+
+def test_aborts_of_different_steps_do_not_add_up():
+    m, (a,), clock = make(n_vnodes=4, steps=10, workers=1, max_step_attempts=2)
+    failed = Report(ok=False, loss=0.0, vnode_losses={}, step_time_s=0.1, error="flaky")
+    for step in range(3):  # one abort, then a commit, at each step
+        plan = m.plan(a, step, timeout_s=0)
+        commit(m, a, plan.membership.epoch, step, failed)
+        plan = m.plan(a, step, timeout_s=0)
+        commit_all(m, [a], plan.membership.epoch, step)
+    assert m.state != JobState.FAILED and m.step == 3
+
+
+def test_the_cap_comes_from_the_environment_and_a_bad_value_is_named(monkeypatch):
+    from vnodes.runtime.errors import VnodesError
+
+    monkeypatch.setenv("VNODES_MAX_STEP_ATTEMPTS", "7")
+    assert make()[0].max_step_attempts == 7
+    monkeypatch.setenv("VNODES_MAX_STEP_ATTEMPTS", "0")
+    with pytest.raises(VnodesError, match="VNODES_MAX_STEP_ATTEMPTS='0' must be an integer >= 1"):
+        make()
