@@ -12,7 +12,7 @@ import enum
 # 3: per-registration session keys, errors as fields, the code package, the rendezvous store on
 # the master's channel; 4: plugin reports on commits, plugin inputs and state on plans, EVAL plans;
 # 5: step metrics (gradient norm, fp16 skip, learning rate) on commits; 6: the step's evaluation on
-# commit replies, step_fn's metrics in the step metrics, the error of a failed reduction on commits).
+# commit replies, step_fn's metrics in the step metrics, the error of a failed reduction on commits, the last abort in the status).
 PROTOCOL_VERSION = 6
 
 # Both ends of the wire: a checkpoint plan carries the job's whole loss history, 8 bytes a step;

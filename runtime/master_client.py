@@ -366,6 +366,7 @@ class MasterClient:
             "step": reply.step, "epoch": reply.epoch, "membership_epoch": reply.membership_epoch,
             "steps": reply.steps, "state": reply.state,
             "evaluation": json.loads(reply.evaluation) if reply.evaluation else None,
+            "last_abort": json.loads(reply.last_abort) if reply.last_abort else None, "aborted": reply.aborted,
             "loss": reply.losses[-1] if reply.losses else None,
             "workers": [{"id": w.id, "pid": w.pid, "host": w.host, "device": w.device, "vnodes": list(w.vnodes),
                          "step_time_s": w.step_time_s, "state": w.state} for w in reply.workers],

@@ -235,7 +235,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="CA certificate of a master started with --tls-cert (env VNODES_TLS_CA)")
     status.add_argument("--json", action="store_true",
                         help="print JSON instead of a table: step, steps, epoch, membership_epoch, state, loss, "
-                             "evaluation ({step, metric: mean} or null), "
+                             "evaluation ({step, metric: mean} or null), aborted (count), last_abort ({step, "
+                             "membership_epoch, reason, attempt, time} or null), "
                              "workers[{id, pid, host, device, vnodes, step_time_s, state}]")
     return parser
 
@@ -533,9 +534,12 @@ def _status(args: argparse.Namespace) -> int:
     evaluation = status.get("evaluation")
     shown = "" if not evaluation else ", evaluation at step {}: {}".format(
         evaluation["step"], ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items() if k != "step"))
+    abort = status.get("last_abort")
+    caption = None if not abort else (f"{status['aborted']} aborted step(s); the last: step {abort['step']} "
+                                      f"(attempt {abort['attempt']}), {abort['reason']}")
     table = Table(title=f"{args.master}: {status['state']}, step {status['step']}/{status['steps']}, "
                         f"data epoch {status['epoch']}, membership epoch {status['membership_epoch']}, loss {loss}"
-                        + shown, title_justify="left")
+                        + shown, title_justify="left", caption=caption, caption_justify="left")
     for column in ("worker", "state", "host", "pid", "device", "virtual nodes", "step time"):
         table.add_column(column, justify="right" if column in ("pid", "step time") else "left")
     for w in status["workers"]:

@@ -241,6 +241,8 @@ class Master:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.max_step_attempts = max_step_attempts if max_step_attempts is not None else max_step_attempts_from_env()
         self._aborts: tuple[int, int] = (-1, 0)  # (step, its aborted attempts in a row)
+        self.last_abort: Optional[dict] = None  # the latest aborted step and why (Status)
+        self.aborted = 0  # aborted steps since this master started
         self.placement_policy = placement_policy
         self._checkpoint_step_on_disk = can_resume_from_checkpoint
         self.clock = clock
@@ -740,6 +742,9 @@ class Master:
         self.reports = {}
         self._needs_reform = True
         self._aborts = (self.step, self._aborts[1] + 1 if self._aborts[0] == self.step else 1)
+        self.aborted += 1
+        self.last_abort = {"step": self.step, "membership_epoch": self.membership.epoch if self.membership else 0,
+                           "reason": reason[:500], "attempt": self._aborts[1], "time": round(time.time(), 3)}
         if self._aborts[1] >= self.max_step_attempts:
             self.fail("", f"step {self.step} was aborted {self._aborts[1]} times in a row (max_step_attempts="
                       f"{self.max_step_attempts}, env {MAX_STEP_ATTEMPTS_ENV}); the last attempt: {reason}",

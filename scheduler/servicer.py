@@ -556,7 +556,8 @@ class MasterServicer:
         with m._cond:
             reply = pb.StatusReply(step=m.step, membership_epoch=m.membership.epoch if m.membership else 0,
                                    steps=m.steps, state=m.state.value, losses=m.losses[-1:],
-                                   evaluation=json.dumps(m.evaluations[-1]) if m.evaluations else "")
+                                   evaluation=json.dumps(m.evaluations[-1]) if m.evaluations else "",
+                                   last_abort=json.dumps(m.last_abort) if m.last_abort else "", aborted=m.aborted)
             reply.epoch = m.data_epoch(m.step)
             vnodes = dict(zip(m.membership.members, m.membership.vnodes)) if m.membership else {}
             for w in sorted(m.workers.values(), key=lambda w: w.joined_order):

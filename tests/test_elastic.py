@@ -285,3 +285,32 @@ def test_a_reduction_that_fails_at_every_attempt_fails_the_job_at_the_cap(monkey
     with pytest.raises(VnodesError, match=r"step 2 was aborted 3 times in a row .*could not reduce step 2: "
                                           r"RuntimeError: VNODES_FAULT: injected failure at reduce of step 2"):
         train(det_f32_spec(), steps=5, checkpoint_dir=tmp_path, workers=2)
+
+
+def test_status_shows_the_last_abort_and_its_cause(capsys):
+    """A worker whose reduction failed commits ok=False with the error: the master aborts the step,
+    and `vnodes status` (the RPC and the table) names the step, the attempt and the error."""
+    from loopback import LoopbackMaster
+
+    from vnodes.runtime.master_client import MasterClient
+    from vnodes.scheduler.cli import main
+
+    lm = LoopbackMaster(workers=1)
+    try:
+        (client, plan), = lm.join_all(1)
+        client.start_session()
+        decision, _, _ = client.commit(plan.membership_epoch, plan.step, False, 0.0, {}, 0.1,
+                                       error="RuntimeError: gloo says the peer is gone")
+        assert decision == "abort"
+        observer = MasterClient(lm.address)
+        status = observer.status()
+        observer.close()
+        assert status["aborted"] == 1 and status["last_abort"]["step"] == 0 and status["last_abort"]["attempt"] == 1
+        assert status["last_abort"]["reason"] == (f"worker {client.worker_id} could not reduce step 0: "
+                                                  "RuntimeError: gloo says the peer is gone")
+        assert main(["status", "--master", lm.address]) == 0
+        shown = " ".join(capsys.readouterr().out.split())
+        assert "1 aborted step(s); the last: step 0 (attempt 1)" in shown and "gloo says the peer is gone" in shown
+        client.close()
+    finally:
+        lm.stop()
