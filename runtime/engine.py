@@ -186,10 +186,11 @@ class StepEngine:
             else:
                 self.fusion = FusionContext()
                 patch_model(model, self.fusion)
-        if spec.compile_options() is not None:
+        compile_options = spec.compile_options()
+        if compile_options is not None:
             # In place: __call__ runs the compiled forward (and its backward); parameters, state_dict
             # and the fused patches above stay the module's own. Compiled lazily, at the first batch.
-            model.compile(**spec.compile_options())
+            model.compile(**compile_options)
         if spec.cuda_graphs:
             reason = unsupported_reason(model, device)
             if reason is not None:
@@ -289,8 +290,7 @@ class StepEngine:
                 reducer.push(Block(vnode_id, 1, grads + self.stats.contribution(vnode_id) +
                                    ([metric_share] if metric_share is not None else []) + [loss_share]))
             else:
-                if metric_share is not None:
-                    self._metric_sum = metric_share if self._metric_sum is None else self._metric_sum + metric_share
+                self._add_metrics(metric_share)
                 if buffer_sum is None:
                     buffer_sum = self.stats.contribution(vnode_id)
                 else:
@@ -646,9 +646,7 @@ class StepEngine:
         if see is not None:
             per_sample = see(per_sample, outputs, targets)
         means = segment_means(per_sample, groups)  # each node's mean loss (rows are interleaved)
-        metric_share = self._metric_share(groups)
-        if metric_share is not None:
-            self._metric_sum = metric_share if self._metric_sum is None else self._metric_sum + metric_share
+        self._add_metrics(self._metric_share(groups))
         self.fusion.in_backward = True  # a patched module running now is recomputed (checkpointing)
         try:
             self._backward(means.sum() / self.spec.virtual_nodes)
@@ -769,6 +767,11 @@ class StepEngine:
             means = [segment_means(self._metrics[k].detach().to(torch.float64), groups).sum()
                      for k in self.metric_names]
         return torch.stack(means) / n
+
+    def _add_metrics(self, share: Optional[torch.Tensor]) -> None:
+        """Fast mode: add a node's (or fused group's) metric share to this step's sum."""
+        if share is not None:
+            self._metric_sum = share if self._metric_sum is None else self._metric_sum + share
 
     def _backward(self, share: torch.Tensor) -> None:
         """Backward of a node's (or a fused group's) share of the global loss (its mean loss over N).
