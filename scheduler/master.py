@@ -784,7 +784,10 @@ class Master:
         checkpoint_due = self.step > max(self.checkpoint_step, 0) and (
             self.step >= self.steps or (self.checkpoint_every and self.step % self.checkpoint_every == 0))
         if checkpoint_due:
-            if rank == 0 and info.held_step == self.step:
+            # Written by the first member that holds the state: rank 0 may have just joined without it
+            # (it is synced by the next step, and the last step has none).
+            writer = next((w for w in m.members if self.workers[w].held_step == self.step), None)
+            if info.worker_id == writer:
                 return Plan(PlanKind.CHECKPOINT, m, self.step, plugin_state=self._plugin_snapshot(self.step))
             return Plan(PlanKind.WAIT)
         if self._finished():

@@ -334,6 +334,26 @@ def test_a_restarted_master_stops_waiting_for_holders_once_every_previous_worker
     assert plan.membership.members == ("a", "b") and plan.membership.sync_source_rank == -1
 
 
+def test_the_checkpoint_is_written_by_a_member_holding_the_state_not_by_rank_0():
+    """Root cause of a resumed run that hung at its last step: a worker registered first but asked for
+    its first plan after its peer had run the job alone, so it joined at the final checkpoint as rank 0
+    without the state; only rank 0 was asked to write it, and everyone waited."""
+    clock = Clock()
+    m = Master(4, 2, expected_workers=1, clock=clock, start_grace_s=5)
+    late, early = m.register(WorkerInfo("")), m.register(WorkerInfo(""))  # ``late`` registered first
+    for step in range(2):
+        plan = m.plan(early, step, timeout_s=0)
+        assert plan.kind == PlanKind.RUN and plan.membership.members == (early,)
+        assert commit(m, early, plan.membership.epoch, step, ok())[0] == Decision.COMMIT
+    assert m.plan(late, -1, timeout_s=0).kind == PlanKind.WAIT  # joins: rank 0 of the next epoch
+    assert m.membership.members == (late, early) and m.membership.sync_source_rank == 1
+    plan = m.plan(early, 2, timeout_s=0)
+    assert plan.kind == PlanKind.CHECKPOINT and plan.step == 2  # the holder writes it
+    assert m.plan(late, -1, timeout_s=0).kind == PlanKind.WAIT
+    assert m.plan(early, 2, checkpoint_step=2, timeout_s=0).kind == PlanKind.STOP
+    assert m.plan(late, -1, timeout_s=0).kind == PlanKind.STOP and m.state == JobState.DONE
+
+
 def test_a_step_aborted_at_every_attempt_fails_the_job_at_the_cap_naming_the_last_error():
     m, (a,), clock = make(n_vnodes=4, steps=10, workers=1, max_step_attempts=3)
     failed = Report(ok=False, loss=0.0, vnode_losses={}, step_time_s=0.1, error="RuntimeError: the same bug")
