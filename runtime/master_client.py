@@ -171,7 +171,7 @@ class MasterClient:
         try:
             grpc.channel_ready_future(self.channel).result(timeout=connect_timeout_s)
         except grpc.FutureTimeoutError:
-            raise MasterUnavailable(self.address, f"not reachable within {connect_timeout_s} s") from None
+            raise MasterUnavailable(self.address, f"not reachable within {connect_timeout_s:.1f} s") from None
         reply = self._call(self.stub.Register, pb.RegisterRequest(
             worker=pb.WorkerDescription(host=host, pid=pid, device=device, device_kind=device_kind,
                                         memory_bytes=memory_bytes, throughput=throughput,
