@@ -56,6 +56,7 @@ from .engine import StepEngine, resolve_device
 from .errors import JobCodeMissing, MasterLost, StaleEpoch, StorageError, VnodesError
 from .events import Event
 from .faults import FaultInjector
+from .logs import set_log_context
 from .master_client import MasterClient, MasterUnavailable, PlanView, read_pem
 from .train import execution_context
 from .watchdog import DEFAULT_HANG_TIMEOUT_S, Watchdog, hang_timeout_from_env
@@ -293,6 +294,7 @@ class WorkerAgent:
                                             f"{exc.detail}); check that it runs and listens there") from None
                 time.sleep(0.5)
         self.client, self.worker_id = client, reg.worker_id
+        set_log_context(job=reg.job or None, worker=reg.worker_id)
         client.start_session()
         older = getattr(self, "group", None)
         self.group = self._new_group()
@@ -341,6 +343,7 @@ class WorkerAgent:
             self._emit(Event.PLAN_REQUESTED)
             plan = self._next_plan or client.plan(self.held_step, self.checkpoint_step)
             self._next_plan = None
+            set_log_context(membership_epoch=plan.membership_epoch or None, step=plan.step)
             if plan.kind == "stop":
                 log.info("worker %s stops: %s", worker_id, plan.stop_reason)
                 return True

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from vnodes.runtime import JobSpec, VnodesError, train
+from vnodes.runtime.logs import LOG_FORMAT_ENV, LOG_FORMATS, configure_logging, set_log_context
 
 from .devices import on_first_device, parse_device_list
 from .job_options import add_job_options, apply_job_options, int_in_range, parse_overrides
@@ -125,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
         "of virtual nodes; its trajectory does not depend on how many workers run it.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages (INFO)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=None,
+                        help="text (default) or json: one object per line with the job, the membership epoch and "
+                        f"the step (env {LOG_FORMAT_ENV})")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -169,6 +173,11 @@ def _parser() -> argparse.ArgumentParser:
     master.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     master.add_argument("--placement", choices=("throughput", "even"), default="throughput")
     master.add_argument("--min-workers", type=_COUNT, default=1, help="workers to wait for before step 0")
+    master.add_argument("--metrics-port", type=_PORT, metavar="P",
+                        help="serve Prometheus metrics on http://METRICS_HOST:P/metrics (0 picks a port; "
+                        "needs prometheus-client)")
+    master.add_argument("--metrics-host", default="127.0.0.1",
+                        help="the metrics endpoint's address (default 127.0.0.1)")
 
     worker = commands.add_parser("worker", help="join a running job as a worker",
                                  description="Join a running job; SIGTERM drains (finishes the step, leaves).")
@@ -291,7 +300,8 @@ def _master(args: argparse.Namespace) -> int:
     from vnodes.runtime.master_client import read_pem
 
     from .errors import InsecureListen
-    from .servicer import is_loopback
+    from .prometheus import serve_metrics
+    from .servicer import host_port, is_loopback
 
     if not is_loopback(args.host) and not args.token:  # before anything is built
         raise InsecureListen(args.host)
@@ -304,14 +314,24 @@ def _master(args: argparse.Namespace) -> int:
     code = pack_job_folder(args.job, run_dir)
     spec = apply_job_options(load_job(args.job), args)
     clear_outcome(run_dir)
+    set_log_context(job=args.job)
     handle = start_master(spec, args.steps, run_dir, checkpoint_every=args.checkpoint_every or 0,
                           expected_workers=args.min_workers, host=args.host, port=args.port, token=args.token,
                           placement=args.placement, tls=tls, code=code)
+    try:
+        endpoint = serve_metrics(handle.master, spec.global_batch_size, args.metrics_host, args.metrics_port)
+    except VnodesError:
+        handle.stop()
+        raise
     print(f"vnodes master listening on {handle.address} (run dir {args.run_dir})", flush=True)
+    if endpoint is not None:
+        print(f"metrics on http://{host_port(args.metrics_host, endpoint.port)}/metrics", flush=True)
     try:
         handle.wait_for_end()  # until every worker has heard the end or is gone (bounded)
     finally:
         handle.stop()
+        if endpoint is not None:
+            endpoint.stop()
     failure = handle.master.failure
     if failure:
         write_outcome(run_dir, "failed", handle.master.step, failure.message, failure.error_type)
@@ -562,9 +582,10 @@ def _ranges(vnodes: list[int]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        configure_logging(logging.INFO if args.verbose else logging.WARNING, args.log_format)
+        if args.log_format:  # the workers a launcher starts log the same way
+            os.environ[LOG_FORMAT_ENV] = args.log_format
         from .cluster.commands import cancel_command, cluster_command, jobs_command, submit_command
 
         commands = {"run": _run, "master": _master, "worker": _worker, "analyze": _analyze, "simulate": _simulate,

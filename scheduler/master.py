@@ -51,6 +51,7 @@ from vnodes.runtime.errors import StorageError, VnodesError
 from vnodes.runtime.plugins import SampleColumns
 
 from vnodes.protos import SYNC_FROM_CHECKPOINT, SYNC_NONE, Decision, PlanKind
+from vnodes.runtime.logs import set_log_context
 
 from . import placement
 from .durable import DurableState
@@ -61,6 +62,11 @@ MAX_LIVE_WORKERS = 4096  # registrations not yet dead or left; more are refused 
 DEPARTED_KEPT = 256  # dead or left registrations remembered (for Status and re-registration)
 MAX_STEP_ATTEMPTS_ENV = "VNODES_MAX_STEP_ATTEMPTS"
 DEFAULT_MAX_STEP_ATTEMPTS = 20  # aborts of one step in a row before the job fails
+
+
+# Why a step was aborted (``Master.aborted_by_cause``): a member's session ended (crash, kill, drain
+# cut short), its heartbeats stopped, it did not commit after its peers did, or a reduction failed.
+ABORT_CAUSES = ("worker_lost", "heartbeat_timeout", "commit_timeout", "reduce_failed")
 
 
 def max_step_attempts_from_env() -> int:
@@ -243,6 +249,10 @@ class Master:
         self._aborts: tuple[int, int] = (-1, 0)  # (step, its aborted attempts in a row)
         self.last_abort: Optional[dict] = None  # the latest aborted step and why (Status)
         self.aborted = 0  # aborted steps since this master started
+        self.aborted_by_cause: collections.Counter = collections.Counter()  # ABORT_CAUSES -> count
+        # Where the master's time goes (the Prometheus endpoint): name -> [count, total seconds].
+        self.timings: dict[str, list] = {"plugins": [0, 0.0], "checkpoint": [0, 0.0]}
+        self._checkpoint_asked_s: dict[int, float] = {}  # step -> when its CHECKPOINT plan was first handed out
         self.placement_policy = placement_policy
         self._checkpoint_step_on_disk = can_resume_from_checkpoint
         self.clock = clock
@@ -352,7 +362,8 @@ class Master:
                 info.last_seen_s = self.clock()
             return info.joined_order if registration is None else registration
 
-    def lost(self, worker_id: str, reason: str, registration: Optional[int] = None) -> None:
+    def lost(self, worker_id: str, reason: str, registration: Optional[int] = None,
+             cause: str = "worker_lost") -> None:
         """A worker is gone (broken stream, missed heartbeats). A member's loss aborts the step.
 
         With ``registration``, only that registration of ``worker_id`` is lost: the end of a session
@@ -363,11 +374,11 @@ class Master:
                 info = self.workers.get(worker_id)
                 if info is None or info.joined_order != registration:
                     return
-                self._lose([worker_id], reason)  # the lock is re-entrant: one decision
+                self._lose([worker_id], reason, cause)  # the lock is re-entrant: one decision
             return
-        self._lose([worker_id], reason)
+        self._lose([worker_id], reason, cause)
 
-    def _lose(self, worker_ids: list[str], reason: str) -> None:
+    def _lose(self, worker_ids: list[str], reason: str, cause: str = "worker_lost") -> None:
         """Declare these workers dead at once: one abort and one re-form, however many they are."""
         with self._cond:
             members_lost, newly_gone = False, False
@@ -384,7 +395,7 @@ class Master:
                 members_lost = members_lost or was_member
                 self._needs_reform = self._needs_reform or not was_member
             if members_lost and self.state == JobState.RUNNING:
-                self._abort_current(f"lost {', '.join(worker_ids)}: {reason}")
+                self._abort_current(f"lost {', '.join(worker_ids)}: {reason}", cause)
                 self._reform()  # at a boundary now: the survivors (or nobody: WAITING) form the next epoch
             if newly_gone and self.done:
                 self._persist()  # the roster shrinks: a master restarted now need not wait for them
@@ -416,7 +427,7 @@ class Master:
                      if w.state in (WorkerState.REGISTERED, WorkerState.READY, WorkerState.MEMBER, WorkerState.LEAVING)
                      and now - w.last_seen_s > self.heartbeat_timeout_s]
         for worker_id in stale:
-            self.lost(worker_id, f"no heartbeat for {self.heartbeat_timeout_s:.0f} s")
+            self.lost(worker_id, f"no heartbeat for {self.heartbeat_timeout_s:.0f} s", cause="heartbeat_timeout")
         with self._cond:
             self._cond.notify_all()  # a start grace period may have ended
 
@@ -435,6 +446,9 @@ class Master:
             info.held_step = held_step
             info.last_seen_s = self.clock()
             if checkpoint_step > self.checkpoint_step:
+                asked = self._checkpoint_asked_s.pop(checkpoint_step, None)
+                if asked is not None:
+                    self._time("checkpoint", self.clock() - asked)
                 self.checkpoint_step = checkpoint_step
                 self._persist()
                 self._cond.notify_all()
@@ -489,7 +503,7 @@ class Master:
                 on_decided = None
                 if not report.ok:
                     self._abort_current(f"worker {worker_id} could not reduce step {step}"
-                                        + (f": {report.error}" if report.error else ""))
+                                        + (f": {report.error}" if report.error else ""), "reduce_failed")
                 elif len(self.reports) == len(self.membership.members):
                     self._commit_current()
         if on_decided is not None:  # decided before this report arrived
@@ -527,7 +541,8 @@ class Master:
                     or not self.reports:
                 return []
             silent = [w for w in m.members if w not in self.reports]
-            self._lose(silent, f"no commit for step {step} {waited_s:.0f} s after their peers committed")
+            self._lose(silent, f"no commit for step {step} {waited_s:.0f} s after their peers committed",
+                       "commit_timeout")
             return silent
 
     def epoch_status(self, worker_id: str, epoch: int, arrive: bool) -> tuple[bool, int]:
@@ -694,6 +709,7 @@ class Master:
             self.metrics.step(c.step, c.loss, list(vnode_losses.values()), c.step_time_s, len(m.members), m.epoch,
                               c.grad_norm, c.skipped, c.lr, time.time(), c.metrics)
         self.step += 1
+        set_log_context(step=self.step)
         self.reports = {}
         self._persist()
         for old in [k for k in self.decisions if k[1] < self.step - 8]:  # late callers of old steps: rare
@@ -723,15 +739,22 @@ class Master:
         members (and those of the evaluation pass it carried). A plugin that fails fails the job
         (False), with its error named."""
         order = sorted(range(len(reports)), key=lambda r: m.vnodes[r][0] if m.vnodes[r] else -1)
+        started = time.perf_counter()
         try:
             self.host.on_commit(self.step, [reports[r].reports for r in order], self.host.eval_due(self.step),
                                 [reports[r].eval_reports for r in order], training=self.step < self.steps)
         except Exception as exc:  # noqa: BLE001 - the plugin's own code: its error ends the job, the master lives
             self.fail("", f"a plugin failed at step {self.step}: {type(exc).__name__}: {exc}", type(exc).__name__)
             return False
+        finally:
+            self._time("plugins", time.perf_counter() - started)
         return True
 
-    def _abort_current(self, reason: str) -> None:
+    def _time(self, name: str, seconds: float) -> None:
+        self.timings[name][0] += 1
+        self.timings[name][1] += seconds
+
+    def _abort_current(self, reason: str, cause: str) -> None:
         """Abort the step in flight: its members redo it in a new epoch. The ``max_step_attempts``-th
         abort of one step in a row fails the job with the last reason: a failure that recurs at
         every attempt (a bug that raises each time) must not loop for ever."""
@@ -743,6 +766,7 @@ class Master:
         self._needs_reform = True
         self._aborts = (self.step, self._aborts[1] + 1 if self._aborts[0] == self.step else 1)
         self.aborted += 1
+        self.aborted_by_cause[cause] += 1
         self.last_abort = {"step": self.step, "membership_epoch": self.membership.epoch if self.membership else 0,
                            "reason": reason[:500], "attempt": self._aborts[1], "time": round(time.time(), 3)}
         if self._aborts[1] >= self.max_step_attempts:
@@ -763,6 +787,7 @@ class Master:
             keeper = self._handoff()
             if keeper is not None:  # the state goes to disk before the last worker holding it leaves
                 if info is keeper:
+                    self._checkpoint_asked_s.setdefault(self.step, self.clock())
                     return Plan(PlanKind.CHECKPOINT, self.membership, self.step,
                                 plugin_state=self._plugin_snapshot(self.step))
                 return Plan(PlanKind.WAIT)
@@ -788,6 +813,7 @@ class Master:
             # (it is synced by the next step, and the last step has none).
             writer = next((w for w in m.members if self.workers[w].held_step == self.step), None)
             if info.worker_id == writer:
+                self._checkpoint_asked_s.setdefault(self.step, self.clock())
                 return Plan(PlanKind.CHECKPOINT, m, self.step, plugin_state=self._plugin_snapshot(self.step))
             return Plan(PlanKind.WAIT)
         if self._finished():
@@ -836,7 +862,9 @@ class Master:
         if self.host is None:
             return None
         if step not in self._plugin_snapshots:
+            started = time.perf_counter()
             self._plugin_snapshots[step] = self.host.state_dict()
+            self._time("plugins", time.perf_counter() - started)
             for old in sorted(self._plugin_snapshots)[:-4]:
                 del self._plugin_snapshots[old]
         return self._plugin_snapshots[step]
@@ -932,6 +960,7 @@ class Master:
                                      tuple(tuple(v) for v in vnodes), sync)
         for w in candidates:
             w.state = WorkerState.MEMBER
+        set_log_context(membership_epoch=self.epoch_counter, step=self.step)
         self.reports = {}
         self.state = JobState.RUNNING
         if self.metrics is not None:
