@@ -116,6 +116,7 @@ class Soak:
         self.stopped: dict[int, float] = {}  # pid -> when to SIGCONT
         self.killed: set[int] = set()  # pids SIGKILLed by the schedule
         self.drained: set[int] = set()  # pids SIGTERMed by the schedule (leaving)
+        self.stopped_at_end: set[int] = set()  # still stopped when the job ended (declared dead by then)
         self.faults: collections.Counter = collections.Counter()
         self.stop_times: list[float] = []
         self.master_restarts = 0
@@ -234,6 +235,7 @@ class Soak:
         return self.master.returncode
 
     def finish(self, timeout_s: float = 90.0) -> None:
+        self.stopped_at_end = set(self.stopped)
         for pid in list(self.stopped):
             os.kill(pid, signal.SIGCONT)
         self.stopped.clear()
@@ -275,7 +277,7 @@ def soak(run_dir: Path, *, steps: int = 2000, workers: int = 4, seed: int = 0, i
     stop_to_commit = [next((t - stop for t in commits if t > stop), float("nan")) for stop in s.stop_times]
     exits = collections.Counter(w.returncode for w in s.workers)
     # SIGKILLed: -9; SIGTERMed before its handler was installed (still importing): -15; started just
-    # before the master finished and exited: 2, no master to register with
+    # before the master finished and exited: 2, no master to register with; stopped at the end: 4
     expected = collections.defaultdict(lambda: {0})
     for pid in s.killed:
         expected[pid].add(-9)
@@ -284,6 +286,8 @@ def soak(run_dir: Path, *, steps: int = 2000, workers: int = 4, seed: int = 0, i
     for pid, t in s.started_at.items():
         if s.ended_at - t < SETTLED_S:
             expected[pid].add(2)
+    for pid in s.stopped_at_end:  # woken after the master left: it gives up on it (--master-timeout)
+        expected[pid].add(4)
     unexpected = [f"worker-{i} (pid {w.pid}) exited {w.returncode}" for i, w in enumerate(s.workers)
                   if w.returncode not in expected[w.pid]]
     reference = train(job(), steps=steps)

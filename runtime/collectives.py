@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import datetime
 import io
+import os
+import socket
 import threading
 import time
 from typing import Any, Optional
@@ -69,6 +71,35 @@ class SoloGroup:
         pass
 
 
+def local_address_towards(address: str) -> Optional[str]:
+    """This machine's address on the route to ``address`` (``HOST:PORT``, the master): the interface
+    a worker's peers can reach it on, on a multi-homed host or one whose hostname resolves to a
+    loopback address (Debian's 127.0.1.1). None if it cannot be told (no route, a bad address)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return None
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, int(port), type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(sockaddr)  # UDP: picks the route, sends nothing
+            return probe.getsockname()[0]
+    except OSError:
+        return None
+
+
+def gloo_group(store, rank: int, world_size: int, timeout: datetime.timedelta, bind_address: Optional[str]):
+    """A gloo group whose transport listens on ``bind_address``. gloo's own default is the address
+    the hostname resolves to, which on many machines is a loopback one that peers on other hosts
+    cannot reach. ``GLOO_SOCKET_IFNAME``, when set, is the user's choice and is kept."""
+    if bind_address is None or os.environ.get("GLOO_SOCKET_IFNAME"):
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    options = dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname=bind_address)]
+    return dist.ProcessGroupGloo(store, rank, world_size, options)
+
+
 class EpochGroup:
     """This worker's membership in the current epoch's process group.
 
@@ -93,6 +124,7 @@ class EpochGroup:
         self.backend = "nccl" if device.type == "cuda" else "gloo"
         self.device = device
         self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.bind_address = local_address_towards(getattr(client, "address", ""))
         self.epoch: Optional[int] = None
         self.rank = -1
         self.world_size = 0
@@ -154,7 +186,7 @@ class EpochGroup:
 
         def connect() -> None:
             try:
-                built["pg"] = dist.ProcessGroupGloo(store, rank, world_size, self.timeout)
+                built["pg"] = gloo_group(store, rank, world_size, self.timeout, self.bind_address)
             except Exception as exc:  # noqa: BLE001 - handed to the caller
                 built["error"] = exc
 
