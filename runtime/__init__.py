@@ -5,8 +5,8 @@
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .engine import StepEngine
-from .errors import (CheckpointMismatch, InvalidJobSpec, JobFailed, NonFiniteLoss, StaleEpoch, StorageError,
-                     VnodesError)
+from .errors import (CheckpointMismatch, InvalidJobSpec, JobFailed, NonFiniteLoss, PeerLost, StaleEpoch,
+                     StorageError, VnodesError)
 from .events import Callback, Event, RunState
 from .sampler import VNodeSampler
 from .seeding import vnode_seed
@@ -15,6 +15,6 @@ from .train import TrainResult, train
 
 __all__ = [
     "Callback", "Checkpoint", "CheckpointMismatch", "Event", "InvalidJobSpec", "JobFailed", "JobSpec",
-    "NonFiniteLoss", "RunState", "StaleEpoch", "StepEngine", "StorageError", "TrainResult",
+    "NonFiniteLoss", "PeerLost", "RunState", "StaleEpoch", "StepEngine", "StorageError", "TrainResult",
     "VNodeSampler", "VnodesError", "load_checkpoint", "train", "vnode_seed",
 ]

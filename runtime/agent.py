@@ -53,10 +53,10 @@ from .checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from .code_cache import install as install_code
 from .collectives import EpochGroup, SoloGroup
 from .engine import StepEngine, resolve_device
-from .errors import JobCodeMissing, MasterLost, StaleEpoch, StorageError, VnodesError
+from .errors import JobCodeMissing, MasterLost, PeerLost, StaleEpoch, StorageError, VnodesError
 from .events import Event
 from .faults import FaultInjector
-from .logs import set_log_context
+from .logs import LOG_FORMAT_ENV, configure_logging, set_log_context
 from .master_client import MasterClient, MasterUnavailable, PlanView, read_pem
 from .train import execution_context
 from .watchdog import DEFAULT_HANG_TIMEOUT_S, Watchdog, hang_timeout_from_env
@@ -407,10 +407,16 @@ class WorkerAgent:
                     total, used = group.reduce(partial, deterministic)  # SYNC: every member of the epoch
                     loss = float(total[-1].item())
                     metrics = engine.prepare(total, used)  # the same on every member: they hold the same total
-                except RuntimeError as exc:
+                except PeerLost as exc:  # retryable: the master aborts the step and the next epoch redoes it
                     log.warning("step %d: reduction failed (%s); reporting it", step, exc)
                     group.destroy()
                     ok, error = False, f"{type(exc).__name__}: {exc}"[:2000]
+                except MasterUnavailable:
+                    raise  # the loop reconnects
+                except Exception as exc:  # noqa: BLE001 - a bug in the step's reduction: it would recur
+                    group.destroy()  # at every attempt, so the job fails now, with the error named
+                    self._report_fatal(exc)
+                    return True
             self._emit(Event.REDUCED, step)
             try:
                 decision, self._next_plan, evaluation = client.commit(
@@ -525,8 +531,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=os.environ.get("VNODES_LOG", "WARNING"),
-                        format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
+    if not logging.getLogger().handlers:  # a launcher's worker process (`vnodes worker` configured it already)
+        level = os.environ.get("VNODES_LOG", "WARNING")
+        if os.environ.get(LOG_FORMAT_ENV) == "json":  # the launcher's --log-format json
+            configure_logging(level, "json")
+        else:
+            logging.basicConfig(level=level, format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
     try:
         hang_timeout = hang_timeout_from_env() if args.hang_timeout is None else args.hang_timeout
         if hang_timeout is not None and hang_timeout < 0:

@@ -19,6 +19,7 @@ workers must share a network you trust.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import os
@@ -34,12 +35,13 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from vnodes.protos import epoch_store_prefix
 
 from .engine import StepPartial
+from .errors import PeerLost
 from .master_client import MasterUnavailable
 from .master_store import MasterStore
 from .reduction import Block, Payload, canonical_sum
 
 
-class EpochSuperseded(RuntimeError):
+class EpochSuperseded(PeerLost):
     """The master formed a newer epoch while this one was still gathering its members."""
 
 
@@ -69,6 +71,19 @@ class SoloGroup:
 
     def adopt_abandoned(self, older: Any) -> None:
         pass
+
+
+@contextlib.contextmanager
+def _peers():
+    """The boundary where torch.distributed's errors arise: each one is a ``PeerLost`` (retryable).
+    torch raises ``RuntimeError`` (``DistError`` and its kinds derive from it) for a closed connection,
+    a timeout or a peer's abort alike; none of them is this worker's bug."""
+    try:
+        yield
+    except PeerLost:
+        raise
+    except RuntimeError as exc:
+        raise PeerLost(str(exc)) from exc
 
 
 def local_address_towards(address: str) -> Optional[str]:
@@ -139,7 +154,7 @@ class EpochGroup:
 
         Raises:
             EpochSuperseded: the master moved on before every member arrived and connected.
-            RuntimeError: a peer did not arrive or connect within the timeout.
+            PeerLost: a peer did not arrive or connect within the timeout.
             MasterUnavailable: the master cannot be reached while the members arrive.
         """
         self.destroy()
@@ -154,15 +169,17 @@ class EpochGroup:
             if arrived >= world_size:
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"epoch {epoch}: {world_size - arrived} of {world_size} members missing "
-                                   f"after {self.timeout.total_seconds():.0f} s")
+                raise PeerLost(f"epoch {epoch}: {world_size - arrived} of {world_size} members missing "
+                               f"after {self.timeout.total_seconds():.0f} s")
             time.sleep(pause_s)
             pause_s = min(2 * pause_s, longest_s)
         store = dist.PrefixStore(epoch_store_prefix(epoch), self.store)
         if self.backend == "gloo":
             self.pg = self._connect_gloo(store, epoch, rank, world_size)
         else:
-            dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size, timeout=self.timeout)
+            with _peers("connecting"):
+                dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size,
+                                        timeout=self.timeout)
             self.pg = dist.group.WORLD
         self.epoch, self.rank, self.world_size = epoch, rank, world_size
 
@@ -200,7 +217,8 @@ class EpochGroup:
                 self._connecting.append(thread)  # inside the C++ constructor until its timeout
                 raise EpochSuperseded(f"epoch {epoch} was superseded while its members connected")
         if "error" in built:
-            raise built["error"]
+            error = built["error"]
+            raise error if isinstance(error, PeerLost) else PeerLost(f"connecting epoch {epoch}: {error}") from error
         return built["pg"]
 
     def destroy(self) -> None:
@@ -231,15 +249,26 @@ class EpochGroup:
         self._connecting = [t for t in self._connecting if t.is_alive()]
         return bool(self._connecting) or any(not work.is_completed() for _, work in self._abandoned)
 
+    def _run(self, start) -> None:
+        """Start a collective (``start()`` returns its work) and wait for it.
+
+        Raises:
+            PeerLost: it failed, timed out or was superseded (``_wait``).
+        """
+        with _peers():
+            work = start()
+        self._wait(work)
+
     def _wait(self, work) -> None:
         """Wait for ``work``; on gloo in short polls, leaving at once if the epoch was superseded.
 
         Raises:
             EpochSuperseded: the master moved on while the collective was pending (a peer stopped).
-            RuntimeError: the collective failed (a peer vanished) or timed out.
+            PeerLost: the collective failed (a peer vanished) or timed out.
         """
         if self.backend != "gloo":
-            work.wait()
+            with _peers():
+                work.wait()
             return
         self._pending = work
         deadline = time.monotonic() + self.timeout.total_seconds()
@@ -253,24 +282,25 @@ class EpochGroup:
                     # Failed (a peer's connection closed), or finished just after the poll gave up:
                     # a plain wait now returns at once, or raises the collective's own error.
                     self._pending = None
-                    work.wait()
+                    with _peers():
+                        work.wait()
                     return
             if self._superseded(self.epoch):
                 raise EpochSuperseded(f"epoch {self.epoch} was superseded during a collective")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"epoch {self.epoch}: collective not done after "
-                                   f"{self.timeout.total_seconds():.0f} s")
+                    raise PeerLost(f"epoch {self.epoch}: collective not done after "
+                               f"{self.timeout.total_seconds():.0f} s")
 
     def broadcast_state(self, state: Optional[dict[str, Any]], source_rank: int) -> dict[str, Any]:
         """Send ``state`` from ``source_rank`` to every member; returns it everywhere."""
         data = _serialize(state) if self.rank == source_rank else b""
         size = torch.tensor([len(data)], dtype=torch.int64, device=self._object_device())
-        self._wait(self.pg.broadcast(size, source_rank))
+        self._run(lambda: self.pg.broadcast(size, source_rank))
         if self.rank == source_rank:
             buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self._object_device())
         else:
             buffer = torch.empty(int(size.item()), dtype=torch.uint8, device=self._object_device())
-        self._wait(self.pg.broadcast(buffer, source_rank))
+        self._run(lambda: self.pg.broadcast(buffer, source_rank))
         return state if self.rank == source_rank else _deserialize(buffer)
 
     def all_gather_objects(self, obj: Any) -> list[Any]:
@@ -279,19 +309,19 @@ class EpochGroup:
         device = self._object_device()
         size = torch.tensor([len(data)], dtype=torch.int64, device=device)
         sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(self.world_size)]
-        self._wait(self.pg.allgather([sizes], [size]))
+        self._run(lambda: self.pg.allgather([sizes], [size]))
         longest = max(int(s.item()) for s in sizes)
         mine = torch.zeros(longest, dtype=torch.uint8, device=device)
         mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
         gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(self.world_size)]
-        self._wait(self.pg.allgather([gathered], [mine]))
+        self._run(lambda: self.pg.allgather([gathered], [mine]))
         return [_deserialize(g[:int(s.item())]) for g, s in zip(gathered, sizes)]
 
     def reduce(self, partial: StepPartial, deterministic: bool) -> tuple[Payload, list[bool]]:
         """Sum every member's partial: one all-reduce per dtype (fast), or canonical (deterministic).
 
         Raises:
-            RuntimeError: a peer vanished (the caller reports the step as not reduced).
+            PeerLost: a peer vanished (the caller reports the step as not reduced).
             EpochSuperseded: the master moved on while waiting for a peer (it stopped).
         """
         if deterministic:
@@ -300,10 +330,10 @@ class EpochGroup:
         used = torch.tensor([float(u) for u in partial.used], device=self.device)
         for indices in _by_dtype(payload).values():
             flat = _flatten_dense_tensors([payload[i] for i in indices])
-            self._wait(self.pg.allreduce([flat]))
+            self._run(lambda: self.pg.allreduce([flat]))
             for i, t in zip(indices, _unflatten_dense_tensors(flat, [payload[i] for i in indices])):
                 payload[i].copy_(t)
-        self._wait(self.pg.allreduce([used]))
+        self._run(lambda: self.pg.allreduce([used]))
         return payload, [bool(u > 0) for u in used.tolist()]
 
     def _reduce_canonical(self, partial: StepPartial) -> tuple[Payload, list[bool]]:
@@ -347,12 +377,12 @@ class EpochGroup:
             send[:, j].copy_(padded.view(w, chunk))
         del padded
         received = torch.empty(sum(counts) * chunk, dtype=send.dtype, device=device)
-        self._wait(self.pg.alltoall_base(received, send.view(-1), [c * chunk for c in counts],
+        self._run(lambda: self.pg.alltoall_base(received, send.view(-1), [c * chunk for c in counts],
                                          [len(blocks) * chunk] * w, dist.AllToAllOptions()))
         slices = received.view(-1, chunk)
         mine = canonical_sum([Block(start, size, [slices[k]]) for k, (start, size) in enumerate(spans)])[0]
         summed = torch.empty(w * chunk, dtype=send.dtype, device=device)
-        self._wait(self.pg.allgather([list(summed.view(w, chunk))], [mine]))
+        self._run(lambda: self.pg.allgather([list(summed.view(w, chunk))], [mine]))
         return list(_unflatten_dense_tensors(summed[:length], shapes))
 
     def _object_device(self) -> torch.device:

@@ -21,6 +21,15 @@ class VnodesError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
+class PeerLost(VnodesError, RuntimeError):
+    """Retryable: a collective, a rendezvous or a group's connection could not complete because a
+    member of the epoch vanished, a connection dropped, or the master moved on. The step is aborted
+    and redone by the epoch that forms next (at most ``VNODES_MAX_STEP_ATTEMPTS`` times in a row).
+
+    Raised only where torch.distributed's errors arise (``collectives.py``); any other error inside
+    a step's reduction is a bug, and fails the job at once with its name."""
+
+
 class InvalidJobSpec(VnodesError, ValueError):
     """A ``JobSpec`` field (or an argument of ``train``) is unusable.
 

@@ -8,7 +8,9 @@ value (``events.WORKER_EVENTS``: ``batch_loaded``, ``loss_computed``, ``backward
 ``:hang`` makes the main thread block forever instead of dying (its other threads, such as
 heartbeats, go on: a hung worker), and ``:stop`` SIGSTOPs the whole process (a frozen machine: its
 sockets stay open, nothing answers); ``:raise`` raises a ``RuntimeError`` at that event at every
-attempt of the step (a deterministic bug; at ``reduce``, a reduction that always fails). A checkpoint's events count as those of the step just applied
+attempt of the step (a deterministic bug: at ``reduce``, it fails the job at once), and ``:lose`` a
+``PeerLost`` (a peer lost at every attempt: retried up to ``VNODES_MAX_STEP_ATTEMPTS``). A
+checkpoint's events count as those of the step just applied
 (``step - 1`` of the checkpoint). Unset (the normal case), nothing subscribes: it costs nothing.
 """
 
@@ -19,18 +21,20 @@ import signal
 import threading
 from typing import Optional
 
+from .errors import PeerLost
 from .events import WORKER_EVENTS, Event
 
 PHASES = tuple(e.value for e in WORKER_EVENTS)
+ACTIONS = ("kill", "hang", "stop", "raise", "lose")
 
 
 def _parse(text: str) -> dict[tuple[Event, int, Optional[int]], str]:
     faults = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         parts = item.split(":")
-        action = parts.pop() if parts[-1] in ("kill", "hang", "stop", "raise") else "kill"
+        action = parts.pop() if parts[-1] in ACTIONS else "kill"
         if len(parts) not in (2, 3) or parts[0] not in PHASES:
-            raise ValueError(f"VNODES_FAULT item {item!r}: expected event:step[:worker][:kill|hang|stop|raise] "
+            raise ValueError(f"VNODES_FAULT item {item!r}: expected event:step[:worker][:{'|'.join(ACTIONS)}] "
                              f"with event in {PHASES}")
         faults[(Event(parts[0]), int(parts[1]), int(parts[2]) if len(parts) == 3 else None)] = action
     return faults
@@ -56,5 +60,7 @@ class FaultInjector:
             threading.Event().wait()
         elif action == "stop":
             os.kill(os.getpid(), signal.SIGSTOP)
-        elif action == "raise":  # at every attempt of the step: a deterministic bug, as torch would raise it
+        elif action == "raise":  # at every attempt of the step: a deterministic bug
             raise RuntimeError(f"VNODES_FAULT: injected failure at {event.value} of step {step}")
+        elif action == "lose":  # at every attempt of the step: a peer lost each time (retryable)
+            raise PeerLost(f"VNODES_FAULT: injected peer loss at {event.value} of step {step}")

@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 LOG_FORMAT_ENV = "VNODES_LOG_FORMAT"
 LOG_FORMATS = ("text", "json")
@@ -65,7 +65,7 @@ def log_format_from_env() -> str:
     return value
 
 
-def configure_logging(level: int, log_format: Optional[str] = None) -> None:
+def configure_logging(level: Union[int, str], log_format: Optional[str] = None) -> None:
     """The root logger's handler on stderr, in ``log_format`` (default: ``VNODES_LOG_FORMAT``, else text)."""
     handler = logging.StreamHandler()
     fmt = log_format or log_format_from_env()
