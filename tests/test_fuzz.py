@@ -152,7 +152,8 @@ def test_random_and_absurd_requests_to_every_rpc_of_a_live_master(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    print(f"fuzz: {tried[0]} requests to a live master ({during_job[0]} while the job trained); codes: {json.dumps(codes, sort_keys=True)}; "
+    print(f"fuzz: {tried[0]} requests to a live master ({during_job[0]} while the job trained); "
+          f"codes: {json.dumps(codes, sort_keys=True)}; "
           f"master RSS {start_rss / 2**20:.0f} MiB at the start, {peak_rss[0] / 2**20:.0f} MiB at the peak")
     assert tried[0] == 600 and len(codes) == len(UNARY) + 3 and during_job[0] >= 300
     assert peak_rss[0] - start_rss < 300 * 2**20  # bounded: registrations, strings and streams are capped
