@@ -6,7 +6,8 @@ from __future__ import annotations
 
 # Measured with `pytest --durations`: the files whose tests add up to a minute or more, longest first.
 LONGEST_FIRST = ("test_cluster_service.py", "test_master_restart.py", "test_training_features.py", "test_ray.py",
-                 "test_elastic.py", "test_ddp_equivalence.py", "test_plugins.py", "test_kill_resume.py")
+                 "test_elastic.py", "test_ddp_equivalence.py", "test_hosts.py", "test_plugins.py", "test_chaos.py",
+                 "test_kill_resume.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
