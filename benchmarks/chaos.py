@@ -271,7 +271,7 @@ def soak(run_dir: Path, *, steps: int = 2000, workers: int = 4, seed: int = 0, i
         s.cleanup()
     if rc != 0:
         raise RuntimeError(f"the master exited with {rc}; logs in {run_dir / 'processes'}")
-    wall_s = time.monotonic() - started
+    wall_s = s.ended_at - started  # to the master's exit (not the wait for workers woken at the end)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     commits = sorted(r["time"] for r in rows if "event" not in r)
     pauses = [b - a for a, b in zip(commits, commits[1:])]
