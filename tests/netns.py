@@ -74,6 +74,7 @@ class Hosts:
         self.hosts = [Host(f"vnh{tag}-{i}", f"10.{self.subnet}.0.{i + 1}") for i in range(count)]
 
     def __enter__(self) -> list[Host]:
+        self.__exit__(None, None, None)  # left over by a killed run of a process with the same pid
         try:
             _ip("netns", "add", self.switch)
             _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
