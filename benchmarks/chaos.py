@@ -105,8 +105,9 @@ class Soak:
     """One soak: the processes it started and what the schedule did to them."""
 
     def __init__(self, run_dir: Path, steps: int, workers: int, seed: int, interval_s: float,
-                 min_workers: int, max_workers: int, log):
+                 min_workers: int, max_workers: int, log, worker_args: tuple = ()):
         self.run_dir, self.steps, self.seed, self.interval_s = run_dir, steps, seed, interval_s
+        self.worker_args = tuple(worker_args)
         self.min_workers, self.max_workers, self.log = min_workers, max_workers, log
         self.rng = random.Random(seed)
         self.port = _free_port()
@@ -140,7 +141,8 @@ class Soak:
                                   "--min-workers", str(self.initial_workers), name=f"master-{self.master_restarts}")
 
     def start_worker(self) -> None:
-        worker = self._spawn("worker", "--master", f"127.0.0.1:{self.port}", name=f"worker-{len(self.workers)}")
+        worker = self._spawn("worker", "--master", f"127.0.0.1:{self.port}", *self.worker_args,
+                             name=f"worker-{len(self.workers)}")
         self.workers.append(worker)
         self.started_at[worker.pid] = time.monotonic()
 
@@ -221,15 +223,15 @@ class Soak:
             if committed < self.high:  # a roll-back (to a checkpoint, or one step by a restarted master)
                 self.rolled_back += self.high - committed
             self.high = committed
-            if self.committed() < self.steps:  # past the end, workers exit: no replacements
+            if committed < self.steps:  # past the end, workers exit: no replacements
                 self.tend()
-            if self.committed() == 0:  # the first faults hit a running job, not its start
+            if committed == 0:  # the first faults hit a running job, not its start
                 next_fault = time.monotonic() + self.interval_s
-            elif time.monotonic() >= next_fault and self.committed() < self.steps:
-                due = master_kill_at is not None and self.committed() >= master_kill_at
-                self.inject(due)
-                if due:
-                    master_kill_at = None
+            elif master_kill_at is not None and master_kill_at <= committed < self.steps:
+                self.inject(master_kill_due=True)  # half-way, whatever the schedule says
+                master_kill_at = None
+            elif time.monotonic() >= next_fault and committed < self.steps:
+                self.inject(master_kill_due=False)
                 next_fault = time.monotonic() + self.interval_s * self.rng.uniform(0.5, 1.5)
             time.sleep(0.05)
         self.ended_at = time.monotonic()
@@ -260,10 +262,13 @@ class Soak:
 
 
 def soak(run_dir: Path, *, steps: int = 2000, workers: int = 4, seed: int = 0, interval_s: float = 3.0,
-         min_workers: int = 2, max_workers: int = 6, timeout_s: float = 3600.0, log=print) -> SoakResult:
-    """Run one soak in ``run_dir`` (empty) and compare its final checkpoint with a fault-free run."""
+         min_workers: int = 2, max_workers: int = 6, timeout_s: float = 3600.0, log=print,
+         worker_args: tuple = ()) -> SoakResult:
+    """Run one soak in ``run_dir`` (empty) and compare its final checkpoint with a fault-free run.
+    ``worker_args``: extra ``vnodes worker`` arguments (``--slowdown 20`` stretches a step with sleep,
+    so that a short soak sees many faults without more CPU)."""
     started = time.monotonic()
-    s = Soak(run_dir, steps, workers, seed, interval_s, min_workers, max_workers, log)
+    s = Soak(run_dir, steps, workers, seed, interval_s, min_workers, max_workers, log, worker_args)
     try:
         rc = s.run(timeout_s)
         s.finish()

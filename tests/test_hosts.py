@@ -143,7 +143,7 @@ def test_a_worker_partitioned_mid_job_is_lost_the_survivor_redoes_the_step_and_t
                                                "--min-workers", "2"), env=env())
         survivor = a.popen(vnodes_argv("worker", "--master", address, "--token", TOKEN, "--master-timeout", "30"),
                            env=env())
-        cut = b.popen(vnodes_argv("worker", "--master", address, "--token", TOKEN, "--master-timeout", "30"),
+        cut = b.popen(vnodes_argv("worker", "--master", address, "--token", TOKEN, "--master-timeout", "10"),
                       env=env(), stderr=subprocess.PIPE, text=True)
         try:
             wait_for(lambda: committed_step(run_dir) >= 5, what="step 5")
