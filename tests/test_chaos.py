@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 def test_a_short_soak_ends_bitwise_equal_to_the_fault_free_run(tmp_path):
     lines = []
-    result = soak(tmp_path, steps=250, workers=4, seed=3, interval_s=2.5, timeout_s=400, log=lines.append)
+    result = soak(tmp_path, steps=160, workers=4, seed=3, interval_s=2.0, timeout_s=400, log=lines.append)
     report = "\n".join([*lines, table(result), *result.unexpected_exits])
     assert result.faults["master"] == 1 and sum(result.faults.values()) >= 4, report
     assert result.faults["kill"] >= 1 and result.faults["stop"] + result.faults["drain"] >= 1, report
