@@ -5,8 +5,6 @@ lost and the survivors redo the step; 50 ms of latency (``tc netem``) changes no
 
 Skipped, with the reason, where namespaces cannot be made (not root, no iproute2)."""
 
-import datetime
-import ipaddress
 import json
 import os
 import subprocess
@@ -14,12 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 
 from vnodes.runtime import load_checkpoint, train
 
+from certs import self_signed
 from jobs import det_f32_spec
 from netns import Hosts, why_not_available
 
@@ -56,30 +54,6 @@ def wait_for(predicate, timeout_s=120, what="the condition"):
         time.sleep(0.1)
 
 
-def certificate(tmp_path, address):
-    """A self-signed certificate for the master's address (generated here: nothing downloaded)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vnodes-master")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    key_file, cert_file = tmp_path / "key.pem", tmp_path / "cert.pem"
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_file, cert_file
-
-
 def reference(steps):
     return train(det_f32_spec(), steps=steps).model_state_dict
 
@@ -100,7 +74,7 @@ def stop_all(*processes):
 def test_off_loopback_every_rpc_needs_the_token_and_tls_carries_a_job_between_hosts(tmp_path):
     steps = 6
     with Hosts(3) as (master_host, a, b):
-        key_file, cert_file = certificate(tmp_path, master_host.address)
+        key_file, cert_file = self_signed(tmp_path, master_host.address)
         address = f"{master_host.address}:{PORT}"
         run_dir = tmp_path / "run"
         master = master_host.popen(vnodes_argv("master", JOB, "--steps", str(steps), "--host", master_host.address,

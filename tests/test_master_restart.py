@@ -16,6 +16,7 @@ import torch
 from vnodes.runtime import load_checkpoint, train
 from vnodes.runtime.checkpoint import checkpoint_path
 
+from certs import self_signed
 from jobs import det_f32_spec
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
@@ -214,35 +215,8 @@ def _listening(port):
         return False
 
 
-def _self_signed(tmp_path):
-    """A CA-less self-signed certificate for 127.0.0.1 (generated here: nothing downloaded)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    import ipaddress
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vnodes-test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    key_file, cert_file = tmp_path / "key.pem", tmp_path / "cert.pem"
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_file, cert_file
-
-
 def test_tls_master_with_token_serves_tls_workers_and_status(tmp_path):
-    key_file, cert_file = _self_signed(tmp_path)
+    key_file, cert_file = self_signed(tmp_path)
     run_dir = tmp_path / "run"
     half = vnodes("master", JOB, "--steps", "3", "--run-dir", str(run_dir), "--tls-cert", str(cert_file),
                   stderr=subprocess.PIPE, text=True)
