@@ -105,8 +105,9 @@ class Soak:
     """One soak: the processes it started and what the schedule did to them."""
 
     def __init__(self, run_dir: Path, steps: int, workers: int, seed: int, interval_s: float,
-                 min_workers: int, max_workers: int, log, worker_args: tuple = ()):
+                 min_workers: int, max_workers: int, log, worker_args: tuple = (), start_grace_s: float = 60.0):
         self.run_dir, self.steps, self.seed, self.interval_s = run_dir, steps, seed, interval_s
+        self.start_grace_s = start_grace_s
         self.worker_args = tuple(worker_args)
         self.min_workers, self.max_workers, self.log = min_workers, max_workers, log
         self.rng = random.Random(seed)
@@ -138,7 +139,8 @@ class Soak:
     def start_master(self) -> None:
         self.master = self._spawn("master", self.job, "--steps", str(self.steps), "--port", str(self.port),
                                   "--run-dir", str(self.run_dir), "--checkpoint-every", str(max(1, self.steps // 10)),
-                                  "--min-workers", str(self.initial_workers), name=f"master-{self.master_restarts}")
+                                  "--min-workers", str(self.initial_workers), "--start-grace", str(self.start_grace_s),
+                                  name=f"master-{self.master_restarts}")
 
     def start_worker(self) -> None:
         worker = self._spawn("worker", "--master", f"127.0.0.1:{self.port}", *self.worker_args,
@@ -265,12 +267,13 @@ class Soak:
 
 def soak(run_dir: Path, *, steps: int = 2000, workers: int = 4, seed: int = 0, interval_s: float = 3.0,
          min_workers: int = 2, max_workers: int = 6, timeout_s: float = 3600.0, log=print,
-         worker_args: tuple = ()) -> SoakResult:
+         worker_args: tuple = (), start_grace_s: float = 60.0) -> SoakResult:
     """Run one soak in ``run_dir`` (empty) and compare its final checkpoint with a fault-free run.
     ``worker_args``: extra ``vnodes worker`` arguments (``--slowdown 20`` stretches a step with sleep,
-    so that a short soak sees many faults without more CPU)."""
+    so that a short soak sees many faults without more CPU). ``start_grace_s``: the restarted
+    master's ``--start-grace`` (how long it waits for the previous master's workers)."""
     started = time.monotonic()
-    s = Soak(run_dir, steps, workers, seed, interval_s, min_workers, max_workers, log, worker_args)
+    s = Soak(run_dir, steps, workers, seed, interval_s, min_workers, max_workers, log, worker_args, start_grace_s)
     try:
         rc = s.run(timeout_s)
         s.finish()
@@ -339,12 +342,14 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="the fault schedule's seed")
     parser.add_argument("--interval", type=float, default=3.0, help="mean seconds between faults")
     parser.add_argument("--run-dir", help="default: a temporary directory")
+    parser.add_argument("--start-grace", type=float, default=60.0,
+                        help="the restarted master's --start-grace in seconds (default 60)")
     args = parser.parse_args()
     print(header("torch"))
     with tempfile.TemporaryDirectory(prefix="vnodes-chaos-") as tmp:
         run_dir = Path(args.run_dir or tmp)
         result = soak(run_dir, steps=args.steps, workers=args.workers, seed=args.seed, interval_s=args.interval,
-                      log=lambda line: print(line, flush=True))
+                      start_grace_s=args.start_grace, log=lambda line: print(line, flush=True))
         print(f"\nchaos soak: {args.steps} steps, {args.workers} workers at the start, seed {args.seed}, "
               f"a fault every ~{args.interval:g} s\n")
         print(table(result))

@@ -26,7 +26,7 @@ from vnodes.runtime import JobSpec, VnodesError, train
 from vnodes.runtime.logs import LOG_FORMAT_ENV, LOG_FORMATS, configure_logging, set_log_context
 
 from .devices import on_first_device, parse_device_list
-from .job_options import add_job_options, apply_job_options, int_in_range, parse_overrides
+from .job_options import add_job_options, apply_job_options, int_in_range, parse_overrides, seconds_at_least
 
 EXIT_USAGE = 2
 
@@ -173,6 +173,13 @@ def _parser() -> argparse.ArgumentParser:
     master.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     master.add_argument("--placement", choices=("throughput", "even"), default="throughput")
     master.add_argument("--min-workers", type=_COUNT, default=1, help="workers to wait for before step 0")
+    master.add_argument("--start-grace", type=seconds_at_least(0), default=60.0, metavar="SECONDS",
+                        help="restarted on a run directory: wait this long for the previous master's workers "
+                        "to reconnect (those holding newer state than the checkpoint, and those that must hear "
+                        "the job's end) before going on without them (default 60)")
+    master.add_argument("--heartbeat-timeout", type=seconds_at_least(3), default=10.0, metavar="SECONDS",
+                        help="declare a worker dead after this long without a heartbeat (workers send one "
+                        "every second; default 10)")
     master.add_argument("--metrics-port", type=_PORT, metavar="P",
                         help="serve Prometheus metrics on http://METRICS_HOST:P/metrics (0 picks a port; "
                         "needs prometheus-client)")
@@ -317,7 +324,8 @@ def _master(args: argparse.Namespace) -> int:
     set_log_context(job=args.job)
     handle = start_master(spec, args.steps, run_dir, checkpoint_every=args.checkpoint_every or 0,
                           expected_workers=args.min_workers, host=args.host, port=args.port, token=args.token,
-                          placement=args.placement, tls=tls, code=code)
+                          placement=args.placement, tls=tls, code=code, start_grace_s=args.start_grace,
+                          heartbeat_timeout_s=args.heartbeat_timeout)
     try:
         endpoint = serve_metrics(handle.master, spec.global_batch_size, args.metrics_host, args.metrics_port)
     except VnodesError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from typing import Any, Optional, Sequence
 
@@ -36,6 +37,21 @@ def int_in_range(minimum: int, maximum: Optional[int] = None):
         if value < minimum or (maximum is not None and value > maximum):
             bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
             raise argparse.ArgumentTypeError(f"{value} is out of range: it must be {bound}")
+        return value
+
+    return parse
+
+
+def seconds_at_least(minimum: float):
+    """An argparse type: a finite number of seconds, at least ``minimum``, refused with the bound otherwise."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be at least {minimum:g} seconds")
         return value
 
     return parse
