@@ -18,7 +18,7 @@ from vnodes.runtime import fused as fused_module
 from vnodes.runtime.fused import layout, randomness, strides
 from vnodes.runtime.engine import StepEngine
 
-from jobs import cnn_spec
+from jobs import cnn_spec, small_cnn
 
 
 @pytest.fixture(params=["noise", "per-node-call"])
@@ -779,3 +779,22 @@ def test_interleave_batches_puts_sample_i_of_node_k_at_row_i_times_g_plus_k():
     assert segment_means(y.double(), 2).tolist() == [1.0, 4.0]
     with pytest.raises(ValueError, match=r"one shape, got \[\(2, 2\), \(3, 2\)\].*collate_fn"):
         interleave_batches([a, b[:2]])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fused_batchnorm_under_autocast_keeps_statistics_in_the_buffers_dtype(precision):
+    """Under autocast the BatchNorm input is bf16/fp16 while weights and running statistics stay
+    float32: fused mode's per-node statistics are taken (and mixed into the buffers) in float32, as
+    plain BatchNorm takes them in each node's own call."""
+    def model():
+        return small_cnn(torch.float32)
+
+    seq = train(cnn_spec(model=model, precision=precision), steps=1)
+    fused = train(cnn_spec(model=model, precision=precision, execution="fused"), steps=1)
+    stats = [k for k in seq.model_state_dict if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(fused.model_state_dict[k].dtype == torch.float32 for k in stats)
+    # One step from the same weights: the same low-precision activations reach BatchNorm, so the
+    # float32 statistics agree to float32 rounding (a bf16/fp16 round trip would be off by ~1e-3).
+    assert max(((fused.model_state_dict[k] - seq.model_state_dict[k]).norm() / seq.model_state_dict[k].norm()).item()
+               for k in stats) <= 1e-5
+    assert fused.losses == pytest.approx(seq.losses, rel=1e-2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from vnodes.scheduler.plugins.knn import knn_proba
 
@@ -196,11 +197,31 @@ GOOD = dict(references=np.zeros((5, 3)), labels=np.array([0, 1, 2, 0, 1]), queri
     (dict(dtw_window=3), ValueError, r"dtw_window=3\) with metric='euclidean'.*metric='dtw' only"),
     (dict(metric="dtw", dtw_window=0), ValueError, r"dtw_window=0\): must be an integer >= 1"),
     (dict(progress="yes"), TypeError, r"progress='yes'\): must be a callable"),
+    (dict(device="tpu"), ValueError, r"device='tpu'\): not a device; use 'cpu' or 'cuda'"),
+    (dict(device="meta"), ValueError, r"device='meta'\): only 'cpu' and CUDA devices"),
+    (dict(device="cuda", metric="dtw"), ValueError, r"device='cuda'\) with metric='dtw': DTW runs on the CPU only"),
 ])
 def test_bad_input_names_the_value_and_the_fix(change, error, message):
     args = {**GOOD, **change}
     with pytest.raises(error, match=message):
         knn_proba(args.pop("references"), args.pop("labels"), args.pop("queries"), **args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_cuda_device_on_a_machine_without_one_is_refused():
+    with pytest.raises(ValueError, match=r"device='cuda'\): this machine has no CUDA device; use device='cpu'"):
+        knn_proba(GOOD["references"], GOOD["labels"], GOOD["queries"], k=2, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_gpu_vote_is_the_cpus_tie_for_tie():
+    rng = np.random.default_rng(5)
+    ref, q = rng.integers(0, 3, (300, 4)).astype(np.float64), rng.integers(0, 3, (500, 4)).astype(np.float64)
+    labels = rng.integers(0, 4, 300)
+    for k in (1, 20):
+        for chunk_rows in (7, None):
+            np.testing.assert_array_equal(knn_proba(ref, labels, q, k=k, chunk_rows=chunk_rows, device="cuda"),
+                                          knn_proba(ref, labels, q, k=k, chunk_rows=chunk_rows))
 
 
 def test_bad_input_is_refused_before_reading_any_query():

@@ -101,9 +101,12 @@ def _make_bn_forward(ctx: FusionContext, plain):
         # into that layout by one copy, and back.)
         parts = x.unflatten(0, (-1, g, inner)).transpose(1, 2)  # (b, inner, G, C, ...)
         wide = parts.reshape(-1, g * c, *rest)  # a view when inner == 1 and x is contiguous
-        # momentum=1: the scratch rows receive exactly each segment's batch mean and unbiased variance.
-        batch_mean = torch.zeros(g, c, dtype=x.dtype, device=x.device)
-        batch_var = torch.ones(g, c, dtype=x.dtype, device=x.device)
+        # momentum=1: the scratch rows receive exactly each segment's batch mean and unbiased variance,
+        # in the dtype of the module's own statistics, as plain BatchNorm keeps them (under autocast x
+        # is bf16/fp16 while the buffers and weights stay float32).
+        stats = next((t.dtype for t in (self.running_mean, self.weight) if t is not None), x.dtype)
+        batch_mean = torch.zeros(g, c, dtype=stats, device=x.device)
+        batch_var = torch.ones(g, c, dtype=stats, device=x.device)
         weight = self.weight.repeat(g) if self.affine else None
         bias = self.bias.repeat(g) if self.affine else None
         y = F.batch_norm(wide, batch_mean.view(-1), batch_var.view(-1), weight, bias, True, 1.0, self.eps)
@@ -116,7 +119,7 @@ def _make_bn_forward(ctx: FusionContext, plain):
                 momentum = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
                 # sum_s w_s * ((1 - m) * running + m * batch_s) = (1 - m) * running * sum(w) + m * batch^T w:
                 # two kernels per buffer (few launches matter when groups are small)
-                w = ctx.weights.to(x.dtype)
+                w = ctx.weights.to(stats)
                 w_sum = w.sum()
                 ctx.stat_sums[id(self)] = [
                     torch.addmv(self.running_mean * w_sum, batch_mean.T, w, beta=1 - momentum, alpha=momentum),

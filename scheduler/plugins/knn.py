@@ -63,6 +63,7 @@ import torch
 
 METRICS = ("euclidean", "dtw")
 BLOCK_BYTES = 64 * 2**20  # the float64 distance block of one chunk, when chunk_rows is not given
+GPU_BLOCK_BYTES = 1024 * 2**20  # the same with device="cuda": fewer, larger launches
 DTW_PAIRS = 2**18  # query-reference pairs per DTW chunk, when chunk_rows is not given
 # A memory map is copied this many columns (epochs) at a time, its pages released in between: one
 # page fault can map a whole page-cache folio (up to 2 MiB on x86-64 Linux), so copying all E epochs
@@ -72,7 +73,8 @@ READ_EPOCHS = 8
 
 def knn_proba(references: np.ndarray, labels: np.ndarray, queries: np.ndarray, *, num_classes: int | None = None, k: int = 20,
               metric: str = "euclidean", chunk_rows: int | None = None, dtw_window: int | None = None,
-              progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+              progress: Callable[[int, int], None] | None = None,
+              device: str | torch.device = "cpu") -> np.ndarray:
     """p(class) of every query: the fraction of its ``k`` nearest references in each class.
 
     What scikit-learn's ``KNeighborsClassifier(k).fit(references, labels).predict_proba(queries)``
@@ -92,6 +94,10 @@ def knn_proba(references: np.ndarray, labels: np.ndarray, queries: np.ndarray, *
         dtw_window: with ``metric="dtw"``: the largest shift allowed (dtaidistance's ``window``);
             None allows any.
         progress: called as ``progress(rows_done, N)`` after each chunk.
+        device: where the Euclidean distances and the vote are computed: ``"cpu"`` (default) or a
+            CUDA device (``"cuda"``, ``"cuda:1"``), still in float64 and chunk by chunk (the rows are
+            read on the host and copied over; chunks default to ``GPU_BLOCK_BYTES``). The result is
+            the CPU's, tie for tie. DTW runs on the CPU only.
 
     Returns:
         float32 ``[N, num_classes]``; rows sum to 1, except the rows of queries holding a NaN or an
@@ -103,9 +109,11 @@ def knn_proba(references: np.ndarray, labels: np.ndarray, queries: np.ndarray, *
     """
     refs, labels, queries, num_classes = _checked(references, labels, queries, num_classes, k, metric,
                                                   chunk_rows, dtw_window, progress)
+    device = _checked_device(device, metric)
     if metric == "euclidean":
-        distances = _Euclidean(refs, torch.float64)
-        rows = chunk_rows or max(1, BLOCK_BYTES // (8 * len(refs)))
+        distances = _Euclidean(refs, torch.float64, device)
+        block = GPU_BLOCK_BYTES if device.type == "cuda" else BLOCK_BYTES
+        rows = chunk_rows or max(1, block // (8 * len(refs)))
     else:
         distances = _DTW(refs, None if dtw_window is None else int(dtw_window))
         rows = chunk_rows or max(1, DTW_PAIRS // len(refs))
@@ -176,6 +184,26 @@ def _checked(references, labels, queries, num_classes, k, metric, chunk_rows, dt
     return refs, labels, queries, num_classes
 
 
+def _checked_device(device, metric: str) -> torch.device:
+    """``device`` as a ``torch.device`` the vote can run on, or a clear error before any work."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"knn_proba(device={device!r}): not a device; use 'cpu' or 'cuda' ('cuda:N')") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"knn_proba(device={device!r}): only 'cpu' and CUDA devices are supported")
+    if dev.type == "cuda":
+        if metric != "euclidean":
+            raise ValueError(f"knn_proba(device={device!r}) with metric={metric!r}: DTW runs on the CPU only; "
+                             "drop device")
+        if not torch.cuda.is_available():
+            raise ValueError(f"knn_proba(device={device!r}): this machine has no CUDA device; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"knn_proba(device={device!r}): only {torch.cuda.device_count()} CUDA device(s) "
+                             f"here (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return dev
+
+
 def _is_real(dtype: np.dtype) -> bool:
     return dtype.kind in "fiu"
 
@@ -185,7 +213,8 @@ def _proba(distances: Callable[[np.ndarray], torch.Tensor], labels: np.ndarray, 
     """The vote, chunk by chunk (arguments already checked)."""
     n = len(queries)
     out = np.empty((n, num_classes), np.float32)
-    label_of = torch.from_numpy(labels)
+    device = getattr(distances, "device", torch.device("cpu"))
+    label_of = torch.from_numpy(labels).to(device)
     release = _page_releaser(queries)
     for start in range(0, n, chunk_rows):
         stop = min(n, start + chunk_rows)
@@ -194,9 +223,9 @@ def _proba(distances: Callable[[np.ndarray], torch.Tensor], labels: np.ndarray, 
         if not finite.all():
             rows = np.where(finite[:, None], rows, 0)  # a copy: never write into the caller's array
         nearest = _nearest(distances(rows), k)
-        counts = torch.zeros(stop - start, num_classes, dtype=torch.float64)
-        counts.scatter_add_(1, label_of[nearest], torch.ones(nearest.shape, dtype=torch.float64))
-        out[start:stop] = (counts / k).numpy()
+        counts = torch.zeros(stop - start, num_classes, dtype=torch.float64, device=device)
+        counts.scatter_add_(1, label_of[nearest], torch.ones(nearest.shape, dtype=torch.float64, device=device))
+        out[start:stop] = (counts / k).cpu().numpy()
         out[start:stop][~finite] = np.nan
         if progress is not None:
             progress(stop, n)
@@ -227,7 +256,7 @@ def _break_ties(dist: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
     Overwrites ``dist`` (the caller's copy) with the sort key: -1 closer, the index if tied, else inf."""
     kth = kth[:, None]
     closer, tied = dist < kth, dist == kth
-    dist[:] = torch.arange(dist.shape[1], dtype=dist.dtype)
+    dist[:] = torch.arange(dist.shape[1], dtype=dist.dtype, device=dist.device)
     dist.masked_fill_(~tied, float("inf"))
     dist.masked_fill_(closer, -1.0)
     return torch.topk(dist, k, dim=1, largest=False, sorted=True).indices
@@ -237,13 +266,13 @@ class _Euclidean:
     """``|r|^2 - 2 q.r`` for every query row and reference: ``|q - r|^2`` less ``|q|^2``, the same
     order within a row. ``dtype`` float64 is what ``knn_proba`` uses (float32: for the benchmark)."""
 
-    def __init__(self, refs: np.ndarray, dtype: torch.dtype):
-        self.refs = torch.from_numpy(refs).to(dtype)
+    def __init__(self, refs: np.ndarray, dtype: torch.dtype, device: torch.device = torch.device("cpu")):
+        self.refs = torch.from_numpy(refs).to(device=device, dtype=dtype)
         self.sq_norms = (self.refs * self.refs).sum(dim=1)
-        self.dtype = dtype
+        self.dtype, self.device = dtype, device
 
     def __call__(self, rows: np.ndarray) -> torch.Tensor:
-        q = torch.from_numpy(rows).to(self.dtype)
+        q = torch.from_numpy(rows).to(device=self.device, dtype=self.dtype)
         return torch.addmm(self.sq_norms, q, self.refs.T, beta=1, alpha=-2)
 
 
