@@ -337,7 +337,7 @@ def plugin_overhead(n, b, device, width, steps, pairs) -> tuple[float, float, fl
 
     from vnodes.scheduler.plugins import DynamicsRecorder
 
-    epoch = n * b * 4  # 4 steps per epoch: the recorder's epoch-end write is in the window
+    epoch = n * b * 16  # 16 steps per epoch (as benchmarks/plugins.py): the epoch-end write is in the window
     first = steps // 3
 
     def one(plugins) -> float:
@@ -419,16 +419,26 @@ def cuda_time_per_step(runner, steps: int, out_path) -> tuple[float, float]:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
     averages = prof.key_averages()
-    busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in averages)
+    # The kernels' own time (an operator's device time is its kernels': counting both would double it).
+    busy = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
     if out_path is not None:
         with open(out_path, "w") as f:
-            f.write(averages.table(sort_by="self_cuda_time_total", row_limit=30))
+            f.write(averages.table(sort_by="self_cuda_time_total", row_limit=40))
+            f.write("\n\nby CPU time (the host's share: launches, Python):\n")
+            f.write(averages.table(sort_by="cpu_time_total", row_limit=40))
     return busy / 1e3 / steps, wall * 1e3 / steps
+
+
+SECTIONS = ("resnet", "gpt", "memory", "equivalence", "graphs", "precision", "plugins", "knn", "profile", "compile")
 
 
 class Table(list):
     """The rows so far; each is printed as it is added (flushed), so that a run cut short still shows
     what it measured, and the whole table is printed (and written under ``--out``) at the end."""
+
+    def __init__(self, only=None):
+        super().__init__()
+        self.only = only
 
     def add(self, *rows) -> None:
         for row in rows:
@@ -442,8 +452,10 @@ def _row(row) -> str:
 
 
 def _section(rows: Table, name: str, t0: float, budget: float, fn) -> None:
-    """Run an optional section unless the time budget is spent; a failure becomes a row, not a crash
-    (one lent GPU session must get every other row)."""
+    """Run a section (one of ``SECTIONS``) unless ``--only`` leaves it out or the time budget is spent;
+    a failure becomes a row, not a crash (one lent GPU session must get every other row)."""
+    if rows.only is not None and name not in rows.only:
+        return
     if time.perf_counter() - t0 > budget:
         rows.add((f"{name}: skipped, the {budget:.0f} s budget is spent", "", "", ""))
         return
@@ -462,6 +474,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=240.0,
                         help="seconds after which the optional sections (mixed precision, plugins, kNN, profile, "
                              "torch.compile) are skipped")
+    parser.add_argument("--only", nargs="+", default=None, choices=SECTIONS, help="run only these sections")
     parser.add_argument("--out", default=None, help="folder for the table and the torch.profiler tables")
     parser.add_argument("--profile", action="store_true", help="cProfile 3 steps of the sequential engine")
     args = parser.parse_args()
@@ -478,83 +491,93 @@ def main() -> None:
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    rows = Table()
+    rows = Table(args.only)
     print("| measurement | samples/s (MiB for memory) | ratio | target |", flush=True)
     rows.add(device_assignment_row(device))
 
     total = big_n * big_b
     data = image_data(total)
     resnet = functools.partial(resnet18, 10, width)
-    r = rate({
-        "plain": Hand(resnet, data, 1, total, device, ce),
-        "hand": Hand(resnet, data, big_n, big_b, device, ce),
-        "hand_host": Hand(resnet, data, big_n, big_b, device, ce, from_host=True),
-        "seq": Engine(image_spec(big_n, big_b, "sequential", device, width)),
-        "fused": Engine(image_spec(big_n, big_b, "fused", device, width)),
-        "seq_on_device": Engine(image_spec(big_n, big_b, "sequential", device, width), on_device=True),
-        "copies": Hand(functools.partial(_resnet18_copies, width, big_n), data, 1, total, device, ce),
-    }, dict.fromkeys(["plain", "hand", "hand_host", "seq", "fused", "seq_on_device", "copies"], total), device,
-        repeats)
-    fused_ok = r["fused"] / r["plain"] >= 0.8
-    rows.add(
-        (f"ResNet-18, one plain batch of {total}", r["plain"], "anchor", ""),
-        (f"hand-written accumulation {big_n} x {big_b}", r["hand"], "anchor", ""),
-        (f"hand-written accumulation {big_n} x {big_b}, each batch copied from pinned host memory", r["hand_host"],
-         f"{r['hand_host'] / r['hand']:.2f}x hand", ""),
-        (f"vnodes sequential {big_n} x {big_b}", r["seq"], f"{r['seq'] / r['hand']:.2f}x hand",
-         ">= 0.97x" + ("" if r["seq"] / r["hand"] >= 0.97 else " MISSED")),
-        (f"vnodes fused {big_n} x {big_b}", r["fused"],
-         f"{r['fused'] / r['plain']:.2f}x plain, {r['fused'] / r['copies']:.2f}x copies",
-         ">= 0.8x" + ("" if fused_ok else " MISSED")),
-        (f"copies anchor {big_n} x {big_b}: per-node BatchNorm by copies in and out", r["copies"],
-         f"{r['copies'] / r['plain']:.2f}x plain", ""),
-        (f"vnodes sequential {big_n} x {big_b}, batches already on the device", r["seq_on_device"],
-         f"{r['seq_on_device'] / r['hand']:.2f}x hand", ""),
-    )
-    # Fused 8 x 128: the target must hold in each of 3 runs (fresh runners each time).
-    for run in range(1, 4):
-        r = rate({"seq": Engine(image_spec(few_n, few_b, "sequential", device, width)),
-                  "fused": Engine(image_spec(few_n, few_b, "fused", device, width)),
-                  "plain": Hand(resnet, data, 1, total, device, ce)},
-                 dict.fromkeys(["seq", "fused", "plain"], total), device, repeats)
-        rows.add((f"vnodes sequential {few_n} x {few_b} (run {run} of 3)", r["seq"],
-                  f"{r['seq'] / r['plain']:.2f}x plain", ""),
-                 (f"vnodes fused {few_n} x {few_b} (run {run} of 3)", r["fused"],
-                  f"{r['fused'] / r['plain']:.2f}x plain", ">= 0.9x" + ("" if r["fused"] / r["plain"] >= 0.9
-                                                                        else " MISSED")))
+    def resnet_rows():
+        r = rate({
+            "plain": Hand(resnet, data, 1, total, device, ce),
+            "hand": Hand(resnet, data, big_n, big_b, device, ce),
+            "hand_host": Hand(resnet, data, big_n, big_b, device, ce, from_host=True),
+            "seq": Engine(image_spec(big_n, big_b, "sequential", device, width)),
+            "fused": Engine(image_spec(big_n, big_b, "fused", device, width)),
+            "seq_on_device": Engine(image_spec(big_n, big_b, "sequential", device, width), on_device=True),
+            "copies": Hand(functools.partial(_resnet18_copies, width, big_n), data, 1, total, device, ce),
+        }, dict.fromkeys(["plain", "hand", "hand_host", "seq", "fused", "seq_on_device", "copies"], total), device,
+            repeats)
+        fused_ok = r["fused"] / r["plain"] >= 0.8
+        rows.add(
+            (f"ResNet-18, one plain batch of {total}", r["plain"], "anchor", ""),
+            (f"hand-written accumulation {big_n} x {big_b}", r["hand"], "anchor", ""),
+            (f"hand-written accumulation {big_n} x {big_b}, each batch copied from pinned host memory", r["hand_host"],
+             f"{r['hand_host'] / r['hand']:.2f}x hand", ""),
+            (f"vnodes sequential {big_n} x {big_b}", r["seq"], f"{r['seq'] / r['hand']:.2f}x hand",
+             ">= 0.97x" + ("" if r["seq"] / r["hand"] >= 0.97 else " MISSED")),
+            (f"vnodes fused {big_n} x {big_b}", r["fused"],
+             f"{r['fused'] / r['plain']:.2f}x plain, {r['fused'] / r['copies']:.2f}x copies",
+             ">= 0.8x" + ("" if fused_ok else " MISSED")),
+            (f"copies anchor {big_n} x {big_b}: per-node BatchNorm by copies in and out", r["copies"],
+             f"{r['copies'] / r['plain']:.2f}x plain", ""),
+            (f"vnodes sequential {big_n} x {big_b}, batches already on the device", r["seq_on_device"],
+             f"{r['seq_on_device'] / r['hand']:.2f}x hand", ""),
+        )
+        # Fused 8 x 128: the target must hold in each of 3 runs (fresh runners each time).
+        for run in range(1, 4):
+            r = rate({"seq": Engine(image_spec(few_n, few_b, "sequential", device, width)),
+                      "fused": Engine(image_spec(few_n, few_b, "fused", device, width)),
+                      "plain": Hand(resnet, data, 1, total, device, ce)},
+                     dict.fromkeys(["seq", "fused", "plain"], total), device, repeats)
+            rows.add((f"vnodes sequential {few_n} x {few_b} (run {run} of 3)", r["seq"],
+                      f"{r['seq'] / r['plain']:.2f}x plain", ""),
+                     (f"vnodes fused {few_n} x {few_b} (run {run} of 3)", r["fused"],
+                      f"{r['fused'] / r['plain']:.2f}x plain", ">= 0.9x" + ("" if r["fused"] / r["plain"] >= 0.9
+                                                                            else " MISSED")))
+
+    _section(rows, "resnet", t0, float("inf"), resnet_rows)
+
 
     gpt = (dict(vocab=512, dim=64, layers=2, heads=4, ctx=64) if args.smoke else {})
     ctx, vocab = gpt.get("ctx", 1024), gpt.get("vocab", 50304)
     vn, vb = (4, 2) if args.smoke else (16, 4)
     tokens = token_data(vn * vb, ctx, vocab)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    for dropout in (0.0, 0.1):
-        # With dropout 0.1 (layers and attention), fused mode calls attention and Dropout once per node.
-        fn = functools.partial(_gpt_in, dtype, {**gpt, "dropout": dropout})
-        spec = JobSpec(model=fn, dataset=functools.partial(token_data, vn * vb, ctx, vocab),
-                       optimizer=functools.partial(torch.optim.SGD, lr=1e-3), loss=token_ce, virtual_nodes=vn,
-                       vnode_batch_size=vb, device=device, execution="fused")
-        r = rate({"plain": Hand(fn, tokens, 1, vn * vb, device, token_ce), "fused": Engine(spec)},
-                 {"plain": vn * vb * ctx, "fused": vn * vb * ctx}, device, repeats)
-        what = f", dropout {dropout}" if dropout else ""
-        rows.add((f"GPT-2-small bf16{what}, one batch of {vn * vb} x {ctx} tokens", r["plain"], "anchor (tokens/s)",
-                  ""),
-                 (f"vnodes fused {vn} x {vb} sequences{what}", r["fused"], f"{r['fused'] / r['plain']:.2f}x plain",
-                  ">= 0.95x" + ("" if r["fused"] / r["plain"] >= 0.95 else " MISSED")))
-        del r, spec
+    def gpt_rows():
+        for dropout in (0.0, 0.1):
+            # With dropout 0.1 (layers and attention), fused mode calls attention and Dropout once per node.
+            fn = functools.partial(_gpt_in, dtype, {**gpt, "dropout": dropout})
+            spec = JobSpec(model=fn, dataset=functools.partial(token_data, vn * vb, ctx, vocab),
+                           optimizer=functools.partial(torch.optim.SGD, lr=1e-3), loss=token_ce, virtual_nodes=vn,
+                           vnode_batch_size=vb, device=device, execution="fused")
+            r = rate({"plain": Hand(fn, tokens, 1, vn * vb, device, token_ce), "fused": Engine(spec)},
+                     {"plain": vn * vb * ctx, "fused": vn * vb * ctx}, device, repeats)
+            what = f", dropout {dropout}" if dropout else ""
+            rows.add((f"GPT-2-small bf16{what}, one batch of {vn * vb} x {ctx} tokens", r["plain"], "anchor (tokens/s)",
+                      ""),
+                     (f"vnodes fused {vn} x {vb} sequences{what}", r["fused"], f"{r['fused'] / r['plain']:.2f}x plain",
+                      ">= 0.95x" + ("" if r["fused"] / r["plain"] >= 0.95 else " MISSED")))
+            del r, spec
 
-    if device == "cuda":
+    _section(rows, "gpt", t0, float("inf"), gpt_rows)
+
+    def memory():
         one = peak_memory(image_spec(1, big_b, "sequential", device, width), device)
         many = peak_memory(image_spec(big_n, big_b, "sequential", device, width), device)
         rows.add((f"peak memory, {big_n} VNs vs 1 VN (sequential)", many / 2**20, f"{many / one:.3f}x",
                   "<= 1.1x" + ("" if many / one <= 1.1 else " MISSED")))
+
+    if device == "cuda":
+        _section(rows, "memory", t0, float("inf"), memory)
 
     def equivalence():
         for name, err in fused_equivalence(device).items():
             rows.add((f"fused vs sequential, {name}, float64, max relative difference", f"{err:.1e}", "",
                       "<= 1e-9" + ("" if err <= 1e-9 else " MISSED")))
 
-    _section(rows, "fused equivalence", t0, float("inf"), equivalence)
+    _section(rows, "equivalence", t0, float("inf"), equivalence)
 
     def graphs():
         err = graph_equivalence(device)
@@ -572,7 +595,7 @@ def main() -> None:
                   f"{r['graphs1'] / r['plain']:.2f}x plain", "issue's table: 7,700/s"))
 
     if device == "cuda":
-        _section(rows, "CUDA graphs", t0, float("inf"), graphs)
+        _section(rows, "graphs", t0, float("inf"), graphs)
 
     def precision():
         runners, labels = {}, {}
@@ -590,30 +613,40 @@ def main() -> None:
                      (f"vnodes fused {big_n} x {big_b}, precision={p!r}", r[f"fused_{p}"],
                       f"{r[f'fused_{p}'] / r[f'plain_{p}']:.2f}x plain", ""))
 
-    _section(rows, "mixed precision", t0, args.budget, precision)
+    _section(rows, "precision", t0, args.budget, precision)
 
     def plugins():
-        steps, pairs = (9, 1) if args.smoke else (24, 2)
+        steps, pairs = (9, 1) if args.smoke else (40, 2)
         with_, without, ratio = plugin_overhead(big_n, big_b, device, width, steps, pairs)
         rows.add((f"train(), fused {big_n} x {big_b}, no plugin: steady state", total / without, "anchor", ""),
                  (f"train(), the same with DynamicsRecorder(eval_pass=False)", total / with_,
                   f"{ratio:.3f}x step time (median of {pairs} pairs)", "<= 1.03x"))
 
-    _section(rows, "plugin host", t0, args.budget, plugins)
+    _section(rows, "plugins", t0, args.budget, plugins)
 
     def knn():
         sizes = (20_000, 20, 25, 5_000) if args.smoke else (1_280_000, 100, 250, 100_000)
         rows.add(*knn_rows(device, *sizes))
 
-    _section(rows, "MAP-D kNN", t0, args.budget, knn)
+    _section(rows, "knn", t0, args.budget, knn)
 
     def profiled():
-        for name, runner in (("plain batch", Hand(resnet, data, 1, total, device, ce)),
-                             (f"fused {big_n} x {big_b}", Engine(image_spec(big_n, big_b, "fused", device, width)))):
-            path = None if out is None else out / f"profile_{name.split()[0]}.txt"
-            busy, wall = cuda_time_per_step(runner, 3, path)
-            rows.add((f"torch.profiler, {name}: GPU busy {busy:.1f} ms of {wall:.1f} ms per step", total / wall,
+        drop_fn = functools.partial(_gpt_in, dtype, {**gpt, "dropout": 0.1})
+        drop_spec = JobSpec(model=drop_fn, dataset=functools.partial(token_data, vn * vb, ctx, vocab),
+                            optimizer=functools.partial(torch.optim.SGD, lr=1e-3), loss=token_ce, virtual_nodes=vn,
+                            vnode_batch_size=vb, device=device, execution="fused")
+        for name, file, runner, samples in (
+                ("ResNet-18 plain batch", "plain", Hand(resnet, data, 1, total, device, ce), total),
+                (f"ResNet-18 fused {big_n} x {big_b}", "fused", Engine(image_spec(big_n, big_b, "fused", device, width)),
+                 total),
+                ("GPT-2-small dropout 0.1, one batch", "gpt_plain", Hand(drop_fn, tokens, 1, vn * vb, device, token_ce),
+                 vn * vb * ctx),
+                (f"GPT-2-small dropout 0.1, fused {vn} x {vb}", "gpt_fused", Engine(drop_spec), vn * vb * ctx)):
+            path = None if out is None else out / f"profile_{file}.txt"
+            busy, wall = cuda_time_per_step(runner, 2, path)
+            rows.add((f"torch.profiler, {name}: kernels {busy:.1f} ms of {wall:.1f} ms per step", samples * 1e3 / wall,
                       f"{busy / wall:.0%} busy", ""))
+            del runner
 
     if device == "cuda":
         _section(rows, "profile", t0, args.budget, profiled)
@@ -632,7 +665,7 @@ def main() -> None:
                  (f"vnodes fused {big_n} x {big_b}, compile=True (first step {fused_s:.0f} s)", r["fused"],
                   f"{r['fused'] / r['plain']:.2f}x compiled plain", ""))
 
-    _section(rows, "torch.compile", t0, args.budget, compiled)
+    _section(rows, "compile", t0, args.budget, compiled)
 
     if args.profile:
         profile_sequential(image_spec(big_n, big_b, "sequential", device, width), device)

@@ -58,7 +58,9 @@ class RecorderWorker(WorkerHalf):
             extra.pop("pred")
         for name, values in (extra or {}).items():
             columns[name] = values.detach().reshape(-1).float()
-        return SampleColumns(indices.numpy(), {k: v.cpu().numpy() for k, v in columns.items()})
+        # One copy to the host for every column (each copy from a GPU waits for the step's kernels).
+        host = torch.stack(list(columns.values())).cpu().numpy()
+        return SampleColumns(indices.numpy(), dict(zip(columns, host)))
 
 
 def _cat(parts: list) -> Any:
