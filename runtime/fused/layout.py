@@ -56,23 +56,41 @@ def locate_rows(x: torch.Tensor, ctx: FusionContext, module: nn.Module,
 
 
 def segments_of(x: torch.Tensor, dim: int, inner: int, g: int) -> list[torch.Tensor]:
-    """Each node's part of ``x`` (views), dimension ``dim`` split into (its samples, ``inner``)."""
-    rows = x.unflatten(dim, (-1, g, inner))
-    return [rows.select(dim + 1, k) for k in range(g)]
+    """Each node's part of ``x`` (views), dimension ``dim`` split into (its samples, ``inner``).
+
+    One ``unbind``: its backward gathers the parts' gradients in one pass (a ``select`` per part
+    would make a zero-filled full-size gradient for each part and add the G of them)."""
+    return list(x.unflatten(dim, (-1, g, inner)).unbind(dim + 1))
 
 
 def interleave_like(segments: list[torch.Tensor], dim: int, inner: int) -> torch.Tensor:
     """Interleave per-segment results along ``dim`` (``inner`` entries per sample) into the memory
     layout the segments have (the layout one call on the whole group would give): later layers,
-    Dropout among them, see each segment laid out as in sequential execution."""
-    first, g = segments[0], len(segments)
-    shape = list(first.shape)
-    shape[dim] *= g
-    out = dense_like(first, shape)
-    rows = out.unflatten(dim, (-1, g, inner))
-    for k, segment in enumerate(segments):
-        rows.select(dim + 1, k).copy_(segment.unflatten(dim, (-1, inner)))
-    return out
+    Dropout among them, see each segment laid out as in sequential execution. Backward hands each
+    segment its rows of the gradient: one pass, whatever G."""
+    return _Interleave.apply(dim, inner, *segments)
+
+
+class _Interleave(torch.autograd.Function):
+    """``interleave_like`` with a backward of one pass (copies into views of one output would give
+    each segment a full-size masked copy of the gradient)."""
+
+    @staticmethod
+    def forward(ctx, dim: int, inner: int, *segments: torch.Tensor) -> torch.Tensor:
+        first, g = segments[0], len(segments)
+        shape = list(first.shape)
+        shape[dim] *= g
+        out = dense_like(first, shape)
+        rows = out.unflatten(dim, (-1, g, inner))
+        for k, segment in enumerate(segments):
+            rows.select(dim + 1, k).copy_(segment.unflatten(dim, (-1, inner)))
+        ctx.dim, ctx.inner, ctx.g = dim, inner, g
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        parts = grad.unflatten(ctx.dim, (-1, ctx.g, ctx.inner)).unbind(ctx.dim + 1)
+        return (None, None, *(part.flatten(ctx.dim, ctx.dim + 1) for part in parts))
 
 
 def interleave_batches(batches: list):

@@ -194,20 +194,22 @@ def _make_attention_forward(ctx: FusionContext, plain):
         if noise_device and 0 < self.dropout < 1 and plain is nn.MultiheadAttention.forward:
             return attention_with_node_noise(self, plain, ctx, query, key, value, args)
 
-        def segment(t, k, dim=batch_dim):  # node k's rows of an interleaved tensor (batch at ``dim``)
-            return None if t is None else t.unflatten(dim, (-1, g)).select(dim + 1, k)
+        def segments(t, dim=batch_dim):  # each node's rows of an interleaved tensor (batch at ``dim``)
+            # one unbind per tensor: its backward gathers the nodes' gradients in one pass
+            return [None] * g if t is None else t.unflatten(dim, (-1, g)).unbind(dim + 1)
 
+        queries = segments(query)
+        keys = queries if key is query else segments(key)  # self-attention stays self-attention (packed projection)
+        values = keys if value is key else segments(value)
+        paddings = segments(key_padding_mask, 0)
+        masks = [attn_mask] * g
+        if attn_mask is not None and attn_mask.dim() == 3:  # (batch * heads, L, S): rows n * heads + h
+            masks = [m.flatten(0, 1) for m in attn_mask.unflatten(0, (-1, g, heads)).unbind(1)]
         outputs, weights = [], []
         for k in range(g):
-            q = segment(query, k)
-            kk = q if key is query else segment(key, k)  # self-attention stays self-attention (packed projection)
-            v = kk if value is key else segment(value, k)
-            mask = attn_mask
-            if attn_mask is not None and attn_mask.dim() == 3:  # (batch * heads, L, S): rows n * heads + h
-                mask = attn_mask.unflatten(0, (-1, g, heads)).select(1, k).flatten(0, 1)
             with default_generator_as(ctx.generators[k]):
-                out, w = plain(self, q, kk, v, **{**args, "key_padding_mask": segment(key_padding_mask, k, 0),
-                                                  "attn_mask": mask})
+                out, w = plain(self, queries[k], keys[k], values[k],
+                               **{**args, "key_padding_mask": paddings[k], "attn_mask": masks[k]})
             outputs.append(out)
             weights.append(w)
         return (interleave_like(outputs, batch_dim, 1),
