@@ -50,7 +50,10 @@ def seconds_at_least(minimum: float):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-        if not math.isfinite(value) or value < minimum:
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number of seconds; give one of at least "
+                                             f"{minimum:g}")
+        if value < minimum:
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be at least {minimum:g} seconds")
         return value
 

@@ -37,6 +37,10 @@ def job_file(tmp_path, body):
     (["--steps", "3", "--checkpoint-every", "-5"], ["--checkpoint-every", "-5", "at least 1"]),
     (["--steps", "3", "--min-workers", "0"], ["--min-workers", "0", "at least 1"]),
     (["--steps", "3", "--port", "99999"], ["--port", "99999", "between 0 and 65535"]),
+    (["--steps", "3", "--start-grace", "-1"], ["--start-grace", "-1", "at least 0 seconds"]),
+    (["--steps", "3", "--heartbeat-timeout", "1"], ["--heartbeat-timeout", "1", "at least 3 seconds"]),
+    (["--steps", "3", "--heartbeat-timeout", "nan"], ["--heartbeat-timeout", "nan", "not a finite number of seconds"]),
+    (["--steps", "3", "--start-grace", "soon"], ["--start-grace", "'soon' is not a number of seconds"]),
 ])
 def test_master_refuses_out_of_range_numbers(tmp_path, flags, words):
     out = vnodes("master", f"{JOBS}:cnn_spec", "--run-dir", str(tmp_path), *flags, timeout=60)
