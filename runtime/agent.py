@@ -368,7 +368,9 @@ class WorkerAgent:
                     log.warning("epoch %d could not form: %s", plan.membership_epoch, exc)
                     group.destroy()
                     try:
-                        client.commit(plan.membership_epoch, plan.step, False, 0.0, {}, 0.0)
+                        client.commit(plan.membership_epoch, plan.step, False, 0.0, {}, 0.0,
+                                      error=f"epoch {plan.membership_epoch} could not form: "
+                                            f"{type(exc).__name__}: {exc}"[:2000])
                     except StaleEpoch:
                         pass  # the master has moved on already: ask for the new plan
                     continue

@@ -278,13 +278,15 @@ def test_a_peer_lost_at_every_attempt_fails_the_job_at_the_cap(monkeypatch, tmp_
     """A retryable failure that recurs at every attempt of step 2 (``VNODES_FAULT=reduce:2:lose`` in
     both worker processes: a ``PeerLost``, as torch.distributed's errors become at the boundary): each
     attempt is aborted and redone, and the third ends the job with the worker's error named, instead
-    of looping for ever."""
+    of looping for ever. (A worker that fails first tears down its group: its peer may then fail
+    while forming the next attempt's group, and that error is the last attempt's, named as well.)"""
     from vnodes.runtime import VnodesError
 
     monkeypatch.setenv("VNODES_FAULT", "reduce:2:lose")
     monkeypatch.setenv("VNODES_MAX_STEP_ATTEMPTS", "3")
     with pytest.raises(VnodesError, match=r"step 2 was aborted 3 times in a row .*could not reduce step 2: "
-                                          r"PeerLost: VNODES_FAULT: injected peer loss at reduce of step 2"):
+                                          r"(PeerLost: VNODES_FAULT: injected peer loss at reduce of step 2"
+                                          r"|epoch \d+ could not form: \w+: .+)"):
         train(det_f32_spec(), steps=5, checkpoint_dir=tmp_path, workers=2)
 
 
