@@ -329,10 +329,12 @@ class _StepTimes(Callback):
         self.at[state.step - 1] = time.perf_counter()
 
 
-def plugin_overhead(n, b, device, width, steps, pairs) -> tuple[float, float, float]:
+def plugin_overhead(n, b, device, width, steps, pairs) -> dict[str, float]:
     """Seconds per step of ``train()`` (1 worker, fused) with ``DynamicsRecorder(eval_pass=False)`` and
     without any plugin, in pairs whose order alternates; steady state from step ``steps // 3`` (warm-up
-    and the first epochs left out). Returns the medians with and without, and the median pair ratio."""
+    and the first epochs left out). Two views of each run: the mean step over the window (the
+    recorder's fsynced epoch-end write included, 1 step in 16) and the median step (the per-step
+    cost alone). Returns the medians over runs, and the median pair ratios."""
     import tempfile
 
     from vnodes.scheduler.plugins import DynamicsRecorder
@@ -340,22 +342,24 @@ def plugin_overhead(n, b, device, width, steps, pairs) -> tuple[float, float, fl
     epoch = n * b * 16  # 16 steps per epoch (as benchmarks/plugins.py): the epoch-end write is in the window
     first = steps // 3
 
-    def one(plugins) -> float:
+    def one(plugins) -> tuple[float, float]:
         spec = JobSpec(model=functools.partial(resnet18, 10, width), dataset=functools.partial(image_data, epoch),
                        optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9), loss=ce,
                        virtual_nodes=n, vnode_batch_size=b, device=device, execution="fused", plugins=plugins)
         clock = _StepTimes()
         with tempfile.TemporaryDirectory(prefix="vnodes-gpu-plugins-") as tmp:
             train(spec, steps=steps, checkpoint_dir=tmp, callbacks=[clock], progress=False)
-        return (clock.at[steps - 1] - clock.at[first]) / (steps - 1 - first)
+        deltas = [clock.at[s] - clock.at[s - 1] for s in range(first + 1, steps)]
+        return (clock.at[steps - 1] - clock.at[first]) / (steps - 1 - first), statistics.median(deltas)
 
     with_, without = [], []
     for i in range(pairs):
         order = ((with_, True), (without, False)) if i % 2 == 0 else ((without, False), (with_, True))
         for out, on in order:
             out.append(one([DynamicsRecorder(eval_pass=False)] if on else []))
-    ratio = statistics.median(w / o for w, o in zip(with_, without))
-    return statistics.median(with_), statistics.median(without), ratio
+    return {"with": statistics.median(w[0] for w in with_), "without": statistics.median(o[0] for o in without),
+            "ratio": statistics.median(w[0] / o[0] for w, o in zip(with_, without)),
+            "median_ratio": statistics.median(w[1] / o[1] for w, o in zip(with_, without))}
 
 
 def knn_rows(device: str, samples: int, epochs: int, refs_per_suite: int, anchor_rows: int) -> list:
@@ -617,10 +621,11 @@ def main() -> None:
 
     def plugins():
         steps, pairs = (9, 1) if args.smoke else (40, 2)
-        with_, without, ratio = plugin_overhead(big_n, big_b, device, width, steps, pairs)
-        rows.add((f"train(), fused {big_n} x {big_b}, no plugin: steady state", total / without, "anchor", ""),
-                 (f"train(), the same with DynamicsRecorder(eval_pass=False)", total / with_,
-                  f"{ratio:.3f}x step time (median of {pairs} pairs)", "<= 1.03x"))
+        got = plugin_overhead(big_n, big_b, device, width, steps, pairs)
+        rows.add((f"train(), fused {big_n} x {big_b}, no plugin: steady state", total / got["without"], "anchor", ""),
+                 ("train(), the same with DynamicsRecorder(eval_pass=False)", total / got["with"],
+                  f"{got['ratio']:.3f}x mean step, {got['median_ratio']:.3f}x median step (the epoch-end write "
+                  f"left out); median of {pairs} pairs", "<= 1.03x" + ("" if got["ratio"] <= 1.03 else " MISSED")))
 
     _section(rows, "plugins", t0, args.budget, plugins)
 
