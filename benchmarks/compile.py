@@ -31,7 +31,9 @@ class Plain(fused.PlainBatch):
     def __init__(self, n: int, b: int, compile: bool, device: str, width: int):
         super().__init__(n, b, device, width)
         if compile:
-            self.model.compile(dynamic=False)
+            # torch.compile(module), not module.compile(): the latter leaves an nn.Sequential root
+            # (this ResNet) uncaptured, a graph per block (runtime/engine.py, compile_in_place).
+            self.model = torch.compile(self.model, dynamic=False)
 
 
 def measure(n: int, b: int, device: str, width: int, repeats: int) -> tuple[dict, dict]:

@@ -118,7 +118,9 @@ class Hand:
         if dtype is not None:
             self.model = self.model.to(dtype)
         if compile:
-            self.model.compile()
+            # torch.compile(module), not module.compile(): the latter leaves an nn.Sequential root
+            # (this ResNet) uncaptured, a graph per block (runtime/engine.py, compile_in_place).
+            self.model = torch.compile(self.model)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         # Mixed precision as the PyTorch AMP recipe has it: autocast around forward and loss; fp16
         # scales the loss (one GradScaler).

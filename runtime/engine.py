@@ -142,6 +142,24 @@ class StepPartial:
     reports: dict[str, SampleColumns] = dataclasses.field(default_factory=dict)  # plugin name -> report
 
 
+
+def compile_in_place(model: nn.Module, options: dict) -> None:
+    """``torch.compile`` the model's forward (and so its backward) in place: ``model(...)`` runs the
+    compiled forward; parameters, ``state_dict`` and the fused patches stay the module's own. Compiled
+    lazily, at the first batch.
+
+    Not ``nn.Module.compile``: that compiles ``_call_impl``, a frame of torch.nn that dynamo does not
+    trace, so a model whose own ``forward`` is torch.nn's (an ``nn.Sequential`` root, say) was never
+    captured whole: each child's forward became a graph of its own (7 for a ResNet-18 built as a
+    Sequential), and in fused mode, whose BatchNorm looks its module up by ``id``, one per module
+    until dynamo's recompile limit. This calls ``forward`` from a frame of its own."""
+    forward = type(model).forward
+
+    def compiled_forward(*args, **kwargs):
+        return forward(model, *args, **kwargs)
+
+    model.forward = torch.compile(compiled_forward, **options)
+
 class StepEngine:
     """A model, its optimizer and the virtual-node loop. Built by ``StepEngine.build``."""
 
@@ -188,9 +206,7 @@ class StepEngine:
                 patch_model(model, self.fusion)
         compile_options = spec.compile_options()
         if compile_options is not None:
-            # In place: __call__ runs the compiled forward (and its backward); parameters, state_dict
-            # and the fused patches above stay the module's own. Compiled lazily, at the first batch.
-            model.compile(**compile_options)
+            compile_in_place(model, compile_options)
         if spec.cuda_graphs:
             reason = unsupported_reason(model, device)
             if reason is not None:

@@ -103,8 +103,9 @@ class JobSpec:
             (as ``scheduler.step(evaluate())`` at the top of a DDP loop). None: it steps once per step.
         compile: run the model's forward and backward through ``torch.compile``: True, or a dict
             of its settings (``backend``, ``mode``, ``fullgraph``, ``dynamic``, ``options``). The
-            model is compiled in place (``nn.Module.compile``), so its ``state_dict`` and
-            checkpoints are those of the plain model. See the training guide for where it helps.
+            model's ``forward`` is compiled in place (``engine.compile_in_place``), so its
+            ``state_dict`` and checkpoints are those of the plain model. See the training guide for
+            where it helps.
     """
 
     model: Callable[[], Any]

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from vnodes.runtime import InvalidJobSpec, JobSpec, train
 from vnodes.runtime.engine import StepEngine
@@ -426,6 +427,34 @@ def test_a_plateau_scheduler_needs_its_metric_named_and_the_name_must_exist():
     with pytest.raises(InvalidJobSpec, match=r"'acc' is not an evaluation metric; the evaluation computes "
                                              r"\['accuracy', 'loss'\]"):
         train(_eval_spec(lr_scheduler=_plateau, lr_scheduler_metric="acc"), steps=3)
+
+
+def _mlp_without_dropout():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)).double()
+
+
+_GRAPHS: list = []
+
+
+def _recording_backend(gm, example_inputs):
+    """A torch.compile backend that keeps what it was given and runs it as traced."""
+    _GRAPHS.append(gm)
+    return gm.forward
+
+
+@pytest.mark.parametrize("execution,model", [("sequential", small_mlp), ("fused", _mlp_without_dropout)])
+def test_compile_captures_a_model_whose_forward_is_torch_nns_own_as_one_graph(execution, model):
+    """``nn.Module.compile`` compiles ``_call_impl``, a frame dynamo skips: a root whose forward is
+    torch.nn's (here an ``nn.Sequential`` of torch.nn modules) was never compiled (fused: only the
+    patched BatchNorm was), and a Sequential of user blocks became a graph per block. The engine
+    compiles ``forward`` from a frame of its own: the whole model is one graph, both Linear layers in
+    it (fused: without Dropout, whose per-node streams break the graph)."""
+    torch._dynamo.reset()
+    _GRAPHS.clear()
+    train(cnn_spec(model=model, compile={"backend": _recording_backend}, execution=execution), steps=2)
+    assert len(_GRAPHS) == 1, [g.code for g in _GRAPHS]
+    code = _GRAPHS[0].code
+    assert code.count("linear") >= 2 and "batch_norm" in code, code
 
 
 @pytest.mark.slow
