@@ -259,8 +259,11 @@ def test_the_store_speaks_torchs_store_interface(master):
     with pytest.raises(dist.DistStoreError, match="timeout"):
         store.wait(["never"], datetime.timedelta(seconds=0.5))
     assert 1.4 < time.monotonic() - t0 < 4.0
-    threading.Thread(target=other.barrier, args=("b", 2)).start()
+    peer = threading.Thread(target=other.barrier, args=("b", 2))
+    peer.start()
     store.barrier("b", 2)
+    peer.join(timeout=10)  # both sides pass the barrier (and none is left waiting when the master stops)
+    assert not peer.is_alive()
 
 
 def test_blocking_reads_ask_the_master_again_until_their_own_timeout(master, monkeypatch):
