@@ -1,32 +1,42 @@
 """Every GPU check of vnodes in one run (< 5 minutes on one H200), printed as one table.
 
-    python benchmarks/gpu.py            # on a machine with CUDA
-    python benchmarks/gpu.py --smoke    # tiny sizes on the CPU: checks the script itself
+    python benchmarks/gpu.py --out DIR    # on a machine with CUDA (DIR: the table, profiler tables)
+    python benchmarks/gpu.py --smoke      # tiny sizes on the CPU: checks the script itself
+    python benchmarks/gpu.py --only resnet precision   # some sections (SECTIONS)
 
-Needs only torch (no Ray, no torchvision). Rows, side by side in this one process:
+Needs torch (no Ray, no torchvision). Each row is printed as it is measured; the whole table at the
+end. Sections, side by side in this one process (medians of interleaved repeats):
 
-- ResNet-18 (32x32 inputs), fp32 with TF32, global batch 1024: one plain batch of 1024 (BatchNorm over
-  all 1024: the speed anchor, not VN semantics); a hand-written gradient-accumulation loop 64 x 16;
-  the engine's sequential mode 64 x 16 (target >= 0.97x the hand loop); fused 64 x 16 (target >= 0.8x
-  plain); the "copies" anchor 64 x 16 (one batch whose BatchNorms are per node by copying into the
-  (node, channel) layout and back: what fused mode saves by interleaving its rows); sequential and fused 8 x 128 (fused target >= 0.9x plain); the hand loop with its batches
-  copied from host memory and the engine with its batches already on the device (what the copy
-  costs each side); with ``--profile``, where the sequential engine's host time goes (cProfile);
-- a GPT-2-small-sized transformer in bf16, 16 VNs x 4 sequences of 1024 tokens: fused against one
-  batch of 64 (target >= 0.95x); the same with dropout 0.1 (attention and Dropout then run once per
-  node);
-- peak memory of 64 VNs against 1 VN in sequential mode (target <= 1.1x);
-- CUDA-graph replay (``cuda_graphs=True``): first checked against eager fused execution in float64
-  (one step's gradients, losses and running statistics; 5 nodes in groups of 2, so gradients
-  accumulate across replays of two graph shapes), then timed: fused 64 x 16 in one graph, and one
-  graph of one VN replayed 64 times (the "sequential, replayed from a CUDA graph" anchor). These
-  rows run last and a failure is printed in the table, not raised, so that one lent GPU session
-  gets every other row;
-- fused against sequential execution in float64 on the GPU, where per-node random streams come
-  from the device's generator: a ResNet with Dropout, transformer encoder layers with attention
-  dropout (run per node by fused mode), and Dropout on slices (non-dense, and dense but not
-  contiguous: CUDA's dropout kernel draws by layout); largest relative difference of the weights
-  after 3 steps.
+- ``resnet``: ResNet-18 (32x32 inputs), fp32 with TF32, global batch 1024: one plain batch of 1024
+  (BatchNorm over all 1024: the speed anchor, not VN semantics); a hand-written gradient-accumulation
+  loop 64 x 16 (also fed from pinned host memory); the engine's sequential mode 64 x 16 (target >=
+  0.97x the hand loop); fused 64 x 16 (target >= 0.8x plain); the "copies" anchor (per-node
+  BatchNorm by copying into the (node, channel) layout and back); both engine modes with their
+  batches already on the device; sequential and fused 8 x 128 three times (fused target >= 0.9x
+  plain in each);
+- ``gpt``: a GPT-2-small-sized transformer in bf16, 16 VNs x 4 sequences of 1024 tokens, fused
+  against one batch of 64 (target >= 0.95x), without and with dropout 0.1 (on CUDA, fused mode calls
+  attention and Dropout once per node);
+- ``memory``: peak memory of 64 VNs against 1 VN in sequential mode (target <= 1.1x);
+- ``equivalence``: fused against sequential execution in float64 on the GPU, where per-node random
+  streams come from the device's generator: a ResNet with Dropout, transformer encoder layers with
+  attention dropout, Dropout on slices (non-dense, and dense but not contiguous: CUDA's dropout
+  kernel draws by layout); largest relative weight difference after 3 steps (target <= 1e-9);
+- ``graphs``: CUDA-graph replay checked against eager fused execution in float64 (5 nodes in groups
+  of 2: gradients accumulate across replays of two graph shapes), then timed at 64 x 16, and one
+  graph of one VN replayed 64 times;
+- ``precision``: bf16 and fp16 autocast, engine against the same recipe by hand;
+- ``plugins``: ``train()`` with ``DynamicsRecorder(eval_pass=False)`` against no plugin (mean and
+  median step: with and without the epoch-end write);
+- ``knn``: MAP-D's vote, ``knn_proba(device="cuda")`` on 1.28M x 100 trajectories (time, peak GPU
+  memory), and on 100,000 rows against the CPU path (the votes must agree);
+- ``profile``: ``torch.profiler`` of ResNet-18 plain and fused and GPT-2 with dropout plain and fused:
+  kernel time against wall time per step (tables under ``--out``);
+- ``compile``: ``compile=True`` fused 64 x 16 against ``torch.compile`` of the plain batch.
+
+The optional sections (precision on) are skipped once ``--budget`` seconds have passed; a section
+that fails prints a row saying so, so that one lent GPU session gets every other row. ``--profile``
+adds a cProfile of the sequential engine's host time.
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from models import resnet18, with_segment_major_batchnorm
-from vnodes.runtime import Callback, JobSpec, RunState, train
+from vnodes.runtime import JobSpec, train
 from vnodes.runtime.engine import StepEngine
 
 
@@ -321,16 +331,6 @@ def device_assignment_row(device: str) -> tuple:
         return (f"device assignment FAILED: {type(exc).__name__}: {str(exc)[:200]}", "", "", "")
 
 
-class _StepTimes(Callback):
-    """perf_counter at the driver's ``on_step_end`` of every step."""
-
-    def __init__(self):
-        self.at = {}
-
-    def on_step_end(self, state: RunState) -> None:
-        self.at[state.step - 1] = time.perf_counter()
-
-
 def plugin_overhead(n, b, device, width, steps, pairs) -> dict[str, float]:
     """Seconds per step of ``train()`` (1 worker, fused) with ``DynamicsRecorder(eval_pass=False)`` and
     without any plugin, in pairs whose order alternates; steady state from step ``steps // 3`` (warm-up
@@ -339,6 +339,7 @@ def plugin_overhead(n, b, device, width, steps, pairs) -> dict[str, float]:
     cost alone). Returns the medians over runs, and the median pair ratios."""
     import tempfile
 
+    from plugins import StepClock  # benchmarks/plugins.py: on_step_end timestamps
     from vnodes.scheduler.plugins import DynamicsRecorder
 
     epoch = n * b * 16  # 16 steps per epoch (as benchmarks/plugins.py): the epoch-end write is in the window
@@ -348,7 +349,7 @@ def plugin_overhead(n, b, device, width, steps, pairs) -> dict[str, float]:
         spec = JobSpec(model=functools.partial(resnet18, 10, width), dataset=functools.partial(image_data, epoch),
                        optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9), loss=ce,
                        virtual_nodes=n, vnode_batch_size=b, device=device, execution="fused", plugins=plugins)
-        clock = _StepTimes()
+        clock = StepClock()
         with tempfile.TemporaryDirectory(prefix="vnodes-gpu-plugins-") as tmp:
             train(spec, steps=steps, checkpoint_dir=tmp, callbacks=[clock], progress=False)
         deltas = [clock.at[s] - clock.at[s - 1] for s in range(first + 1, steps)]

@@ -142,7 +142,6 @@ class StepPartial:
     reports: dict[str, SampleColumns] = dataclasses.field(default_factory=dict)  # plugin name -> report
 
 
-
 def compile_in_place(model: nn.Module, options: dict) -> None:
     """``torch.compile`` the model's forward (and so its backward) in place: ``model(...)`` runs the
     compiled forward; parameters, ``state_dict`` and the fused patches stay the module's own. Compiled
@@ -153,12 +152,13 @@ def compile_in_place(model: nn.Module, options: dict) -> None:
     captured whole: each child's forward became a graph of its own (7 for a ResNet-18 built as a
     Sequential), and in fused mode, whose BatchNorm looks its module up by ``id``, one per module
     until dynamo's recompile limit. This calls ``forward`` from a frame of its own."""
-    forward = type(model).forward
+    forward = model.forward  # bound: the fused patch, where the root itself is a patched module
 
     def compiled_forward(*args, **kwargs):
-        return forward(model, *args, **kwargs)
+        return forward(*args, **kwargs)
 
     model.forward = torch.compile(compiled_forward, **options)
+
 
 class StepEngine:
     """A model, its optimizer and the virtual-node loop. Built by ``StepEngine.build``."""

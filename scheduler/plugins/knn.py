@@ -61,6 +61,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from vnodes.runtime.devices import choose_device
+from vnodes.runtime.errors import InvalidJobSpec
+
 METRICS = ("euclidean", "dtw")
 BLOCK_BYTES = 64 * 2**20  # the float64 distance block of one chunk, when chunk_rows is not given
 GPU_BLOCK_BYTES = 1024 * 2**20  # the same with device="cuda": fewer, larger launches
@@ -185,23 +188,15 @@ def _checked(references, labels, queries, num_classes, k, metric, chunk_rows, dt
 
 
 def _checked_device(device, metric: str) -> torch.device:
-    """``device`` as a ``torch.device`` the vote can run on, or a clear error before any work."""
+    """``device`` as a ``torch.device`` the vote can run on (``runtime.devices.choose_device``'s
+    rules: cpu, cuda or cuda:K of this machine), or a clear error before any work."""
+    if str(device).startswith("cuda") and metric != "euclidean":
+        raise ValueError(f"knn_proba(device={device!r}) with metric={metric!r}: DTW runs on the CPU only; "
+                         "drop device")
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"knn_proba(device={device!r}): not a device; use 'cpu' or 'cuda' ('cuda:N')") from exc
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"knn_proba(device={device!r}): only 'cpu' and CUDA devices are supported")
-    if dev.type == "cuda":
-        if metric != "euclidean":
-            raise ValueError(f"knn_proba(device={device!r}) with metric={metric!r}: DTW runs on the CPU only; "
-                             "drop device")
-        if not torch.cuda.is_available():
-            raise ValueError(f"knn_proba(device={device!r}): this machine has no CUDA device; use device='cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"knn_proba(device={device!r}): only {torch.cuda.device_count()} CUDA device(s) "
-                             f"here (cuda:0..cuda:{torch.cuda.device_count() - 1})")
-    return dev
+        return torch.device(choose_device(str(device), None, torch.cuda.device_count()))
+    except InvalidJobSpec as exc:
+        raise ValueError(f"knn_proba(device={device!r}): {exc.message}") from None
 
 
 def _is_real(dtype: np.dtype) -> bool:
